@@ -1,0 +1,42 @@
+//! `/healthz` (the process is alive) and `/readyz` (it can do its job: send it traffic).
+
+use actix_web::{HttpResponse, web};
+use serde_json::json;
+
+use super::AppState;
+
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// Ready when the queue is connected and the process is not draining. Kubernetes stops
+/// routing to a pod that is not ready, so during a broker outage or a shutdown callers are
+/// steered to other replicas.
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let queue = if state.queue.is_connected() {
+        "connected"
+    } else {
+        "disconnected"
+    };
+    let draining = state.shutdown.is_cancelled();
+    let ready = queue == "connected" && !draining;
+    let body = json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "checks": {
+            "queue": queue,
+            "backend": state.queue.backend_name(),
+            "draining": draining,
+        }
+    });
+    if ready {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.metrics.render())
+}

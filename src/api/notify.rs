@@ -1,0 +1,82 @@
+//! `POST /v1/notify` (and `POST /notify`): parse, check, queue durably, answer 202.
+
+use std::time::{Instant, SystemTime};
+
+use actix_web::http::header::CONTENT_TYPE;
+use actix_web::{HttpRequest, HttpResponse, web};
+use futures::StreamExt;
+use serde_json::json;
+use tracing::Instrument;
+
+use super::{ApiError, AppState, Caller};
+use crate::domain::NotifyRequest;
+use crate::providers;
+
+pub async fn notify(
+    state: web::Data<AppState>,
+    _caller: Caller,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    require_json(&req)?;
+    let body = read_body(payload, state.max_body_bytes).await?;
+    let request: NotifyRequest = serde_json::from_slice(&body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::InvalidRequest(e.to_string()),
+        _ => ApiError::InvalidJson(e.to_string()),
+    })?;
+    let notification = request.parse(state.limits, SystemTime::now())?;
+    providers::check_payload_sizes(&notification)?;
+
+    let span = tracing::info_span!("notify", id = %notification.id, targets = notification.targets.len());
+    let started = Instant::now();
+    let published = state.queue.publish(&notification).instrument(span.clone()).await;
+    let m = &state.metrics;
+    match published {
+        Ok(()) => {
+            m.queue_publish_duration.observe(started.elapsed().as_secs_f64());
+            m.notifications_accepted.inc();
+            m.targets_accepted.inc_by(notification.targets.len() as u64);
+            span.in_scope(|| tracing::debug!("queued"));
+            Ok(HttpResponse::Accepted().json(json!({"id": notification.id.to_string()})))
+        }
+        Err(cause) => {
+            m.queue_publish_failures.with_label_values(&[cause.reason()]).inc();
+            Err(ApiError::QueueUnavailable {
+                retry_after: state.retry_after,
+                cause,
+            })
+        }
+    }
+}
+
+/// `application/json`, with or without parameters such as `charset=utf-8`.
+fn require_json(req: &HttpRequest) -> Result<(), ApiError> {
+    let ok = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
+    }
+}
+
+/// Reads the body, refusing (413) as soon as it passes `limit`: a declared Content-Length
+/// over the limit is refused before reading a byte, a chunked body as soon as it crosses it.
+async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| match e {
+            actix_web::error::PayloadError::Overflow => ApiError::BodyTooLarge(limit),
+            e => ApiError::InvalidRequest(format!("could not read the request body: {e}")),
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::BodyTooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}

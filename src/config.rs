@@ -1,0 +1,507 @@
+//! Settings: the layered configuration tree, its validation, and typed secrets.
+//!
+//! Layers (later wins): the compiled-in `config/default.toml`, `config/$HERALD_ENV.toml`,
+//! `--config FILE`, then `HERALD__SECTION__KEY` environment variables. Everything is checked
+//! once at start-up by [`Settings::load`]; a bad value is a [`SettingsError`] naming the key,
+//! and the process exits non-zero before binding anything.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The defaults, compiled in so the binary runs from any working directory.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// A start-up configuration error: which key, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("configuration: {0}")]
+    Source(#[from] config::ConfigError),
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// A string that must never reach a log line. `Debug` and `Display` print a placeholder.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Api,
+    Gateway,
+    Dispatcher,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub roles: Vec<Role>,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+    pub auth: AuthSettings,
+    pub notify: NotifySettings,
+    pub queue: QueueSettings,
+    pub retry: RetrySettings,
+    pub gateway: GatewaySettings,
+    pub apns: ApnsSettings,
+    pub fcm: FcmSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub addr: String,
+    pub max_body_bytes: usize,
+    pub workers: usize,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub api_keys: Vec<Secret>,
+    pub api_keys_file: String,
+    pub device_token_secret: Secret,
+    pub device_token_secret_file: String,
+    #[serde(with = "humantime_serde")]
+    pub device_token_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySettings {
+    pub max_targets: usize,
+    #[serde(with = "humantime_serde")]
+    pub default_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSettings {
+    pub url: Secret,
+    pub url_file: String,
+    pub prefix: String,
+    #[serde(with = "humantime_serde")]
+    pub publish_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+    pub memory_capacity: usize,
+    pub prefetch: u16,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    pub heartbeat_secs: u16,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    #[serde(with = "humantime_serde")]
+    pub base_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySettings {
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub pong_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApnsSettings {
+    pub key_file: String,
+    pub key_id: String,
+    pub team_id: String,
+    pub topic: String,
+    pub endpoint: String,
+    pub ca_file: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FcmSettings {
+    pub service_account_file: String,
+    pub endpoint: String,
+    pub ca_file: String,
+}
+
+/// Where settings come from. A seam so tests can load with a given environment instead of
+/// the process's own.
+#[derive(Debug, Default)]
+pub struct Sources {
+    /// `--config FILE`.
+    pub file: Option<PathBuf>,
+    /// The `HERALD_ENV` overlay name (e.g. "production" → `config/production.toml`).
+    pub environment: Option<String>,
+    /// Environment variables; `None` reads the process environment.
+    pub env_vars: Option<HashMap<String, String>>,
+}
+
+impl Sources {
+    /// The sources of a real process: its `--config` file, `HERALD_ENV`, its environment.
+    pub fn from_process(file: Option<PathBuf>) -> Self {
+        Sources {
+            file,
+            environment: std::env::var("HERALD_ENV").ok().filter(|s| !s.is_empty()),
+            env_vars: None,
+        }
+    }
+}
+
+impl Settings {
+    /// Load and validate the layered settings.
+    pub fn load(sources: Sources) -> Result<Settings, SettingsError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(env) = &sources.environment {
+            let overlay = Path::new("config").join(format!("{env}.toml"));
+            builder = builder.add_source(config::File::from(overlay).required(false));
+        }
+        if let Some(file) = &sources.file {
+            if !file.exists() {
+                return Err(invalid(
+                    "--config",
+                    format!("file {} does not exist", file.display()),
+                ));
+            }
+            builder = builder.add_source(config::File::from(file.as_path()));
+        }
+        let mut env = config::Environment::with_prefix("HERALD")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("roles")
+            .with_list_parse_key("auth.api_keys");
+        if let Some(vars) = sources.env_vars {
+            env = env.source(Some(vars.into_iter().collect()));
+        }
+        let settings: Settings = builder.add_source(env).build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The compiled-in defaults, validated; the starting point for tests.
+    pub fn defaults() -> Settings {
+        Settings::load(Sources {
+            env_vars: Some(HashMap::new()),
+            ..Sources::default()
+        })
+        .expect("the compiled-in defaults are valid")
+    }
+
+    /// Checks every rule that serde's types cannot express.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        if self.roles.is_empty() {
+            return Err(invalid("roles", "at least one role is required"));
+        }
+        self.http
+            .addr
+            .parse::<SocketAddr>()
+            .map_err(|e| invalid("http.addr", format!("`{}`: {e}", self.http.addr)))?;
+        if self.http.max_body_bytes < 1024 {
+            return Err(invalid("http.max_body_bytes", "must be at least 1024"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", e.to_string()))?;
+        if self.auth.device_token_ttl.is_zero() {
+            return Err(invalid("auth.device_token_ttl", "must be positive"));
+        }
+        if self.notify.max_targets == 0 {
+            return Err(invalid("notify.max_targets", "must be at least 1"));
+        }
+        if self.notify.default_ttl.is_zero() || self.notify.default_ttl > self.notify.max_ttl {
+            return Err(invalid(
+                "notify.default_ttl",
+                "must be positive and at most notify.max_ttl",
+            ));
+        }
+        let prefix_ok = !self.queue.prefix.is_empty()
+            && self.queue.prefix.len() <= 100
+            && self
+                .queue
+                .prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !prefix_ok {
+            return Err(invalid(
+                "queue.prefix",
+                "1-100 characters of [A-Za-z0-9-_.]",
+            ));
+        }
+        if self.queue.publish_timeout.is_zero() {
+            return Err(invalid("queue.publish_timeout", "must be positive"));
+        }
+        if self.queue.memory_capacity == 0 {
+            return Err(invalid("queue.memory_capacity", "must be at least 1"));
+        }
+        if self.queue.prefetch == 0 {
+            return Err(invalid("queue.prefetch", "must be at least 1"));
+        }
+        if self.queue.reconnect_min.is_zero() || self.queue.reconnect_min > self.queue.reconnect_max
+        {
+            return Err(invalid(
+                "queue.reconnect_min",
+                "must be positive and at most queue.reconnect_max",
+            ));
+        }
+        let url = self.queue_url()?;
+        if let Some(url) = url {
+            if !(url.expose().starts_with("amqp://") || url.expose().starts_with("amqps://")) {
+                return Err(invalid(
+                    "queue.url",
+                    "must start with amqp:// or amqps:// (or be empty for the embedded queue)",
+                ));
+            }
+            url.expose()
+                .parse::<lapin::uri::AMQPUri>()
+                .map_err(|e| invalid("queue.url", format!("not a valid AMQP URI: {e}")))?;
+        }
+        if self.retry.base_delay.is_zero() || self.retry.base_delay > self.retry.max_delay {
+            return Err(invalid(
+                "retry.base_delay",
+                "must be positive and at most retry.max_delay",
+            ));
+        }
+        if !(1..=30).contains(&self.retry.max_attempts) {
+            return Err(invalid("retry.max_attempts", "must be between 1 and 30"));
+        }
+        for (key, d) in [
+            ("gateway.ping_interval", self.gateway.ping_interval),
+            ("gateway.pong_timeout", self.gateway.pong_timeout),
+            ("gateway.ack_timeout", self.gateway.ack_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be positive"));
+            }
+        }
+        self.api_keys()?;
+        self.device_token_secret()?;
+        Ok(())
+    }
+
+    pub fn has_role(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.http.addr.parse().expect("validated in Settings::validate")
+    }
+
+    /// The broker URL (`queue.url`, else the contents of `queue.url_file`); `None` means the
+    /// embedded queue.
+    pub fn queue_url(&self) -> Result<Option<Secret>, SettingsError> {
+        if !self.queue.url.is_empty() {
+            return Ok(Some(self.queue.url.clone()));
+        }
+        if self.queue.url_file.is_empty() {
+            return Ok(None);
+        }
+        let text = read_secret_file("queue.url_file", &self.queue.url_file)?;
+        Ok(Some(Secret::new(text.trim())).filter(|s| !s.is_empty()))
+    }
+
+    /// Every configured API key (inline and from `auth.api_keys_file`), as SHA-256 digests.
+    pub fn api_keys(&self) -> Result<Vec<[u8; 32]>, SettingsError> {
+        let mut keys = Vec::new();
+        for key in &self.auth.api_keys {
+            keys.push(parse_api_key("auth.api_keys", key.expose())?);
+        }
+        if !self.auth.api_keys_file.is_empty() {
+            let text = read_secret_file("auth.api_keys_file", &self.auth.api_keys_file)?;
+            for line in text.lines().map(str::trim) {
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                keys.push(parse_api_key("auth.api_keys_file", line)?);
+            }
+        }
+        Ok(keys)
+    }
+
+    /// The device-token signing secret, if one is configured.
+    pub fn device_token_secret(&self) -> Result<Option<Secret>, SettingsError> {
+        let secret = if !self.auth.device_token_secret.is_empty() {
+            self.auth.device_token_secret.clone()
+        } else if !self.auth.device_token_secret_file.is_empty() {
+            Secret::new(
+                read_secret_file(
+                    "auth.device_token_secret_file",
+                    &self.auth.device_token_secret_file,
+                )?
+                .trim(),
+            )
+        } else {
+            return Ok(None);
+        };
+        if secret.expose().len() < 32 {
+            return Err(invalid(
+                "auth.device_token_secret",
+                "must be at least 32 bytes (HS256 wants a key as long as its hash)",
+            ));
+        }
+        Ok(Some(secret))
+    }
+}
+
+fn read_secret_file(key: &'static str, path: &str) -> Result<String, SettingsError> {
+    // The error names the file, never its contents.
+    std::fs::read_to_string(path).map_err(|e| invalid(key, format!("cannot read {path}: {e}")))
+}
+
+/// An API key entry: the key itself, or `sha256:<64 hex>` of it. Keys are kept only as
+/// digests so comparison is over fixed-length values, in constant time.
+fn parse_api_key(key: &'static str, entry: &str) -> Result<[u8; 32], SettingsError> {
+    use sha2::Digest;
+    if let Some(hexed) = entry.strip_prefix("sha256:") {
+        let bytes = hex::decode(hexed)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| invalid(key, "a sha256: entry needs exactly 64 hex digits"))?;
+        return Ok(bytes);
+    }
+    if entry.len() < 16 {
+        return Err(invalid(key, "an API key must be at least 16 characters"));
+    }
+    Ok(sha2::Sha256::digest(entry.as_bytes()).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_env(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        Settings::load(Sources {
+            env_vars: Some(
+                vars.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Sources::default()
+        })
+    }
+
+    #[test]
+    fn defaults_are_valid_and_embedded() {
+        let s = Settings::defaults();
+        assert_eq!(s.http.addr, "0.0.0.0:8080");
+        assert!(s.queue_url().unwrap().is_none());
+        assert_eq!(s.roles.len(), 3);
+    }
+
+    #[test]
+    fn env_overrides_nested_keys_and_lists() {
+        let s = load_env(&[
+            ("HERALD__QUEUE__URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+            ("HERALD__HTTP__ADDR", "127.0.0.1:9000"),
+            ("HERALD__ROLES", "api,dispatcher"),
+            ("HERALD__QUEUE__PREFETCH", "10"),
+        ])
+        .unwrap();
+        assert_eq!(s.http.addr, "127.0.0.1:9000");
+        assert_eq!(s.roles, vec![Role::Api, Role::Dispatcher]);
+        assert_eq!(s.queue.prefetch, 10);
+        assert!(s.queue_url().unwrap().is_some());
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("HERALD__HTTP__ADDR", "nowhere", "http.addr"),
+            ("HERALD__QUEUE__URL", "redis://x", "queue.url"),
+            ("HERALD__QUEUE__PUBLISH_TIMEOUT", "soon", "publish_timeout"),
+            ("HERALD__RETRY__MAX_ATTEMPTS", "0", "retry.max_attempts"),
+            ("HERALD__AUTH__API_KEYS", "short", "auth.api_keys"),
+            ("HERALD__AUTH__DEVICE_TOKEN_SECRET", "tooshort", "device_token_secret"),
+            ("HERALD__ROLES", "api,cook", "roles"),
+            ("HERALD__QUEUE__NO_SUCH_KEY", "1", "no_such_key"),
+        ];
+        for (var, value, key) in cases {
+            let err = load_env(&[(var, value)]).unwrap_err().to_string();
+            assert!(err.contains(key), "{var}={value}: error `{err}` does not name {key}");
+        }
+    }
+
+    #[test]
+    fn api_keys_accept_plain_and_hashed_entries() {
+        use sha2::Digest;
+        let digest = hex::encode(sha2::Sha256::digest(b"another-key-0123456789"));
+        let s = load_env(&[(
+            "HERALD__AUTH__API_KEYS",
+            &format!("plain-key-0123456789,sha256:{digest}"),
+        )])
+        .unwrap();
+        let keys = s.api_keys().unwrap();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(hex::encode(keys[1]), digest);
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret::new("hunter2-hunter2-hunter2");
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,12 @@
+//! Parsed types. A request body becomes these at the API edge (`TryFrom`/`parse`, private
+//! fields); the rest of herald never re-checks them. They are also the queued message format,
+//! and deserializing re-runs the same checks, so a corrupt queued message is rejected whole.
+
+mod device;
+mod notification;
+
+pub use device::{ApnsToken, DeviceId, FcmToken};
+pub use notification::{
+    AndroidOptions, ApnsOptions, ApnsPushType, Content, NotificationId, NotifyError,
+    NotifyLimits, NotifyRequest, Priority, QueuedNotification, Target, TargetRoute, unix_millis,
+};

@@ -1,0 +1,89 @@
+//! The `herald` binary: parse the command line, load settings, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use herald::config::{Settings, Sources};
+use herald::startup::Application;
+
+#[derive(Parser)]
+#[command(name = "herald", version, about = "Push-notification dispatch: live WebSocket first, APNs/FCM fallback")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (the roles in the config: api, gateway, dispatcher).
+    Serve {
+        /// A TOML file layered over the defaults (and under HERALD__* variables).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Load and validate the configuration, print the effective settings (secrets
+    /// redacted), and exit: non-zero with the offending key if anything is wrong.
+    CheckConfig {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (config, check_only) = match cli.command {
+        Command::Serve { config } => (config, false),
+        Command::CheckConfig { config } => (config, true),
+    };
+    let settings = match Settings::load(Sources::from_process(config)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("herald: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if check_only {
+        println!("{settings:#?}");
+        return ExitCode::SUCCESS;
+    }
+    herald::telemetry::init(&settings.log);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("herald: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "herald failed");
+            eprintln!("herald: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let roles = settings.roles.clone();
+    let app = Application::build(settings).await?;
+    tracing::info!(addr = %app.addr(), backend = app.queue().backend_name(), ?roles, "herald listening");
+    if app.queue().backend_name() == "embedded" {
+        tracing::warn!(
+            "embedded queue: accepted notifications live in this process's memory and are lost if it crashes; set queue.url (HERALD__QUEUE__URL) to use RabbitMQ"
+        );
+    }
+    if let Some(key) = app.generated_api_key() {
+        // Printed on stdout, not logged: log pipelines are no place for a credential.
+        tracing::warn!("no API key configured: generated one for this run and printed it on stdout");
+        println!("herald: generated API key (no auth.api_keys configured): {key}");
+        println!("herald: try  curl -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"targets\":[{{\"device_id\":\"phone-42\"}}],\"data\":{{\"k\":\"v\"}}}}' http://{}/v1/notify", app.addr());
+    }
+    let shutdown = app.shutdown_handle();
+    tokio::spawn(async move {
+        herald::shutdown::signal().await;
+        shutdown.cancel();
+    });
+    app.run_until_stopped().await
+}

@@ -1,0 +1,281 @@
+//! Every metric herald exports, in one place, registered at start-up.
+//!
+//! Label sets that are known in advance (channels, outcomes, reasons) are pre-created at
+//! zero so dashboards and alerts see a series before the first event, and `rate()` over a
+//! counter's first increment is not lost.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+/// Latency buckets from 1 ms to 30 s: covers an in-process publish, a broker confirm, a live
+/// delivery and a slow provider.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+pub const CHANNELS: &[&str] = &["live", "apns", "fcm"];
+pub const OUTCOMES: &[&str] = &[
+    "delivered",
+    "token_dead",
+    "transient",
+    "config_error",
+    "expired",
+];
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub notifications_accepted: IntCounter,
+    pub targets_accepted: IntCounter,
+    pub queue_publish_duration: Histogram,
+    pub queue_publish_failures: IntCounterVec,
+    pub broker_connected: IntGauge,
+    pub broker_reconnects: IntCounter,
+    pub consumers_running: IntGauge,
+    pub queue_depth: IntGauge,
+    pub sessions_active: IntGauge,
+    pub sessions_opened: IntCounter,
+    pub sessions_closed: IntCounterVec,
+    pub ping_rtt: Histogram,
+    pub frames: IntCounterVec,
+    pub acks: IntCounter,
+    pub ack_timeouts: IntCounter,
+    pub deliveries: IntCounterVec,
+    pub fallbacks: IntCounterVec,
+    pub provider_duration: HistogramVec,
+    pub retries: IntCounterVec,
+    pub dead_letters: IntCounterVec,
+    pub delivery_latency: HistogramVec,
+    pub tokens_dead: IntCounterVec,
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+fn histogram_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )
+    .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let m = Metrics {
+            http_requests: counter_vec(
+                &r,
+                "herald_http_requests_total",
+                "HTTP requests by route pattern, method and status.",
+                &["route", "method", "status"],
+            ),
+            http_duration: histogram_vec(
+                &r,
+                "herald_http_request_duration_seconds",
+                "HTTP request latency by route pattern.",
+                &["route"],
+            ),
+            notifications_accepted: counter(
+                &r,
+                "herald_notifications_accepted_total",
+                "Notifications durably queued (answered 202).",
+            ),
+            targets_accepted: counter(
+                &r,
+                "herald_notification_targets_accepted_total",
+                "Targets in accepted notifications.",
+            ),
+            queue_publish_duration: histogram(
+                &r,
+                "herald_queue_publish_duration_seconds",
+                "Time from publish to the queue's confirm.",
+                LATENCY_BUCKETS,
+            ),
+            queue_publish_failures: counter_vec(
+                &r,
+                "herald_queue_publish_failures_total",
+                "Publishes that did not get a confirm, by reason.",
+                &["reason"],
+            ),
+            broker_connected: gauge(
+                &r,
+                "herald_broker_connected",
+                "1 while the queue backend is connected (always 1 for the embedded queue).",
+            ),
+            broker_reconnects: counter(
+                &r,
+                "herald_broker_reconnects_total",
+                "Successful broker reconnections after a lost connection.",
+            ),
+            consumers_running: gauge(
+                &r,
+                "herald_consumers_running",
+                "Queue consumers currently running in this process.",
+            ),
+            queue_depth: gauge(
+                &r,
+                "herald_queue_depth",
+                "Embedded queue: messages held (ready + unacknowledged).",
+            ),
+            sessions_active: gauge(
+                &r,
+                "herald_gateway_sessions_active",
+                "Device WebSocket sessions open on this node.",
+            ),
+            sessions_opened: counter(
+                &r,
+                "herald_gateway_sessions_opened_total",
+                "Device sessions opened.",
+            ),
+            sessions_closed: counter_vec(
+                &r,
+                "herald_gateway_sessions_closed_total",
+                "Device sessions closed, by reason.",
+                &["reason"],
+            ),
+            ping_rtt: histogram(
+                &r,
+                "herald_gateway_ping_rtt_seconds",
+                "Server ping to device pong round trip.",
+                LATENCY_BUCKETS,
+            ),
+            frames: counter_vec(
+                &r,
+                "herald_gateway_frames_total",
+                "WebSocket frames by direction (in, out).",
+                &["direction"],
+            ),
+            acks: counter(
+                &r,
+                "herald_gateway_acks_total",
+                "Notification frames acknowledged by devices.",
+            ),
+            ack_timeouts: counter(
+                &r,
+                "herald_gateway_ack_timeouts_total",
+                "Notification frames not acknowledged within ack_timeout.",
+            ),
+            deliveries: counter_vec(
+                &r,
+                "herald_deliveries_total",
+                "Per-target delivery attempts by channel and outcome.",
+                &["channel", "outcome"],
+            ),
+            fallbacks: counter_vec(
+                &r,
+                "herald_fallbacks_total",
+                "Targets sent to APNs/FCM instead of live, by reason.",
+                &["reason"],
+            ),
+            provider_duration: histogram_vec(
+                &r,
+                "herald_provider_request_duration_seconds",
+                "APNs/FCM request latency.",
+                &["provider"],
+            ),
+            retries: counter_vec(
+                &r,
+                "herald_retries_total",
+                "Targets scheduled for a delayed retry, by channel.",
+                &["channel"],
+            ),
+            dead_letters: counter_vec(
+                &r,
+                "herald_dead_letters_total",
+                "Notifications dead-lettered, by reason.",
+                &["reason"],
+            ),
+            delivery_latency: histogram_vec(
+                &r,
+                "herald_delivery_latency_seconds",
+                "Acceptance to final delivery, by channel.",
+                &["channel"],
+            ),
+            tokens_dead: counter_vec(
+                &r,
+                "herald_tokens_dead_total",
+                "Provider tokens reported dead (unregistered / bad), by provider.",
+                &["provider"],
+            ),
+            registry: r,
+        };
+        for ch in CHANNELS {
+            for o in OUTCOMES {
+                m.deliveries.with_label_values(&[ch, o]);
+            }
+            m.retries.with_label_values(&[ch]);
+            m.delivery_latency.with_label_values(&[ch]);
+        }
+        for p in ["apns", "fcm"] {
+            m.provider_duration.with_label_values(&[p]);
+            m.tokens_dead.with_label_values(&[p]);
+        }
+        for r in ["offline", "ack_timeout"] {
+            m.fallbacks.with_label_values(&[r]);
+        }
+        for r in ["attempts_exhausted", "unparseable", "config_error"] {
+            m.dead_letters.with_label_values(&[r]);
+        }
+        for r in ["unavailable", "timeout", "full", "nacked"] {
+            m.queue_publish_failures.with_label_values(&[r]);
+        }
+        for d in ["in", "out"] {
+            m.frames.with_label_values(&[d]);
+        }
+        for r in [
+            "client_closed",
+            "pong_timeout",
+            "replaced",
+            "shutdown",
+            "protocol_error",
+            "slow_consumer",
+        ] {
+            m.sessions_closed.with_label_values(&[r]);
+        }
+        m
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,232 @@
+//! The queue contract: durable hand-off from the API to the dispatcher.
+//!
+//! Two backends, one contract (proven by `tests/api/queue_contract.rs`, run against both):
+//!
+//! - `publish` returns `Ok` only once the message is safe: for RabbitMQ, after the broker's
+//!   publisher confirm of a persistent message on a quorum queue; for the embedded queue,
+//!   once it is in the bounded in-process queue. Otherwise it returns an error and the
+//!   caller answers 503: nothing is half-accepted.
+//! - A consumer gets each message at least once. A delivery is settled exactly one way:
+//!   `ack` (done), `retry` (re-queued after a delay, with the updated body), `dead_letter`
+//!   (parked with a reason), or `requeue` (given back now, e.g. at shutdown). A delivery that
+//!   is dropped unsettled, or whose consumer dies, is redelivered with `redelivered = true`.
+//! - `retry` and `dead_letter` first make the new copy safe, then ack the original, so a
+//!   crash between the two can duplicate a message but never lose it.
+
+mod memory;
+mod rabbitmq;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Settings;
+use crate::domain::QueuedNotification;
+use crate::metrics::Metrics;
+
+pub use memory::MemoryQueue;
+pub use rabbitmq::{RabbitQueue, Topology};
+
+/// Why a publish or a settlement did not happen. The API maps every variant to 503.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("the broker is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the broker did not confirm within {0:?}")]
+    Timeout(Duration),
+    #[error("the embedded queue is full ({0} messages)")]
+    Full(usize),
+    #[error("the broker refused the message: {0}")]
+    Refused(String),
+    #[error("the queue is shut down")]
+    Closed,
+}
+
+impl QueueError {
+    /// The `reason` label of `herald_queue_publish_failures_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            QueueError::Unavailable(_) | QueueError::Closed => "unavailable",
+            QueueError::Timeout(_) => "timeout",
+            QueueError::Full(_) => "full",
+            QueueError::Refused(_) => "nacked",
+        }
+    }
+}
+
+/// Which queue a consumer reads: the work queue, or the dead letters (for operators and tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueKind {
+    Work,
+    Dead,
+}
+
+/// A queue backend. An enum rather than a trait object: there are exactly two, and the
+/// compiler then checks every call site handles both.
+#[derive(Clone)]
+pub enum Queue {
+    Memory(Arc<MemoryQueue>),
+    Rabbit(Arc<RabbitQueue>),
+}
+
+impl Queue {
+    /// Builds the backend the settings ask for. The RabbitMQ backend connects in the
+    /// background (with backoff), so a process starts, reports not-ready and answers 503
+    /// while the broker is away, instead of failing to start.
+    pub fn from_settings(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Queue> {
+        Ok(match settings.queue_url()? {
+            None => Queue::Memory(Arc::new(MemoryQueue::new(
+                settings.queue.memory_capacity,
+                metrics.clone(),
+            ))),
+            Some(url) => Queue::Rabbit(RabbitQueue::start(
+                url,
+                Topology::new(&settings.queue.prefix, &settings.retry),
+                settings.queue.clone(),
+                metrics.clone(),
+            )),
+        })
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            Queue::Memory(_) => "embedded",
+            Queue::Rabbit(_) => "rabbitmq",
+        }
+    }
+
+    /// Queues a notification durably (see the module docs for what `Ok` promises).
+    pub async fn publish(&self, n: &QueuedNotification) -> Result<(), QueueError> {
+        match self {
+            Queue::Memory(q) => q.publish(n.to_json()),
+            Queue::Rabbit(q) => q.publish(n).await,
+        }
+    }
+
+    /// Starts a consumer of the work queue or the dead letters.
+    pub fn consume(&self, kind: QueueKind) -> Consumer {
+        match self {
+            Queue::Memory(q) => Consumer::Memory(q.consume(kind)),
+            Queue::Rabbit(q) => Consumer::Rabbit(q.consume(kind)),
+        }
+    }
+
+    /// True while publishes can succeed: always for the embedded queue, while connected
+    /// for RabbitMQ.
+    pub fn is_connected(&self) -> bool {
+        match self {
+            Queue::Memory(_) => true,
+            Queue::Rabbit(q) => q.is_connected(),
+        }
+    }
+
+    /// Waits until connected (or the timeout passes); true if connected.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        match self {
+            Queue::Memory(_) => true,
+            Queue::Rabbit(q) => q.wait_connected(timeout).await,
+        }
+    }
+
+    /// Closes the backend: consumers end, further publishes fail.
+    pub async fn close(&self) {
+        match self {
+            Queue::Memory(q) => q.close(),
+            Queue::Rabbit(q) => q.close().await,
+        }
+    }
+}
+
+/// A stream of deliveries from one queue.
+pub enum Consumer {
+    Memory(memory::MemoryConsumer),
+    Rabbit(rabbitmq::RabbitConsumer),
+}
+
+impl Consumer {
+    /// The next delivery; `None` once the queue is closed. On RabbitMQ this rides out broker
+    /// reconnections: it resumes consuming on the new connection.
+    pub async fn next(&mut self) -> Option<Delivery> {
+        match self {
+            Consumer::Memory(c) => c.next().await,
+            Consumer::Rabbit(c) => c.next().await,
+        }
+    }
+}
+
+/// One message handed to a consumer, to be settled exactly once.
+pub struct Delivery {
+    /// The message body as queued (JSON of a [`QueuedNotification`]).
+    pub body: Vec<u8>,
+    /// True if this message was handed out before and not settled.
+    pub redelivered: bool,
+    /// For a dead letter: why it was dead-lettered.
+    pub dead_reason: Option<String>,
+    handle: DeliveryHandle,
+}
+
+enum DeliveryHandle {
+    Memory(memory::MemoryHandle),
+    Rabbit(rabbitmq::RabbitHandle),
+}
+
+impl Delivery {
+    pub fn notification(&self) -> Result<QueuedNotification, serde_json::Error> {
+        QueuedNotification::from_json(&self.body)
+    }
+
+    /// Done: remove the message from the queue.
+    pub async fn ack(self) -> Result<(), QueueError> {
+        match self.handle {
+            DeliveryHandle::Memory(h) => {
+                h.ack();
+                Ok(())
+            }
+            DeliveryHandle::Rabbit(h) => h.ack().await,
+        }
+    }
+
+    /// Re-queue `next` (the updated notification: remaining targets, attempt count) to be
+    /// delivered again after `delay`, then ack this delivery.
+    pub async fn retry(self, next: &QueuedNotification, delay: Duration) -> Result<(), QueueError> {
+        match self.handle {
+            DeliveryHandle::Memory(h) => {
+                h.retry(next.to_json(), delay);
+                Ok(())
+            }
+            DeliveryHandle::Rabbit(h) => h.retry(next, delay).await,
+        }
+    }
+
+    /// Park `body` in the dead-letter queue with `reason`, then ack this delivery.
+    pub async fn dead_letter(self, body: Vec<u8>, reason: &str) -> Result<(), QueueError> {
+        match self.handle {
+            DeliveryHandle::Memory(h) => {
+                h.dead_letter(body, reason);
+                Ok(())
+            }
+            DeliveryHandle::Rabbit(h) => h.dead_letter(body, reason).await,
+        }
+    }
+
+    /// Give the message back now, for another consumer (used when shutting down).
+    pub async fn requeue(self) -> Result<(), QueueError> {
+        match self.handle {
+            DeliveryHandle::Memory(h) => {
+                h.requeue();
+                Ok(())
+            }
+            DeliveryHandle::Rabbit(h) => h.requeue().await,
+        }
+    }
+}
+
+/// Exponential backoff with "equal jitter": a random delay in `[cap/2, cap]` where
+/// `cap = min(max, min·2^attempt)`. The jitter spreads many herald nodes reconnecting to a
+/// restarted broker; the floor keeps one node from hammering it with near-zero delays.
+pub fn backoff_with_jitter(attempt: u32, min: Duration, max: Duration) -> Duration {
+    let cap = min
+        .saturating_mul(2u32.saturating_pow(attempt.min(30)))
+        .min(max);
+    let millis = cap.as_millis().max(1) as u64;
+    Duration::from_millis(rand::random_range(millis / 2..=millis))
+}

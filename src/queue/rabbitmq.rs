@@ -1,0 +1,660 @@
+//! The RabbitMQ backend: quorum queues, persistent messages, publisher confirms, and a
+//! supervisor that reconnects with backoff and re-declares the topology.
+//!
+//! Topology (names carry `queue.prefix`, default `herald`):
+//!
+//! ```text
+//!  publish ─▶ {p}.work (direct exchange) ──"notify"──▶ {p}.work (quorum queue) ─▶ dispatcher
+//!                 ▲                                        │ delivery-limit exceeded
+//!                 │ dead-letter after TTL                  ▼
+//!  retry ─▶ {p}.retry.<ms>ms (quorum, x-message-ttl)   {p}.dead (exchange) ──▶ {p}.dead (queue)
+//! ```
+//!
+//! Delays are built from per-delay TTL queues that dead-letter back to the work exchange,
+//! because the broker here (Debian's RabbitMQ 3.10, no plugins) has no delayed-message
+//! exchange. One queue per distinct delay keeps each queue FIFO-by-expiry: per-message TTLs
+//! in one shared queue would stall behind a longer-lived head message.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{Delivery, DeliveryHandle, QueueError, QueueKind, backoff_with_jitter};
+use crate::config::{QueueSettings, RetrySettings, Secret};
+use crate::domain::{QueuedNotification, unix_millis};
+use crate::metrics::Metrics;
+
+/// Routing key of work messages on the work exchange.
+const WORK_ROUTING_KEY: &str = "notify";
+/// Routing key of dead letters on the dead exchange.
+const DEAD_ROUTING_KEY: &str = "dead";
+/// Header carrying why herald dead-lettered a message.
+const REASON_HEADER: &str = "x-herald-reason";
+/// Redeliveries of one message before the broker itself dead-letters it (a "poison" message
+/// that crashes every dispatcher that takes it). High enough that shutdowns and node deaths,
+/// which also count as redeliveries, never trip it for healthy work.
+const DELIVERY_LIMIT: i64 = 20;
+/// How long one connection attempt (TCP + AMQP handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Exchange and queue names, and the retry delays, derived from the prefix and retry config.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub work_exchange: String,
+    pub work_queue: String,
+    pub dead_exchange: String,
+    pub dead_queue: String,
+    /// (delay, queue name), ascending by delay.
+    pub retry_queues: Vec<(Duration, String)>,
+}
+
+impl Topology {
+    pub fn new(prefix: &str, retry: &RetrySettings) -> Self {
+        let mut delays: Vec<Duration> = (0..retry.max_attempts)
+            .map(|k| {
+                retry
+                    .base_delay
+                    .saturating_mul(2u32.saturating_pow(k.min(30)))
+                    .min(retry.max_delay)
+            })
+            .collect();
+        delays.dedup();
+        Topology {
+            work_exchange: format!("{prefix}.work"),
+            work_queue: format!("{prefix}.work"),
+            dead_exchange: format!("{prefix}.dead"),
+            dead_queue: format!("{prefix}.dead"),
+            retry_queues: delays
+                .into_iter()
+                .map(|d| (d, format!("{prefix}.retry.{}ms", d.as_millis())))
+                .collect(),
+        }
+    }
+
+    /// The retry queue for a requested delay: the shortest one at least that long, else
+    /// the longest.
+    pub fn retry_queue(&self, delay: Duration) -> &str {
+        self.retry_queues
+            .iter()
+            .find(|(d, _)| *d >= delay)
+            .or(self.retry_queues.last())
+            .map(|(_, q)| q.as_str())
+            .expect("at least one retry delay (retry.max_attempts >= 1)")
+    }
+
+    /// Every queue this topology declares, for clean-up in tests and tooling.
+    pub fn all_queues(&self) -> Vec<String> {
+        let mut qs = vec![self.work_queue.clone(), self.dead_queue.clone()];
+        qs.extend(self.retry_queues.iter().map(|(_, q)| q.clone()));
+        qs
+    }
+
+    /// Declares everything, idempotently. A queue that exists with other arguments fails
+    /// with PRECONDITION_FAILED, which the supervisor logs (naming the queue) and retries.
+    pub async fn declare(&self, ch: &Channel) -> lapin::Result<()> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let queue_durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        for ex in [&self.work_exchange, &self.dead_exchange] {
+            ch.exchange_declare(
+                ex.as_str().into(),
+                ExchangeKind::Direct,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        ch.queue_declare(
+            self.dead_queue.as_str().into(),
+            queue_durable,
+            quorum_args(),
+        )
+        .await?;
+        ch.queue_bind(
+            self.dead_queue.as_str().into(),
+            self.dead_exchange.as_str().into(),
+            DEAD_ROUTING_KEY.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+        let mut work_args = quorum_args();
+        dead_letter_to(&mut work_args, &self.dead_exchange, DEAD_ROUTING_KEY);
+        work_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+        ch.queue_declare(self.work_queue.as_str().into(), queue_durable, work_args)
+            .await?;
+        ch.queue_bind(
+            self.work_queue.as_str().into(),
+            self.work_exchange.as_str().into(),
+            WORK_ROUTING_KEY.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+        for (delay, name) in &self.retry_queues {
+            let mut args = quorum_args();
+            // Every message waits exactly `delay`, then dead-letters back to work.
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(delay.as_millis() as i64),
+            );
+            dead_letter_to(&mut args, &self.work_exchange, WORK_ROUTING_KEY);
+            ch.queue_declare(name.as_str().into(), queue_durable, args)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Quorum queues: replicated (Raft) and durable; the queue type RabbitMQ recommends for
+/// data safety. On a single node they behave the same, so dev and production match.
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args
+}
+
+/// Broker-side dead-lettering that cannot lose the message: quorum queues' at-least-once
+/// strategy (RabbitMQ ≥ 3.10) keeps it in the source queue until the target confirms. That
+/// strategy requires the reject-publish overflow mode.
+fn dead_letter_to(args: &mut FieldTable, exchange: &str, routing_key: &str) {
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(exchange.into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(routing_key.into()),
+    );
+    args.insert(
+        "x-dead-letter-strategy".into(),
+        AMQPValue::LongString("at-least-once".into()),
+    );
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+}
+
+/// Properties of every message herald publishes.
+fn message_properties(message_id: Option<String>) -> BasicProperties {
+    let mut p = BasicProperties::default()
+        // 2 = persistent: written to disk (quorum queues persist everything anyway, but
+        // the flag keeps the intent explicit and survives a queue-type change).
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_app_id("herald".into())
+        .with_timestamp(unix_millis(std::time::SystemTime::now()) / 1000);
+    if let Some(id) = message_id {
+        p = p.with_message_id(id.into());
+    }
+    p
+}
+
+/// One live connection and its confirm-mode publishing channel.
+struct Link {
+    conn: Connection,
+    publish: Channel,
+}
+
+pub struct RabbitQueue {
+    url: Secret,
+    topology: Topology,
+    settings: QueueSettings,
+    metrics: Metrics,
+    link: watch::Sender<Option<Arc<Link>>>,
+    /// Poked when a publish finds the link broken, so the supervisor reconnects at once
+    /// instead of waiting to notice.
+    broken: Notify,
+    closed: CancellationToken,
+}
+
+impl RabbitQueue {
+    /// Creates the backend and starts its connection supervisor.
+    pub fn start(
+        url: Secret,
+        topology: Topology,
+        settings: QueueSettings,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        metrics.broker_connected.set(0);
+        let q = Arc::new(RabbitQueue {
+            url,
+            topology,
+            settings,
+            metrics,
+            link: watch::channel(None).0,
+            broken: Notify::new(),
+            closed: CancellationToken::new(),
+        });
+        tokio::spawn(q.clone().supervise());
+        q
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.link.borrow().is_some()
+    }
+
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.current_link())
+            .await
+            .is_ok_and(|l| l.is_some())
+    }
+
+    pub async fn close(&self) {
+        self.closed.cancel();
+        if let Some(link) = self.link.send_replace(None) {
+            let _ = link.conn.close(200, "herald shutting down".into()).await;
+        }
+        self.metrics.broker_connected.set(0);
+    }
+
+    /// The connection supervisor: connect, declare, publish the link, wait for it to break,
+    /// repeat with backoff. Runs until `close`.
+    async fn supervise(self: Arc<Self>) {
+        let mut failures: u32 = 0;
+        let mut connected_before = false;
+        while !self.closed.is_cancelled() {
+            match self.connect().await {
+                Ok(link) => {
+                    failures = 0;
+                    if connected_before {
+                        self.metrics.broker_reconnects.inc();
+                    }
+                    connected_before = true;
+                    let link = Arc::new(link);
+                    let mut events = link.conn.events_listener();
+                    self.link.send_replace(Some(link.clone()));
+                    self.metrics.broker_connected.set(1);
+                    tracing::info!(queue = %self.topology.work_queue, "connected to RabbitMQ");
+                    // Wait for the link to break: an error event, a publish that found it
+                    // broken, a status check (belt and braces), or shutdown.
+                    let mut check = tokio::time::interval(Duration::from_secs(1));
+                    loop {
+                        tokio::select! {
+                            ev = events.next() => match ev {
+                                Some(lapin::Event::Error(e)) => {
+                                    tracing::warn!(error = %e, "RabbitMQ connection error");
+                                    break;
+                                }
+                                Some(lapin::Event::ConnectionBlocked(reason)) => {
+                                    tracing::warn!(%reason, "RabbitMQ blocked publishing (resource alarm)");
+                                }
+                                Some(_) => {}
+                                None => break,
+                            },
+                            _ = self.broken.notified() => break,
+                            _ = check.tick() => {
+                                if !link.conn.status().connected() || !link.publish.status().connected() {
+                                    break;
+                                }
+                            }
+                            _ = self.closed.cancelled() => return,
+                        }
+                    }
+                    self.link.send_replace(None);
+                    self.metrics.broker_connected.set(0);
+                    let _ = link.conn.close(320, "herald reconnecting".into()).await;
+                    tracing::warn!("lost RabbitMQ connection; reconnecting");
+                }
+                Err(e) => {
+                    failures += 1;
+                    let delay = backoff_with_jitter(
+                        failures,
+                        self.settings.reconnect_min,
+                        self.settings.reconnect_max,
+                    );
+                    tracing::warn!(error = %e, attempt = failures, retry_in = ?delay, "cannot connect to RabbitMQ");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.closed.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn connect(&self) -> anyhow::Result<Link> {
+        let mut uri: lapin::uri::AMQPUri = self
+            .url
+            .expose()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("queue.url: {e}"))?;
+        if uri.query.heartbeat.is_none() {
+            uri.query.heartbeat = Some(self.settings.heartbeat_secs);
+        }
+        // The connection name shows in the broker's management tools and lets operators
+        // (and tests) find this process's connections.
+        let props = ConnectionProperties::default().with_connection_name(
+            format!("herald {} pid {}", self.topology.work_queue, std::process::id()).into(),
+        );
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, props))
+            .await
+            .map_err(|_| anyhow::anyhow!("connection timed out after {CONNECT_TIMEOUT:?}"))??;
+        let publish = conn.create_channel().await?;
+        if let Err(e) = self.topology.declare(&publish).await {
+            let _ = conn.close(200, "topology declaration failed".into()).await;
+            return Err(anyhow::anyhow!(
+                "declaring exchanges and queues {:?}: {e}",
+                self.topology.all_queues()
+            ));
+        }
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Link { conn, publish })
+    }
+
+    /// The current link, waiting for one if the broker is away.
+    async fn current_link(&self) -> Option<Arc<Link>> {
+        let mut rx = self.link.subscribe();
+        tokio::select! {
+            r = rx.wait_for(|l| l.is_some()) => r.ok().and_then(|l| l.clone()),
+            _ = self.closed.cancelled() => None,
+        }
+    }
+
+    pub async fn publish(&self, n: &QueuedNotification) -> Result<(), QueueError> {
+        self.publish_to(
+            &self.topology.work_exchange,
+            WORK_ROUTING_KEY,
+            n.to_json(),
+            message_properties(Some(n.id.to_string())),
+        )
+        .await
+    }
+
+    /// Publishes one persistent, mandatory message and waits for the broker's confirm, all
+    /// within `queue.publish_timeout`. Confirms are pipelined: many publishes share the
+    /// channel and each awaits its own confirm, so throughput is not one round trip per
+    /// message.
+    async fn publish_to(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: Vec<u8>,
+        properties: BasicProperties,
+    ) -> Result<(), QueueError> {
+        let timeout = self.settings.publish_timeout;
+        let deadline = Instant::now() + timeout;
+        let link = match tokio::time::timeout_at(deadline, self.current_link()).await {
+            Ok(Some(link)) => link,
+            Ok(None) => return Err(QueueError::Closed),
+            Err(_) => {
+                return Err(QueueError::Unavailable(
+                    "not connected to RabbitMQ".to_owned(),
+                ));
+            }
+        };
+        let confirm = tokio::time::timeout_at(deadline, async {
+            link.publish
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    // mandatory: an unroutable message comes back instead of vanishing
+                    // (e.g. someone deleted the binding); it is then a failure, not a 202.
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &body,
+                    properties,
+                )
+                .await?
+                .await
+        })
+        .await;
+        match confirm {
+            Err(_) => Err(QueueError::Timeout(timeout)),
+            Ok(Err(e)) => {
+                if !link.publish.status().connected() {
+                    self.broken.notify_one();
+                }
+                Err(QueueError::Unavailable(e.to_string()))
+            }
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(QueueError::Refused(format!(
+                "unroutable: nothing bound to {exchange} with key {routing_key}"
+            ))),
+            Ok(Ok(Confirmation::Nack(_))) => Err(QueueError::Refused("nacked".to_owned())),
+            Ok(Ok(Confirmation::NotRequested)) => {
+                Err(QueueError::Refused("channel not in confirm mode".to_owned()))
+            }
+        }
+    }
+
+    pub fn consume(self: &Arc<Self>, kind: QueueKind) -> RabbitConsumer {
+        RabbitConsumer {
+            queue: self.clone(),
+            kind,
+            current: None,
+        }
+    }
+}
+
+/// A consumer that survives reconnections: when its channel dies it waits for the
+/// supervisor's next link and consumes again.
+pub struct RabbitConsumer {
+    queue: Arc<RabbitQueue>,
+    kind: QueueKind,
+    current: Option<(Channel, lapin::Consumer)>,
+}
+
+impl RabbitConsumer {
+    async fn start(&self) -> Result<(Channel, lapin::Consumer), lapin::Error> {
+        let Some(link) = self.queue.current_link().await else {
+            return Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
+                lapin::ConnectionState::Closed,
+            )));
+        };
+        let ch = link.conn.create_channel().await?;
+        // Prefetch bounds the unacked messages this consumer holds: its in-flight work, and
+        // what another node must wait for if this one dies.
+        ch.basic_qos(self.queue.settings.prefetch, BasicQosOptions::default())
+            .await?;
+        let name = match self.kind {
+            QueueKind::Work => &self.queue.topology.work_queue,
+            QueueKind::Dead => &self.queue.topology.dead_queue,
+        };
+        let consumer = ch
+            .basic_consume(
+                name.as_str().into(),
+                "".into(),
+                // no_ack false: manual acks, so unacked work returns to the queue if this
+                // node dies.
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((ch, consumer))
+    }
+
+    pub async fn next(&mut self) -> Option<Delivery> {
+        let mut failures = 0u32;
+        loop {
+            if self.queue.closed.is_cancelled() {
+                self.stop();
+                return None;
+            }
+            if self.current.is_none() {
+                match self.start().await {
+                    Ok(c) => {
+                        self.current = Some(c);
+                        self.queue.metrics.consumers_running.inc();
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        if !self.queue.closed.is_cancelled() {
+                            tracing::warn!(error = %e, "cannot start consumer; retrying");
+                        }
+                        let delay = backoff_with_jitter(
+                            failures,
+                            self.queue.settings.reconnect_min,
+                            self.queue.settings.reconnect_max,
+                        );
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = self.queue.closed.cancelled() => {}
+                        }
+                        continue;
+                    }
+                }
+            }
+            let (_, consumer) = self.current.as_mut().expect("started above");
+            let next = tokio::select! {
+                n = consumer.next() => n,
+                _ = self.queue.closed.cancelled() => continue,
+            };
+            match next {
+                Some(Ok(d)) => {
+                    let dead_reason = dead_reason(&d.properties);
+                    return Some(Delivery {
+                        body: d.data,
+                        redelivered: d.redelivered,
+                        dead_reason,
+                        handle: DeliveryHandle::Rabbit(RabbitHandle {
+                            queue: self.queue.clone(),
+                            acker: Some(d.acker),
+                        }),
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "consumer stream failed; restarting it");
+                    self.stop();
+                }
+                None => {
+                    tracing::warn!("consumer cancelled; restarting it");
+                    self.stop();
+                }
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        if self.current.take().is_some() {
+            self.queue.metrics.consumers_running.dec();
+        }
+    }
+}
+
+impl Drop for RabbitConsumer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Why a dead letter is dead: herald's own header, else the broker's `x-death` reason
+/// (e.g. `delivery_limit` for a poison message).
+fn dead_reason(p: &BasicProperties) -> Option<String> {
+    let headers = p.headers().as_ref()?;
+    let inner = headers.inner();
+    if let Some(AMQPValue::LongString(s)) = inner.get(&ShortString::from(REASON_HEADER)) {
+        return Some(s.to_string());
+    }
+    if let Some(AMQPValue::FieldArray(deaths)) = inner.get(&ShortString::from("x-death")) {
+        if let Some(AMQPValue::FieldTable(first)) = deaths.as_slice().first() {
+            if let Some(AMQPValue::LongString(r)) = first.inner().get(&ShortString::from("reason")) {
+                return Some(format!("broker: {r}"));
+            }
+        }
+    }
+    None
+}
+
+/// Settles one broker delivery. Dropped unsettled, it nacks with requeue, mirroring the
+/// embedded queue.
+pub struct RabbitHandle {
+    queue: Arc<RabbitQueue>,
+    acker: Option<lapin::Acker>,
+}
+
+impl RabbitHandle {
+    fn take(mut self) -> lapin::Acker {
+        self.acker.take().expect("settled once")
+    }
+
+    pub async fn ack(self) -> Result<(), QueueError> {
+        self.take()
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(|e| QueueError::Unavailable(e.to_string()))
+    }
+
+    pub async fn requeue(self) -> Result<(), QueueError> {
+        self.take()
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| QueueError::Unavailable(e.to_string()))
+    }
+
+    pub async fn retry(self, next: &QueuedNotification, delay: Duration) -> Result<(), QueueError> {
+        let queue = self.queue.clone();
+        let retry_queue = queue.topology.retry_queue(delay).to_owned();
+        // The default exchange routes by queue name, so retry queues need no bindings.
+        queue
+            .publish_to(
+                "",
+                &retry_queue,
+                next.to_json(),
+                message_properties(Some(next.id.to_string())),
+            )
+            .await?;
+        self.ack().await
+    }
+
+    pub async fn dead_letter(self, body: Vec<u8>, reason: &str) -> Result<(), QueueError> {
+        let queue = self.queue.clone();
+        let mut headers = FieldTable::default();
+        headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+        queue
+            .publish_to(
+                &queue.topology.dead_exchange,
+                DEAD_ROUTING_KEY,
+                body,
+                message_properties(None).with_headers(headers),
+            )
+            .await?;
+        self.ack().await
+    }
+}
+
+impl Drop for RabbitHandle {
+    fn drop(&mut self) {
+        if let Some(acker) = self.acker.take() {
+            tokio::spawn(async move {
+                let _ = acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    })
+                    .await;
+            });
+        }
+    }
+}

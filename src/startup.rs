@@ -1,0 +1,143 @@
+//! Builds a herald process from settings: bind the listener first (so tests can use port 0
+//! and learn the real one), build the queue, start the roles the config enables, and run
+//! until the shutdown signal, then drain within the grace period.
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use actix_web::{App, HttpServer, middleware, web};
+use anyhow::Context;
+
+use crate::api::{self, ApiKeys, AppState};
+use crate::config::{Role, Settings};
+use crate::domain::NotifyLimits;
+use crate::metrics::Metrics;
+use crate::queue::Queue;
+use crate::shutdown::Shutdown;
+
+pub struct Application {
+    addr: SocketAddr,
+    server: actix_web::dev::Server,
+    queue: Queue,
+    metrics: Metrics,
+    shutdown: Shutdown,
+    grace: Duration,
+    generated_api_key: Option<String>,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        let listener = TcpListener::bind(settings.listen_addr())
+            .with_context(|| format!("binding http.addr {}", settings.http.addr))?;
+        let addr = listener.local_addr()?;
+        let metrics = Metrics::new();
+        let shutdown = Shutdown::new();
+        let queue = Queue::from_settings(&settings, &metrics)?;
+
+        let mut digests = settings.api_keys()?;
+        let mut generated_api_key = None;
+        if digests.is_empty() && settings.has_role(Role::Api) {
+            // Never a silently open API: with no key configured, mint one for this run.
+            let key = hex::encode(rand::random::<[u8; 24]>());
+            use sha2::Digest;
+            digests.push(sha2::Sha256::digest(key.as_bytes()).into());
+            generated_api_key = Some(key);
+        }
+        let keys = ApiKeys::new(digests);
+
+        let state = web::Data::new(AppState {
+            queue: queue.clone(),
+            metrics: metrics.clone(),
+            limits: NotifyLimits {
+                max_targets: settings.notify.max_targets,
+                default_ttl: settings.notify.default_ttl,
+                max_ttl: settings.notify.max_ttl,
+            },
+            max_body_bytes: settings.http.max_body_bytes,
+            retry_after: settings.queue.retry_after,
+            shutdown: shutdown.clone(),
+        });
+        let keys = web::Data::new(keys);
+        let api_role = settings.has_role(Role::Api);
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .app_data(keys.clone())
+                .wrap(middleware::from_fn(api::record_metrics))
+                .configure(|cfg| api::configure(cfg, api_role))
+                .default_service(web::to(api::not_found))
+        })
+        // herald handles SIGTERM itself (shutdown.rs) so the drain covers every role.
+        .disable_signals()
+        .shutdown_timeout(settings.http.shutdown_grace.as_secs().max(1))
+        .listen(listener)?;
+        if settings.http.workers > 0 {
+            server = server.workers(settings.http.workers);
+        }
+        let server = server.run();
+
+        Ok(Application {
+            addr,
+            server,
+            queue,
+            metrics,
+            shutdown,
+            grace: settings.http.shutdown_grace,
+            generated_api_key,
+        })
+    }
+
+    /// The bound address (the real port when `http.addr` asked for port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The API key generated because none was configured, to be printed once.
+    pub fn generated_api_key(&self) -> Option<&str> {
+        self.generated_api_key.as_deref()
+    }
+
+    /// Cancel this to shut the application down (what SIGTERM does in `herald serve`).
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Serves until the shutdown token is cancelled (or the server fails), then drains:
+    /// readiness turns false, the HTTP server stops accepting and finishes in-flight
+    /// requests, then the queue closes, all bounded by `http.shutdown_grace`.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let handle = self.server.handle();
+        let mut server = tokio::spawn(self.server);
+        tokio::select! {
+            res = &mut server => {
+                self.queue.close().await;
+                return res.context("HTTP server task")?.context("HTTP server");
+            }
+            _ = self.shutdown.cancelled() => {}
+        }
+        let started = Instant::now();
+        tracing::info!(grace = ?self.grace, "draining");
+        let drain = async {
+            handle.stop(true).await;
+            let _ = server.await;
+            self.queue.close().await;
+        };
+        if tokio::time::timeout(self.grace, drain).await.is_err() {
+            tracing::warn!(grace = ?self.grace, "drain did not finish within the grace period; exiting anyway");
+        }
+        tracing::info!(took = ?started.elapsed(), "stopped");
+        Ok(())
+    }
+}
