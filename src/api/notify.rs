@@ -20,9 +20,18 @@ pub async fn notify(
 ) -> Result<HttpResponse, ApiError> {
     require_json(&req)?;
     let body = read_body(payload, state.max_body_bytes).await?;
-    let request: NotifyRequest = serde_json::from_slice(&body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::InvalidRequest(e.to_string()),
-        _ => ApiError::InvalidJson(e.to_string()),
+    // serde_path_to_error names the field at fault ("targets[3].device_id: ...").
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    let request: NotifyRequest = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data if path != "." => {
+                ApiError::InvalidRequest(format!("{path}: {inner}"))
+            }
+            serde_json::error::Category::Data => ApiError::InvalidRequest(inner.to_string()),
+            _ => ApiError::InvalidJson(inner.to_string()),
+        }
     })?;
     let notification = request.parse(state.limits, SystemTime::now())?;
     providers::check_payload_sizes(&notification)?;

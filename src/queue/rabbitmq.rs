@@ -304,7 +304,13 @@ impl RabbitQueue {
                                 Some(_) => {}
                                 None => break,
                             },
-                            _ = self.broken.notified() => break,
+                            // A publish saw an error; the permit may be stale (from the
+                            // previous link), so believe it only if this link is unhealthy.
+                            _ = self.broken.notified() => {
+                                if !link.conn.status().connected() || !link.publish.status().connected() {
+                                    break;
+                                }
+                            }
                             _ = check.tick() => {
                                 if !link.conn.status().connected() || !link.publish.status().connected() {
                                     break;
