@@ -29,6 +29,17 @@ impl fmt::Display for NotificationId {
     }
 }
 
+/// For optional fields: absent means `None`, but an explicit `null` is an error, as the API
+/// schema says (a field is a string or absent). Without this, serde would take `null` as
+/// `None` and accept a body the published schema calls invalid.
+fn non_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn unix_millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -61,24 +72,24 @@ pub enum ApnsPushType {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Content {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
     pub subtitle: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
     pub badge: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
     pub sound: Option<String>,
     /// An image URL (FCM `notification.image`; APNs gets `mutable-content` for an extension).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// APNs `category` / FCM `click_action`: which action set the app shows.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
     pub category: Option<String>,
     /// APNs `thread-id` / FCM `tag`: groups notifications on the device.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
     pub thread_id: Option<String>,
 }
 
@@ -89,7 +100,7 @@ pub struct ApnsOptions {
     #[serde(default)]
     pub push_type: ApnsPushType,
     /// Overrides `apns.topic` from the config (the app's bundle id).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
     pub topic: Option<String>,
 }
 
@@ -98,7 +109,7 @@ pub struct ApnsOptions {
 #[serde(deny_unknown_fields)]
 pub struct AndroidOptions {
     /// Android notification channel the notification is posted to.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
     pub channel_id: Option<String>,
 }
 
@@ -119,9 +130,9 @@ pub struct FcmRoute {
 #[serde(deny_unknown_fields)]
 pub struct Target {
     pub device_id: DeviceId,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
     pub apns: Option<ApnsRoute>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
     pub fcm: Option<FcmRoute>,
 }
 
@@ -146,16 +157,16 @@ impl Target {
 #[serde(deny_unknown_fields)]
 pub struct NotifyRequest {
     pub targets: Vec<Target>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_null")]
     pub notification: Option<Content>,
     #[serde(default)]
     pub data: BTreeMap<String, String>,
     #[serde(default)]
     pub priority: Priority,
     /// A duration string ("90s", "1h"); the default comes from `notify.default_ttl`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_null")]
     pub ttl: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_null")]
     pub collapse_key: Option<String>,
     #[serde(default)]
     pub apns: ApnsOptions,
@@ -277,9 +288,9 @@ pub struct QueuedNotification {
     pub accepted_at_ms: u64,
     pub expires_at_ms: u64,
     pub priority: Priority,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
     pub collapse_key: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
     pub notification: Option<Content>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub data: BTreeMap<String, String>,
@@ -365,6 +376,9 @@ mod tests {
             serde_json::json!({"targets": [{"device_id": "d"}, {"device_id": "d"}], "data": {"a": "b"}}),
             serde_json::json!({"targets": [{"device_id": "a"}, {"device_id": "b"}, {"device_id": "c"}, {"device_id": "e"}], "data": {"a": "b"}}),
             serde_json::json!({"targets": t, "notification": {"title": "x"}, "apns": {"push_type": "background"}}),
+            serde_json::json!({"targets": t, "data": {"a": "b"}, "ttl": null}),
+            serde_json::json!({"targets": t, "data": {"a": "b"}, "android": {"channel_id": null}}),
+            serde_json::json!({"targets": [{"device_id": "d", "fcm": null}], "data": {"a": "b"}}),
         ];
         for case in cases {
             assert!(request(case.clone()).is_err(), "accepted {case}");
