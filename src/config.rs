@@ -166,6 +166,11 @@ pub struct GatewaySettings {
     pub pong_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub ack_timeout: Duration,
+    pub max_frame_bytes: usize,
+    pub send_buffer: usize,
+    pub max_bad_frames: u32,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_spread: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -337,6 +342,15 @@ impl Settings {
             if d.is_zero() {
                 return Err(invalid(key, "must be positive"));
             }
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.gateway.max_frame_bytes) {
+            return Err(invalid("gateway.max_frame_bytes", "must be 1 KiB to 16 MiB"));
+        }
+        if self.gateway.send_buffer == 0 {
+            return Err(invalid("gateway.send_buffer", "must be at least 1"));
+        }
+        if self.gateway.max_bad_frames == 0 {
+            return Err(invalid("gateway.max_bad_frames", "must be at least 1"));
         }
         self.api_keys()?;
         self.device_token_secret()?;

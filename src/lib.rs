@@ -7,7 +7,11 @@
 //! - [`shutdown`]: one cancellation signal that reaches every loop; SIGTERM/SIGINT.
 //! - [`api`]: the HTTP edge: `POST /v1/notify`, health, metrics, errors → HTTP.
 //! - [`domain`]: parsed types: notification, targets, device ids, tokens, priority, ttl.
-//! - [`providers`]: APNs and FCM payloads (and, with the dispatcher, their transports).
+//! - [`directory`]: live delivery to a device, answered acked, not acked in time, or offline.
+//! - [`gateway`]: device WebSocket sessions: token check, heartbeat, acks, close codes.
+//! - [`client`]: `herald connect`, the reference device client.
+//! - [`providers`]: APNs and FCM: payloads, auth, HTTP/2 transports, one outcome class per
+//!   answer, a bulkhead and circuit breaker per provider.
 //! - [`queue`]: the queue contract and its two backends, embedded and RabbitMQ.
 //! - [`metrics`]: every metric herald exports.
 //! - [`telemetry`]: logging.
@@ -15,8 +19,11 @@
 //! ARCHITECTURE.md walks the data path end to end.
 
 pub mod api;
+pub mod client;
 pub mod config;
+pub mod directory;
 pub mod domain;
+pub mod gateway;
 pub mod metrics;
 pub mod providers;
 pub mod queue;

@@ -28,6 +28,22 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// The reference device client: hold a session, print each notification as one JSON
+    /// line on stdout, ack it, reconnect with backoff. Exits 3 if the token is refused.
+    Connect {
+        /// e.g. ws://localhost:8080/v1/connect
+        #[arg(long)]
+        url: String,
+        /// A device token (POST /v1/devices/{device_id}/token).
+        #[arg(long, env = "HERALD_DEVICE_TOKEN", hide_env_values = true)]
+        token: String,
+        /// First reconnect delay ceiling; doubles per failed attempt (full jitter).
+        #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+        backoff_min: std::time::Duration,
+        /// Largest reconnect delay.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        backoff_max: std::time::Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -35,6 +51,19 @@ fn main() -> ExitCode {
     let (config, check_only) = match cli.command {
         Command::Serve { config } => (config, false),
         Command::CheckConfig { config } => (config, true),
+        Command::Connect {
+            url,
+            token,
+            backoff_min,
+            backoff_max,
+        } => {
+            return connect(herald::client::ConnectOptions {
+                url,
+                token,
+                backoff_min,
+                backoff_max: backoff_max.max(backoff_min),
+            });
+        }
     };
     let settings = match Settings::load(Sources::from_process(config)) {
         Ok(s) => s,
@@ -61,6 +90,43 @@ fn main() -> ExitCode {
             tracing::error!(error = format!("{e:#}"), "herald failed");
             eprintln!("herald: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Exit codes: 0 stopped by SIGINT/SIGTERM, 3 token refused, 4 replaced by a newer
+/// session, 2 bad arguments, 1 anything else.
+fn connect(opts: herald::client::ConnectOptions) -> ExitCode {
+    herald::telemetry::init(&herald::config::LogSettings {
+        level: "info".into(),
+        format: herald::config::LogFormat::Text,
+    });
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("herald connect: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let stop = herald::shutdown::Shutdown::new();
+        let on_signal = stop.clone();
+        tokio::spawn(async move {
+            herald::shutdown::signal().await;
+            on_signal.cancel();
+        });
+        let mut stdout = std::io::stdout();
+        herald::client::run(opts, &mut stdout, stop).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald connect: {e}");
+            ExitCode::from(match e {
+                herald::client::ClientError::Unauthorized(_) => 3,
+                herald::client::ClientError::Replaced => 4,
+                herald::client::ClientError::BadUrl(_) => 2,
+            })
         }
     }
 }

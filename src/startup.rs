@@ -10,6 +10,8 @@ use anyhow::Context;
 
 use crate::api::{self, ApiKeys, AppState};
 use crate::config::{Role, Settings};
+use crate::directory::Directory;
+use crate::gateway::{DeviceTokens, Gateway, GatewayConfig};
 use crate::domain::NotifyLimits;
 use crate::metrics::Metrics;
 use crate::queue::Queue;
@@ -23,6 +25,7 @@ pub struct Application {
     shutdown: Shutdown,
     grace: Duration,
     generated_api_key: Option<String>,
+    gateway: Option<Gateway>,
 }
 
 impl Application {
@@ -44,6 +47,17 @@ impl Application {
             generated_api_key = Some(key);
         }
         let keys = ApiKeys::new(digests);
+        let device_tokens = DeviceTokens::new(
+            settings.device_token_secret()?.as_ref(),
+            settings.auth.device_token_ttl,
+        );
+        let gateway = settings.has_role(Role::Gateway).then(|| {
+            Gateway::new(
+                GatewayConfig::from(&settings.gateway),
+                device_tokens.clone(),
+                metrics.clone(),
+            )
+        });
 
         let state = web::Data::new(AppState {
             queue: queue.clone(),
@@ -58,13 +72,23 @@ impl Application {
             shutdown: shutdown.clone(),
         });
         let keys = web::Data::new(keys);
+        let device_tokens = web::Data::new(device_tokens);
+        let gateway_data = gateway.clone().map(web::Data::new);
         let api_role = settings.has_role(Role::Api);
         let mut server = HttpServer::new(move || {
+            let gateway_data = gateway_data.clone();
             App::new()
                 .app_data(state.clone())
                 .app_data(keys.clone())
+                .app_data(device_tokens.clone())
                 .wrap(middleware::from_fn(api::record_metrics))
                 .configure(|cfg| api::configure(cfg, api_role))
+                .configure(|cfg| {
+                    if let Some(gateway) = gateway_data {
+                        cfg.app_data(gateway);
+                        api::configure_gateway(cfg);
+                    }
+                })
                 .default_service(web::to(api::not_found))
         })
         // herald handles SIGTERM itself (shutdown.rs) so the drain covers every role.
@@ -84,7 +108,13 @@ impl Application {
             shutdown,
             grace: settings.http.shutdown_grace,
             generated_api_key,
+            gateway,
         })
+    }
+
+    /// Live delivery to this node's device sessions; `None` when the gateway role is off.
+    pub fn directory(&self) -> Option<Directory> {
+        self.gateway.clone().map(Directory::Local)
     }
 
     /// The bound address (the real port when `http.addr` asked for port 0).
@@ -130,6 +160,12 @@ impl Application {
         let started = Instant::now();
         tracing::info!(grace = ?self.grace, "draining");
         let drain = async {
+            // Sessions first: they are long-lived requests the HTTP server would otherwise
+            // wait on. The gateway finishes in-flight ack waits, then sends "reconnect
+            // elsewhere" to every session.
+            if let Some(gateway) = &self.gateway {
+                gateway.shutdown(self.grace).await;
+            }
             handle.stop(true).await;
             let _ = server.await;
             self.queue.close().await;

@@ -3,11 +3,14 @@
 //! | route | handler |
 //! |---|---|
 //! | `POST /v1/notify`, `POST /notify` | [`notify::notify`] |
+//! | `POST /v1/devices/{device_id}/token` | [`devices::mint_token`] |
+//! | `GET /v1/connect` (gateway role) | [`crate::gateway::connect`] |
 //! | `GET /healthz`, `GET /readyz`, `GET /metrics` | [`health`] |
 //!
 //! Anything else is a JSON 404; a known path with the wrong method is a JSON 405 with `Allow`.
 
 mod auth;
+mod devices;
 mod error;
 mod health;
 mod notify;
@@ -47,6 +50,11 @@ pub fn configure(cfg: &mut web::ServiceConfig, api_role: bool) {
         cfg.route(path, web::route().to(|| method_not_allowed("GET")));
     }
     if api_role {
+        cfg.service(
+            web::resource("/v1/devices/{device_id}/token")
+                .route(web::post().to(devices::mint_token))
+                .default_service(web::to(|| method_not_allowed("POST"))),
+        );
         for path in ["/v1/notify", "/notify"] {
             cfg.service(
                 web::resource(path)
@@ -55,6 +63,15 @@ pub fn configure(cfg: &mut web::ServiceConfig, api_role: bool) {
             );
         }
     }
+}
+
+/// Registers the device WebSocket endpoint (gateway role).
+pub fn configure_gateway(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/v1/connect")
+            .route(web::get().to(crate::gateway::connect))
+            .default_service(web::to(|| method_not_allowed("GET"))),
+    );
 }
 
 async fn method_not_allowed(allow: &'static str) -> Result<HttpResponse, ApiError> {

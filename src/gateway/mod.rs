@@ -1,0 +1,301 @@
+//! The gateway: device WebSocket sessions at `GET /v1/connect`.
+//!
+//! A session's life, from connect to heartbeat death:
+//!
+//! 1. [`connect`] checks the device token ([`token`]) *before* the upgrade: a bad token is a
+//!    401 and no session ever exists.
+//! 2. The upgrade spawns one task per session ([`session`]) on the HTTP worker that
+//!    accepted it. The task registers the session in the gateway's table (replacing, and
+//!    closing, an older session of the same device), sends `hello`, then loops over: frames
+//!    from the device, notifications queued for it, and one timer for the heartbeat.
+//! 3. [`Gateway::deliver`] (behind [`crate::directory::Directory`]) queues a notification
+//!    frame into the session's bounded send buffer and waits for the device's ack.
+//! 4. The session ends when the device closes, misses a pong, is replaced, overflows its
+//!    buffer, sends too much garbage, or the node shuts down; each has its close code
+//!    ([`protocol::close`]) and its `reason` label in the metrics.
+//!
+//! docs/protocol.md is the client-facing specification.
+
+pub mod protocol;
+mod session;
+pub mod token;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use actix_web::http::header::{AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
+use actix_web::{HttpRequest, HttpResponse, web};
+use prometheus::IntCounter;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::GatewaySettings;
+use crate::directory::LiveOutcome;
+use crate::domain::{DeviceId, NotificationId, QueuedNotification};
+use crate::metrics::Metrics;
+pub use protocol::CloseKind;
+pub use token::{DeviceTokens, TokenError};
+
+/// The gateway's knobs, from `[gateway]` (each is explained in config/default.toml).
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
+    pub ack_timeout: Duration,
+    pub max_frame_bytes: usize,
+    pub send_buffer: usize,
+    pub max_bad_frames: u32,
+    pub reconnect_spread: Duration,
+}
+
+impl From<&GatewaySettings> for GatewayConfig {
+    fn from(s: &GatewaySettings) -> Self {
+        GatewayConfig {
+            ping_interval: s.ping_interval,
+            pong_timeout: s.pong_timeout,
+            ack_timeout: s.ack_timeout,
+            max_frame_bytes: s.max_frame_bytes,
+            send_buffer: s.send_buffer,
+            max_bad_frames: s.max_bad_frames,
+            reconnect_spread: s.reconnect_spread,
+        }
+    }
+}
+
+/// This node's live sessions. Cheap to clone (one `Arc`).
+#[derive(Clone)]
+pub struct Gateway(Arc<Inner>);
+
+struct Inner {
+    config: GatewayConfig,
+    tokens: DeviceTokens,
+    metrics: Metrics,
+    frames_in: IntCounter,
+    frames_out: IntCounter,
+    /// Device → its one current session. A plain mutex: held only to insert, remove or
+    /// clone a handle, never across an await.
+    sessions: Mutex<HashMap<DeviceId, SessionHandle>>,
+    /// False once shutdown began: no new sessions, no new deliveries.
+    accepting: AtomicBool,
+    /// Deliveries waiting for an ack; shutdown lets them finish before closing sessions.
+    in_flight: AtomicUsize,
+    /// Session tasks still running (they decrement after sending their close frame).
+    live: AtomicUsize,
+}
+
+/// What the table holds for a session: its send buffer and a way to close it.
+#[derive(Clone)]
+struct SessionHandle {
+    id: uuid::Uuid,
+    tx: mpsc::Sender<Box<Outbound>>,
+    control: Arc<Control>,
+}
+
+/// One notification on its way to a device. Boxed in the channel so an idle session's
+/// channel block holds pointers, not whole frames.
+struct Outbound {
+    id: NotificationId,
+    frame: String,
+    acked: oneshot::Sender<()>,
+}
+
+/// Closes a session from outside its task, with a reason. The first reason wins.
+#[derive(Default)]
+struct Control {
+    kill: CancellationToken,
+    reason: OnceLock<CloseKind>,
+}
+
+impl Control {
+    fn close(&self, kind: CloseKind) {
+        let _ = self.reason.set(kind);
+        self.kill.cancel();
+    }
+}
+
+/// Decrements the in-flight count however `deliver` returns.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Gateway {
+    pub fn new(config: GatewayConfig, tokens: DeviceTokens, metrics: Metrics) -> Self {
+        Gateway(Arc::new(Inner {
+            frames_in: metrics.frames.with_label_values(&["in"]),
+            frames_out: metrics.frames.with_label_values(&["out"]),
+            config,
+            tokens,
+            metrics,
+            sessions: Mutex::new(HashMap::new()),
+            accepting: AtomicBool::new(true),
+            in_flight: AtomicUsize::new(0),
+            live: AtomicUsize::new(0),
+        }))
+    }
+
+    pub fn config(&self) -> &GatewayConfig {
+        &self.0.config
+    }
+
+    /// Sessions currently registered on this node.
+    pub fn session_count(&self) -> usize {
+        self.sessions().len()
+    }
+
+    /// Whether `device` has a session on this node now.
+    pub fn is_connected(&self, device: &DeviceId) -> bool {
+        self.sessions().contains_key(device)
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceId, SessionHandle>> {
+        // A panic while holding this lock cannot leave the map half-updated (every
+        // operation on it is a single insert/remove/get), so a poisoned lock is still usable.
+        self.0.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends `n` down `device`'s session and waits up to `ack_timeout` for the ack.
+    pub async fn deliver(&self, device: &DeviceId, n: &QueuedNotification) -> LiveOutcome {
+        if !self.0.accepting.load(Ordering::Acquire) {
+            return LiveOutcome::Offline;
+        }
+        let Some(handle) = self.sessions().get(device).cloned() else {
+            return LiveOutcome::Offline;
+        };
+        self.0.in_flight.fetch_add(1, Ordering::AcqRel);
+        let _in_flight = InFlight(&self.0.in_flight);
+        let (acked, ack) = oneshot::channel();
+        let out = Box::new(Outbound {
+            id: n.id,
+            frame: protocol::notification_json(n),
+            acked,
+        });
+        match handle.tx.try_send(out) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // The device stopped reading: close it rather than buffer more.
+                tracing::info!(device = %device, "send buffer full: closing slow session");
+                handle.control.close(CloseKind::SlowConsumer);
+                return LiveOutcome::Offline;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return LiveOutcome::Offline,
+        }
+        match tokio::time::timeout(self.0.config.ack_timeout, ack).await {
+            Ok(Ok(())) => LiveOutcome::Acked,
+            // The session ended before the ack: the frame may or may not have arrived.
+            Ok(Err(_)) => LiveOutcome::Offline,
+            Err(_) => {
+                self.0.metrics.ack_timeouts.inc();
+                tracing::info!(device = %device, id = %n.id, "no ack within ack_timeout");
+                LiveOutcome::NotAcked
+            }
+        }
+    }
+
+    /// The shutdown drain: refuse new sessions and deliveries, let deliveries already
+    /// waiting for an ack finish (each ends within `ack_timeout`), then close every session
+    /// with the "reconnect elsewhere" code and wait for their close frames to go out.
+    /// Bounded by `within`.
+    pub async fn shutdown(&self, within: Duration) {
+        self.0.accepting.store(false, Ordering::Release);
+        let deadline = tokio::time::Instant::now() + within;
+        // Polling: this runs once per process lifetime and ends within ack_timeout.
+        while self.0.in_flight.load(Ordering::Acquire) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let sessions: Vec<SessionHandle> = self.sessions().drain().map(|(_, h)| h).collect();
+        tracing::info!(sessions = sessions.len(), "closing sessions: reconnect elsewhere");
+        for s in &sessions {
+            s.control.close(CloseKind::Shutdown);
+        }
+        while self.0.live.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Puts a new session in the table; an older session of the same device is closed.
+    fn register(&self, device: DeviceId, handle: SessionHandle) -> bool {
+        if !self.0.accepting.load(Ordering::Acquire) {
+            return false;
+        }
+        if let Some(old) = self.sessions().insert(device, handle) {
+            old.control.close(CloseKind::Replaced);
+        }
+        true
+    }
+
+    /// Removes the session from the table, unless a newer one already took its place.
+    fn unregister(&self, device: &DeviceId, id: uuid::Uuid) {
+        let mut sessions = self.sessions();
+        if sessions.get(device).is_some_and(|h| h.id == id) {
+            sessions.remove(device);
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// `GET /v1/connect`: check the device token, then upgrade to a WebSocket session.
+pub async fn connect(
+    req: HttpRequest,
+    body: web::Payload,
+    gateway: web::Data<Gateway>,
+) -> HttpResponse {
+    let header_token = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+        });
+    let token = header_token.or_else(|| {
+        web::Query::<TokenQuery>::from_query(req.query_string())
+            .ok()
+            .and_then(|q| q.into_inner().token)
+    });
+    let device = match token.as_deref().map(|t| gateway.0.tokens.verify(t)) {
+        Some(Ok(device)) => device,
+        Some(Err(e)) => return unauthorized(&e),
+        None => return unauthorized(&TokenError::Missing),
+    };
+    if !gateway.0.accepting.load(Ordering::Acquire) {
+        return HttpResponse::ServiceUnavailable()
+            .insert_header((RETRY_AFTER, "1"))
+            .json(json!({"error": {"code": "shutting_down", "message": "this node is shutting down; connect to another"}}));
+    }
+    let (response, ws, stream) = match actix_ws::handle(&req, body) {
+        Ok(parts) => parts,
+        Err(e) => return e.error_response(),
+    };
+    let max = gateway.0.config.max_frame_bytes;
+    let stream = stream
+        .max_frame_size(max)
+        .aggregate_continuations()
+        .max_continuation_size(max);
+    // The payload stream is tied to this worker's (single-threaded) runtime.
+    actix_web::rt::spawn(session::run(
+        gateway.get_ref().clone(),
+        device,
+        ws,
+        stream,
+    ));
+    response
+}
+
+fn unauthorized(e: &TokenError) -> HttpResponse {
+    HttpResponse::Unauthorized()
+        .insert_header((WWW_AUTHENTICATE, "Bearer"))
+        .json(json!({"error": {"code": "unauthorized", "message": e.to_string()}}))
+}

@@ -1,0 +1,297 @@
+//! One device session: a task that owns the socket, the heartbeat and the pending acks.
+//!
+//! One task per session, one timer in it: the next ping or the pong deadline, whichever is
+//! sooner. At 19,000 idle sessions that is 19,000 timer entries in tokio's wheel, which
+//! costs far less than the socket buffers beside them (see docs/benchmarks.md).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, Message};
+use futures::SinkExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::protocol::{ClientFrame, CloseKind, ServerFrame, error_code};
+use super::{Control, Gateway, Outbound, SessionHandle};
+use crate::domain::{DeviceId, NotificationId};
+
+/// How long the server tries to get its close frame out before dropping the connection
+/// (a slow consumer's socket may never take it).
+const CLOSE_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+pub(super) async fn run(
+    gateway: Gateway,
+    device: DeviceId,
+    ws: actix_ws::Session,
+    mut stream: AggregatedMessageStream,
+) {
+    let inner = &gateway.0;
+    let (tx, mut rx) = mpsc::channel(inner.config.send_buffer);
+    let control = Arc::new(Control::default());
+    let id = uuid::Uuid::now_v7();
+    inner.live.fetch_add(1, Ordering::AcqRel);
+    inner.metrics.sessions_opened.inc();
+    inner.metrics.sessions_active.inc();
+    let registered = gateway.register(
+        device.clone(),
+        SessionHandle {
+            id,
+            tx,
+            control: control.clone(),
+        },
+    );
+    let started = Instant::now();
+    let mut session = Session {
+        gateway: &gateway,
+        ws,
+        control: &control,
+        pending: HashMap::new(),
+        bad_frames: 0,
+        started,
+        next_ping: started + inner.config.ping_interval,
+        pong_deadline: None,
+        last_ping: None,
+    };
+    tracing::debug!(device = %device, session = %id, "session opened");
+    let kind = if registered {
+        session.serve(&id, &device, &mut stream, &mut rx).await
+    } else {
+        CloseKind::Shutdown
+    };
+    gateway.unregister(&device, id);
+    // Queued notifications and pending acks die with the session: their deliverers see
+    // the channel close and answer `Offline`.
+    rx.close();
+    drop(session.pending);
+    if let Some(code) = kind.code() {
+        let description = match kind {
+            CloseKind::Shutdown => {
+                let spread = inner.config.reconnect_spread.as_millis().max(1) as u64;
+                format!("reconnect_after_ms={}", rand::random_range(0..spread))
+            }
+            CloseKind::PongTimeout => "pong timeout".into(),
+            CloseKind::Replaced => "replaced by a newer session".into(),
+            CloseKind::ProtocolError => "protocol violation".into(),
+            CloseKind::TooBig => "frame too big".into(),
+            CloseKind::SlowConsumer => "slow consumer".into(),
+            CloseKind::ClientClosed => String::new(),
+        };
+        let reason = CloseReason {
+            code: CloseCode::from(code),
+            description: Some(description),
+        };
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, session.ws.close(Some(reason))).await;
+    } else {
+        // Echo the device's close, as RFC 6455 asks.
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, session.ws.close(None)).await;
+    }
+    inner.metrics.sessions_closed.with_label_values(&[kind.label()]).inc();
+    inner.metrics.sessions_active.dec();
+    inner.live.fetch_sub(1, Ordering::AcqRel);
+    tracing::debug!(device = %device, session = %id, reason = kind.label(), "session closed");
+}
+
+struct Session<'a> {
+    gateway: &'a Gateway,
+    ws: actix_ws::Session,
+    control: &'a Control,
+    /// Notifications written and not yet acked, with their waiting deliverers.
+    pending: HashMap<NotificationId, oneshot::Sender<()>>,
+    bad_frames: u32,
+    started: Instant,
+    next_ping: Instant,
+    /// Set when a ping goes out with none outstanding; cleared by any frame from the device.
+    pong_deadline: Option<Instant>,
+    /// The payload of the last ping (ms since session start) and when it was sent.
+    last_ping: Option<(u64, Instant)>,
+}
+
+impl Session<'_> {
+    async fn serve(
+        &mut self,
+        id: &uuid::Uuid,
+        device: &DeviceId,
+        stream: &mut AggregatedMessageStream,
+        rx: &mut mpsc::Receiver<Box<Outbound>>,
+    ) -> CloseKind {
+        let cfg = &self.gateway.0.config;
+        let session_id = id.to_string();
+        let hello = ServerFrame::Hello {
+            session_id: &session_id,
+            device_id: device.as_str(),
+            ping_interval_ms: cfg.ping_interval.as_millis() as u64,
+            pong_timeout_ms: cfg.pong_timeout.as_millis() as u64,
+            ack_timeout_ms: cfg.ack_timeout.as_millis() as u64,
+            max_frame_bytes: cfg.max_frame_bytes,
+        };
+        if let Err(kind) = self.send(Message::Text(hello.to_json().into())).await {
+            return kind;
+        }
+        loop {
+            let wake = match self.pong_deadline {
+                Some(d) => d.min(self.next_ping),
+                None => self.next_ping,
+            };
+            let step = tokio::select! {
+                _ = self.control.kill.cancelled() => Err(self.killed()),
+                msg = stream.recv() => match msg {
+                    None => Err(CloseKind::ClientClosed),
+                    Some(Ok(msg)) => {
+                        self.gateway.0.frames_in.inc();
+                        self.on_message(msg).await
+                    }
+                    Some(Err(e)) => Err(protocol_error(e)),
+                },
+                out = rx.recv() => match out {
+                    Some(out) => {
+                        let Outbound { id, frame, acked } = *out;
+                        self.pending.insert(id, acked);
+                        self.send(Message::Text(frame.into())).await
+                    }
+                    // The table dropped our handle: only shutdown does that.
+                    None => Err(CloseKind::Shutdown),
+                },
+                _ = tokio::time::sleep_until(wake) => self.on_timer().await,
+            };
+            if let Err(kind) = step {
+                return kind;
+            }
+        }
+    }
+
+    fn killed(&self) -> CloseKind {
+        self.control
+            .reason
+            .get()
+            .copied()
+            .unwrap_or(CloseKind::Shutdown)
+    }
+
+    /// Writes one frame. A device that does not read makes this wait; the wait still ends
+    /// on a kill (e.g. slow consumer, shutdown) or on the pong deadline.
+    async fn send(&mut self, msg: Message) -> Result<(), CloseKind> {
+        let deadline = self.pong_deadline;
+        let pong_missed = async move {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = self.ws.send(msg) => match r {
+                Ok(()) => {
+                    self.gateway.0.frames_out.inc();
+                    Ok(())
+                }
+                Err(_) => Err(CloseKind::ClientClosed),
+            },
+            _ = self.control.kill.cancelled() => Err(self.killed()),
+            _ = pong_missed => Err(CloseKind::PongTimeout),
+        }
+    }
+
+    async fn on_timer(&mut self) -> Result<(), CloseKind> {
+        let now = Instant::now();
+        if self.pong_deadline.is_some_and(|d| now >= d) {
+            return Err(CloseKind::PongTimeout);
+        }
+        if now < self.next_ping {
+            return Ok(());
+        }
+        let cfg = &self.gateway.0.config;
+        self.next_ping = now + cfg.ping_interval;
+        if self.pong_deadline.is_none() {
+            self.pong_deadline = Some(now + cfg.pong_timeout);
+        }
+        let stamp = now.duration_since(self.started).as_millis() as u64;
+        self.last_ping = Some((stamp, now));
+        // Deliverers that gave up (ack timeout) leave closed senders behind; sweep them
+        // here rather than let a device that never acks grow the map.
+        self.pending.retain(|_, s| !s.is_closed());
+        self.send(Message::Ping(stamp.to_be_bytes().to_vec().into()))
+            .await
+    }
+
+    async fn on_message(&mut self, msg: AggregatedMessage) -> Result<(), CloseKind> {
+        // Any frame from the device proves the link works, as well as a pong would.
+        self.pong_deadline = None;
+        match msg {
+            AggregatedMessage::Text(text) => match serde_json::from_str::<ClientFrame>(&text) {
+                Ok(ClientFrame::Ack { id }) => match NotificationId::parse(&id) {
+                    Some(id) => {
+                        if let Some(acked) = self.pending.remove(&id) {
+                            self.gateway.0.metrics.acks.inc();
+                            let _ = acked.send(());
+                        }
+                        // An unknown id is a late ack (after ack_timeout) or a duplicate:
+                        // harmless, and the device cannot tell, so no error frame.
+                        Ok(())
+                    }
+                    None => self.bad_frame(error_code::BAD_FRAME, "ack id is not a UUID").await,
+                },
+                Ok(ClientFrame::Ping { nonce }) => {
+                    let pong = ServerFrame::Pong {
+                        nonce: nonce.as_deref(),
+                    };
+                    self.send(Message::Text(pong.to_json().into())).await
+                }
+                Err(e) => {
+                    let message = format!("not a protocol frame: {e}");
+                    self.bad_frame(error_code::BAD_FRAME, &message).await
+                }
+            },
+            AggregatedMessage::Binary(_) => {
+                self.bad_frame(
+                    error_code::BINARY_NOT_SUPPORTED,
+                    "frames are JSON text frames",
+                )
+                .await
+            }
+            AggregatedMessage::Ping(payload) => self.send(Message::Pong(payload)).await,
+            AggregatedMessage::Pong(payload) => {
+                if let (Some((stamp, sent)), Ok(bytes)) =
+                    (self.last_ping, <[u8; 8]>::try_from(payload.as_ref()))
+                    && u64::from_be_bytes(bytes) == stamp
+                {
+                    self.gateway
+                        .0
+                        .metrics
+                        .ping_rtt
+                        .observe(sent.elapsed().as_secs_f64());
+                    self.last_ping = None;
+                }
+                Ok(())
+            }
+            AggregatedMessage::Close(_) => Err(CloseKind::ClientClosed),
+        }
+    }
+
+    /// Answers a garbage frame with an error frame; too many close the session.
+    async fn bad_frame(&mut self, code: &str, message: &str) -> Result<(), CloseKind> {
+        self.bad_frames += 1;
+        let frame = ServerFrame::Error { code, message };
+        self.send(Message::Text(frame.to_json().into())).await?;
+        if self.bad_frames >= self.gateway.0.config.max_bad_frames {
+            return Err(CloseKind::ProtocolError);
+        }
+        Ok(())
+    }
+}
+
+fn protocol_error(e: actix_ws::ProtocolError) -> CloseKind {
+    match e {
+        actix_ws::ProtocolError::Overflow => CloseKind::TooBig,
+        // actix-ws reports an over-long fragmented message as this I/O error.
+        actix_ws::ProtocolError::Io(e) if e.to_string().contains("maximum continuation size") => {
+            CloseKind::TooBig
+        }
+        actix_ws::ProtocolError::Io(_) => CloseKind::ClientClosed,
+        e => {
+            tracing::debug!(error = %e, "websocket protocol error");
+            CloseKind::ProtocolError
+        }
+    }
+}
+

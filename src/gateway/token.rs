@@ -1,0 +1,153 @@
+//! Device tokens: short-lived JWTs whose subject is the device id.
+//!
+//! HS256 only. The algorithm is pinned on both sides: a token whose header says `none`,
+//! `HS512`, `RS256` or anything else is refused before its signature is looked at, which
+//! closes the classic "alg confusion" holes. `aud` must be [`AUDIENCE`] so a JWT minted
+//! for some other service with the same secret cannot open a session; `exp` is required.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Secret;
+use crate::domain::DeviceId;
+
+/// The `aud` claim of every device token.
+pub const AUDIENCE: &str = "herald-device";
+
+/// Clock skew tolerated on `exp`. Small: tokens live minutes, and a node whose clock is
+/// off by more than this has bigger problems.
+const LEEWAY_SECS: u64 = 5;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    aud: String,
+    exp: u64,
+    iat: u64,
+}
+
+/// Why a presented device token was refused. Only the message is shown to the client.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("missing device token: send `Authorization: Bearer <token>` or `?token=`")]
+    Missing,
+    #[error("device token expired")]
+    Expired,
+    #[error("invalid device token")]
+    Invalid,
+}
+
+/// Mints and checks device tokens with one HS256 secret.
+#[derive(Clone)]
+pub struct DeviceTokens {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    ttl: Duration,
+}
+
+impl DeviceTokens {
+    /// With `secret = None`, a random 32-byte secret for this process: tokens die with it,
+    /// which is fine for one node and wrong for a cluster (every node must share the secret).
+    pub fn new(secret: Option<&Secret>, ttl: Duration) -> Self {
+        let bytes = match secret {
+            Some(s) => s.expose().as_bytes().to_vec(),
+            None => {
+                tracing::warn!(
+                    "auth.device_token_secret unset: signing device tokens with a random per-process secret (set it on every node of a cluster)"
+                );
+                rand::random::<[u8; 32]>().to_vec()
+            }
+        };
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.algorithms = vec![Algorithm::HS256];
+        validation.set_audience(&[AUDIENCE]);
+        validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+        validation.leeway = LEEWAY_SECS;
+        DeviceTokens {
+            encoding: EncodingKey::from_secret(&bytes),
+            decoding: DecodingKey::from_secret(&bytes),
+            validation,
+            ttl,
+        }
+    }
+
+    /// A token for `device`, and when it expires.
+    pub fn mint(&self, device: &DeviceId) -> anyhow::Result<(String, SystemTime)> {
+        let now = SystemTime::now();
+        let expires = now + self.ttl;
+        let claims = Claims {
+            sub: device.as_str().to_owned(),
+            aud: AUDIENCE.to_owned(),
+            exp: secs(expires),
+            iat: secs(now),
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?;
+        // Report the second the token really expires at (exp has whole seconds).
+        Ok((token, UNIX_EPOCH + Duration::from_secs(claims.exp)))
+    }
+
+    /// The device a token was minted for, if the token is valid now.
+    pub fn verify(&self, token: &str) -> Result<DeviceId, TokenError> {
+        use jsonwebtoken::errors::ErrorKind;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => TokenError::Expired,
+                _ => TokenError::Invalid,
+            })?;
+        DeviceId::parse(data.claims.sub).map_err(|_| TokenError::Invalid)
+    }
+}
+
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens() -> DeviceTokens {
+        DeviceTokens::new(
+            Some(&Secret::new("0123456789abcdef0123456789abcdef")),
+            Duration::from_secs(60),
+        )
+    }
+
+    #[test]
+    fn round_trip() {
+        let t = tokens();
+        let d = DeviceId::parse("phone-42").unwrap();
+        let (token, _) = t.mint(&d).unwrap();
+        assert_eq!(t.verify(&token).unwrap(), d);
+    }
+
+    #[test]
+    fn refuses_other_algorithms_and_secrets() {
+        let t = tokens();
+        let claims = Claims {
+            sub: "phone-42".into(),
+            aud: AUDIENCE.into(),
+            exp: secs(SystemTime::now()) + 60,
+            iat: 0,
+        };
+        let key = EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef");
+        let hs512 = jsonwebtoken::encode(&Header::new(Algorithm::HS512), &claims, &key).unwrap();
+        assert!(t.verify(&hs512).is_err());
+        let other = EncodingKey::from_secret(b"another-secret-another-secret-xx");
+        let forged = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &other).unwrap();
+        assert!(t.verify(&forged).is_err());
+        // alg: none, hand-built: header.payload. with an empty signature.
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let none = format!(
+            "{}.{}.",
+            b64.encode(br#"{"alg":"none","typ":"JWT"}"#),
+            b64.encode(serde_json::to_vec(&claims).unwrap())
+        );
+        assert!(t.verify(&none).is_err());
+        assert!(t.verify("garbage").is_err());
+    }
+}
