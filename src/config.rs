@@ -182,6 +182,12 @@ pub struct ApnsSettings {
     pub topic: String,
     pub endpoint: String,
     pub ca_file: String,
+    pub concurrency: usize,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub breaker_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -190,6 +196,48 @@ pub struct FcmSettings {
     pub service_account_file: String,
     pub endpoint: String,
     pub ca_file: String,
+    pub concurrency: usize,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub breaker_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+}
+
+/// The bulkhead and circuit breaker of one provider (`[apns]` and `[fcm]` each have them;
+/// config/default.toml says why each default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProviderLimits {
+    /// Requests in flight at once to this provider.
+    pub concurrency: usize,
+    /// Whole-request deadline (connect, send, answer).
+    pub timeout: Duration,
+    /// Consecutive transient failures that open the circuit.
+    pub breaker_failures: u32,
+    /// How long an open circuit rejects sends before one probe is let through.
+    pub breaker_cooldown: Duration,
+}
+
+impl ApnsSettings {
+    pub fn limits(&self) -> ProviderLimits {
+        ProviderLimits {
+            concurrency: self.concurrency,
+            timeout: self.timeout,
+            breaker_failures: self.breaker_failures,
+            breaker_cooldown: self.breaker_cooldown,
+        }
+    }
+}
+
+impl FcmSettings {
+    pub fn limits(&self) -> ProviderLimits {
+        ProviderLimits {
+            concurrency: self.concurrency,
+            timeout: self.timeout,
+            breaker_failures: self.breaker_failures,
+            breaker_cooldown: self.breaker_cooldown,
+        }
+    }
 }
 
 /// Where settings come from. A seam so tests can load with a given environment instead of
@@ -352,6 +400,9 @@ impl Settings {
         if self.gateway.max_bad_frames == 0 {
             return Err(invalid("gateway.max_bad_frames", "must be at least 1"));
         }
+        for (section, limits) in [("apns", self.apns.limits()), ("fcm", self.fcm.limits())] {
+            limits.validate(section)?;
+        }
         self.api_keys()?;
         self.device_token_secret()?;
         Ok(())
@@ -418,6 +469,40 @@ impl Settings {
             ));
         }
         Ok(Some(secret))
+    }
+}
+
+impl ProviderLimits {
+    /// `section` is "apns" or "fcm"; errors name the full key.
+    fn validate(&self, section: &'static str) -> Result<(), SettingsError> {
+        let [concurrency, timeout, failures, cooldown] = if section == "apns" {
+            [
+                "apns.concurrency",
+                "apns.timeout",
+                "apns.breaker_failures",
+                "apns.breaker_cooldown",
+            ]
+        } else {
+            [
+                "fcm.concurrency",
+                "fcm.timeout",
+                "fcm.breaker_failures",
+                "fcm.breaker_cooldown",
+            ]
+        };
+        if !(1..=10_000).contains(&self.concurrency) {
+            return Err(invalid(concurrency, "must be between 1 and 10000"));
+        }
+        if self.timeout.is_zero() {
+            return Err(invalid(timeout, "must be positive"));
+        }
+        if self.breaker_failures == 0 {
+            return Err(invalid(failures, "must be at least 1"));
+        }
+        if self.breaker_cooldown.is_zero() {
+            return Err(invalid(cooldown, "must be positive"));
+        }
+        Ok(())
     }
 }
 
@@ -492,6 +577,12 @@ mod tests {
             ("HERALD__AUTH__DEVICE_TOKEN_SECRET", "tooshort", "device_token_secret"),
             ("HERALD__ROLES", "api,cook", "roles"),
             ("HERALD__QUEUE__NO_SUCH_KEY", "1", "no_such_key"),
+            ("HERALD__APNS__CONCURRENCY", "0", "apns.concurrency"),
+            (
+                "HERALD__FCM__BREAKER_COOLDOWN",
+                "0s",
+                "fcm.breaker_cooldown",
+            ),
         ];
         for (var, value, key) in cases {
             let err = load_env(&[(var, value)]).unwrap_err().to_string();

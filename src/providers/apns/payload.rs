@@ -16,7 +16,11 @@ pub fn payload(n: &QueuedNotification) -> Value {
     let mut aps = Map::new();
     if let Some(c) = &n.notification {
         let mut alert = Map::new();
-        for (k, v) in [("title", &c.title), ("subtitle", &c.subtitle), ("body", &c.body)] {
+        for (k, v) in [
+            ("title", &c.title),
+            ("subtitle", &c.subtitle),
+            ("body", &c.body),
+        ] {
             if let Some(v) = v {
                 alert.insert(k.into(), json!(v));
             }
@@ -58,5 +62,7 @@ pub fn payload(n: &QueuedNotification) -> Value {
 }
 
 pub fn payload_size(n: &QueuedNotification) -> usize {
-    serde_json::to_vec(&payload(n)).map(|v| v.len()).unwrap_or(usize::MAX)
+    serde_json::to_vec(&payload(n))
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX)
 }
