@@ -109,7 +109,30 @@ impl MemoryQueue {
         self.metrics.queue_depth.set(*held as i64);
     }
 
-    fn park_dead(&self, body: Vec<u8>, reason: &str) {
+    /// Queues a copy to be delivered after `delay`. Counted in `held` while it waits, so the
+    /// capacity bound covers delayed work; never refused for capacity, since the original
+    /// it replaces is released by the ack that follows.
+    pub fn schedule_retry(self: &Arc<Self>, body: Vec<u8>, delay: Duration) {
+        {
+            let mut held = self.held.lock().expect("queue lock");
+            *held += 1;
+            self.metrics.queue_depth.set(*held as i64);
+        }
+        let queue = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = queue.closed.cancelled() => return,
+            }
+            queue.work.push_back(Message {
+                body,
+                redelivered: false,
+                dead_reason: None,
+            });
+        });
+    }
+
+    pub fn park_dead(&self, body: Vec<u8>, reason: &str) {
         let mut dead = self.dead.ready.lock().expect("queue lock");
         if dead.len() >= DEAD_LETTER_CAPACITY {
             dead.pop_front();
@@ -188,40 +211,16 @@ impl MemoryHandle {
         }
     }
 
+    pub fn queue(&self) -> Arc<MemoryQueue> {
+        self.queue.clone()
+    }
+
     pub fn requeue(self) {
         let queue = self.queue.clone();
         let kind = self.kind;
         let mut m = self.settle();
         m.redelivered = true;
         queue.fifo(kind).push_front(m);
-    }
-
-    pub fn retry(self, body: Vec<u8>, delay: Duration) {
-        let queue = self.queue.clone();
-        let kind = self.kind;
-        self.settle();
-        // Still counted in `held` while it waits, so the capacity bound covers delayed work.
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = queue.closed.cancelled() => return,
-            }
-            queue.fifo(kind).push_back(Message {
-                body,
-                redelivered: false,
-                dead_reason: None,
-            });
-        });
-    }
-
-    pub fn dead_letter(self, body: Vec<u8>, reason: &str) {
-        let queue = self.queue.clone();
-        let kind = self.kind;
-        self.settle();
-        if kind == QueueKind::Work {
-            queue.release();
-        }
-        queue.park_dead(body, reason);
     }
 }
 

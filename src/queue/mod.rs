@@ -102,6 +102,41 @@ impl Queue {
         }
     }
 
+    /// Queues `n` to be delivered after `delay` (a retry). Safe once `Ok`, like `publish`.
+    pub async fn publish_retry(
+        &self,
+        n: &QueuedNotification,
+        delay: Duration,
+    ) -> Result<(), QueueError> {
+        match self {
+            Queue::Memory(q) => {
+                q.schedule_retry(n.to_json(), delay);
+                Ok(())
+            }
+            Queue::Rabbit(q) => q.publish_retry(n, delay).await,
+        }
+    }
+
+    /// Parks `body` in the dead-letter queue with `reason`. Safe once `Ok`.
+    pub async fn publish_dead(&self, body: Vec<u8>, reason: &str) -> Result<(), QueueError> {
+        match self {
+            Queue::Memory(q) => {
+                q.park_dead(body, reason);
+                Ok(())
+            }
+            Queue::Rabbit(q) => q.publish_dead(body, reason).await,
+        }
+    }
+
+    /// Publishes an outcome event to the `{prefix}.events` topic exchange (RabbitMQ only;
+    /// the embedded backend has no event bus and returns `Ok` without doing anything).
+    pub async fn publish_event(&self, routing_key: &str, body: Vec<u8>) -> Result<(), QueueError> {
+        match self {
+            Queue::Memory(_) => Ok(()),
+            Queue::Rabbit(q) => q.publish_event(routing_key, body).await,
+        }
+    }
+
     /// Starts a consumer of the work queue or the dead letters.
     pub fn consume(&self, kind: QueueKind) -> Consumer {
         match self {
@@ -188,23 +223,21 @@ impl Delivery {
     /// Re-queue `next` (the updated notification: remaining targets, attempt count) to be
     /// delivered again after `delay`, then ack this delivery.
     pub async fn retry(self, next: &QueuedNotification, delay: Duration) -> Result<(), QueueError> {
-        match self.handle {
-            DeliveryHandle::Memory(h) => {
-                h.retry(next.to_json(), delay);
-                Ok(())
-            }
-            DeliveryHandle::Rabbit(h) => h.retry(next, delay).await,
-        }
+        self.queue().publish_retry(next, delay).await?;
+        self.ack().await
     }
 
     /// Park `body` in the dead-letter queue with `reason`, then ack this delivery.
     pub async fn dead_letter(self, body: Vec<u8>, reason: &str) -> Result<(), QueueError> {
-        match self.handle {
-            DeliveryHandle::Memory(h) => {
-                h.dead_letter(body, reason);
-                Ok(())
-            }
-            DeliveryHandle::Rabbit(h) => h.dead_letter(body, reason).await,
+        self.queue().publish_dead(body, reason).await?;
+        self.ack().await
+    }
+
+    /// The queue this delivery came from, to publish its follow-up copies before acking.
+    pub fn queue(&self) -> Queue {
+        match &self.handle {
+            DeliveryHandle::Memory(h) => Queue::Memory(h.queue()),
+            DeliveryHandle::Rabbit(h) => Queue::Rabbit(h.queue()),
         }
     }
 

@@ -24,7 +24,9 @@ use lapin::options::{
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -54,6 +56,8 @@ pub struct Topology {
     pub work_queue: String,
     pub dead_exchange: String,
     pub dead_queue: String,
+    /// Topic exchange for outcome events (`delivered.live`, `token_dead.apns`, …).
+    pub events_exchange: String,
     /// (delay, queue name), ascending by delay.
     pub retry_queues: Vec<(Duration, String)>,
 }
@@ -74,6 +78,7 @@ impl Topology {
             work_queue: format!("{prefix}.work"),
             dead_exchange: format!("{prefix}.dead"),
             dead_queue: format!("{prefix}.dead"),
+            events_exchange: format!("{prefix}.events"),
             retry_queues: delays
                 .into_iter()
                 .map(|d| (d, format!("{prefix}.retry.{}ms", d.as_millis())))
@@ -119,6 +124,13 @@ impl Topology {
             )
             .await?;
         }
+        ch.exchange_declare(
+            self.events_exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
         ch.queue_declare(
             self.dead_queue.as_str().into(),
             queue_durable,
@@ -136,7 +148,10 @@ impl Topology {
 
         let mut work_args = quorum_args();
         dead_letter_to(&mut work_args, &self.dead_exchange, DEAD_ROUTING_KEY);
-        work_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+        work_args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DELIVERY_LIMIT),
+        );
         ch.queue_declare(self.work_queue.as_str().into(), queue_durable, work_args)
             .await?;
         ch.queue_bind(
@@ -167,7 +182,10 @@ impl Topology {
 /// data safety. On a single node they behave the same, so dev and production match.
 fn quorum_args() -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     args
 }
 
@@ -353,7 +371,12 @@ impl RabbitQueue {
         // The connection name shows in the broker's management tools and lets operators
         // (and tests) find this process's connections.
         let props = ConnectionProperties::default().with_connection_name(
-            format!("herald {} pid {}", self.topology.work_queue, std::process::id()).into(),
+            format!(
+                "herald {} pid {}",
+                self.topology.work_queue,
+                std::process::id()
+            )
+            .into(),
         );
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, props))
             .await
@@ -387,6 +410,7 @@ impl RabbitQueue {
             WORK_ROUTING_KEY,
             n.to_json(),
             message_properties(Some(n.id.to_string())),
+            true,
         )
         .await
     }
@@ -401,6 +425,7 @@ impl RabbitQueue {
         routing_key: &str,
         body: Vec<u8>,
         properties: BasicProperties,
+        mandatory: bool,
     ) -> Result<(), QueueError> {
         let timeout = self.settings.publish_timeout;
         let deadline = Instant::now() + timeout;
@@ -421,7 +446,7 @@ impl RabbitQueue {
                     // mandatory: an unroutable message comes back instead of vanishing
                     // (e.g. someone deleted the binding); it is then a failure, not a 202.
                     BasicPublishOptions {
-                        mandatory: true,
+                        mandatory,
                         ..Default::default()
                     },
                     &body,
@@ -444,10 +469,52 @@ impl RabbitQueue {
                 "unroutable: nothing bound to {exchange} with key {routing_key}"
             ))),
             Ok(Ok(Confirmation::Nack(_))) => Err(QueueError::Refused("nacked".to_owned())),
-            Ok(Ok(Confirmation::NotRequested)) => {
-                Err(QueueError::Refused("channel not in confirm mode".to_owned()))
-            }
+            Ok(Ok(Confirmation::NotRequested)) => Err(QueueError::Refused(
+                "channel not in confirm mode".to_owned(),
+            )),
         }
+    }
+
+    pub async fn publish_retry(
+        &self,
+        next: &QueuedNotification,
+        delay: Duration,
+    ) -> Result<(), QueueError> {
+        // The default exchange routes by queue name, so retry queues need no bindings.
+        self.publish_to(
+            "",
+            self.topology.retry_queue(delay),
+            next.to_json(),
+            message_properties(Some(next.id.to_string())),
+            true,
+        )
+        .await
+    }
+
+    pub async fn publish_dead(&self, body: Vec<u8>, reason: &str) -> Result<(), QueueError> {
+        let mut headers = FieldTable::default();
+        headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+        self.publish_to(
+            &self.topology.dead_exchange,
+            DEAD_ROUTING_KEY,
+            body,
+            message_properties(None).with_headers(headers),
+            true,
+        )
+        .await
+    }
+
+    /// Events are published without `mandatory`: an events exchange nobody has bound a
+    /// queue to yet simply drops them, which is the subscriber's choice, not an error.
+    pub async fn publish_event(&self, routing_key: &str, body: Vec<u8>) -> Result<(), QueueError> {
+        self.publish_to(
+            &self.topology.events_exchange,
+            routing_key,
+            body,
+            message_properties(None),
+            false,
+        )
+        .await
     }
 
     pub fn consume(self: &Arc<Self>, kind: QueueKind) -> RabbitConsumer {
@@ -470,9 +537,9 @@ pub struct RabbitConsumer {
 impl RabbitConsumer {
     async fn start(&self) -> Result<(Channel, lapin::Consumer), lapin::Error> {
         let Some(link) = self.queue.current_link().await else {
-            return Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
-                lapin::ConnectionState::Closed,
-            )));
+            return Err(lapin::Error::from(
+                lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed),
+            ));
         };
         let ch = link.conn.create_channel().await?;
         // Prefetch bounds the unacked messages this consumer holds: its in-flight work, and
@@ -580,7 +647,8 @@ fn dead_reason(p: &BasicProperties) -> Option<String> {
     }
     if let Some(AMQPValue::FieldArray(deaths)) = inner.get(&ShortString::from("x-death")) {
         if let Some(AMQPValue::FieldTable(first)) = deaths.as_slice().first() {
-            if let Some(AMQPValue::LongString(r)) = first.inner().get(&ShortString::from("reason")) {
+            if let Some(AMQPValue::LongString(r)) = first.inner().get(&ShortString::from("reason"))
+            {
                 return Some(format!("broker: {r}"));
             }
         }
@@ -619,34 +687,8 @@ impl RabbitHandle {
             .map_err(|e| QueueError::Unavailable(e.to_string()))
     }
 
-    pub async fn retry(self, next: &QueuedNotification, delay: Duration) -> Result<(), QueueError> {
-        let queue = self.queue.clone();
-        let retry_queue = queue.topology.retry_queue(delay).to_owned();
-        // The default exchange routes by queue name, so retry queues need no bindings.
-        queue
-            .publish_to(
-                "",
-                &retry_queue,
-                next.to_json(),
-                message_properties(Some(next.id.to_string())),
-            )
-            .await?;
-        self.ack().await
-    }
-
-    pub async fn dead_letter(self, body: Vec<u8>, reason: &str) -> Result<(), QueueError> {
-        let queue = self.queue.clone();
-        let mut headers = FieldTable::default();
-        headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
-        queue
-            .publish_to(
-                &queue.topology.dead_exchange,
-                DEAD_ROUTING_KEY,
-                body,
-                message_properties(None).with_headers(headers),
-            )
-            .await?;
-        self.ack().await
+    pub fn queue(&self) -> Arc<RabbitQueue> {
+        self.queue.clone()
     }
 }
 
