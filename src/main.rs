@@ -8,7 +8,11 @@ use herald::config::{Settings, Sources};
 use herald::startup::Application;
 
 #[derive(Parser)]
-#[command(name = "herald", version, about = "Push-notification dispatch: live WebSocket first, APNs/FCM fallback")]
+#[command(
+    name = "herald",
+    version,
+    about = "Push-notification dispatch: live WebSocket first, APNs/FCM fallback"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -101,7 +105,10 @@ fn connect(opts: herald::client::ConnectOptions) -> ExitCode {
         level: "info".into(),
         format: herald::config::LogFormat::Text,
     });
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("herald connect: cannot start the async runtime: {e}");
@@ -142,9 +149,14 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     }
     if let Some(key) = app.generated_api_key() {
         // Printed on stdout, not logged: log pipelines are no place for a credential.
-        tracing::warn!("no API key configured: generated one for this run and printed it on stdout");
+        tracing::warn!(
+            "no API key configured: generated one for this run and printed it on stdout"
+        );
         println!("herald: generated API key (no auth.api_keys configured): {key}");
-        println!("herald: try  curl -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"targets\":[{{\"device_id\":\"phone-42\"}}],\"data\":{{\"k\":\"v\"}}}}' http://{}/v1/notify", app.addr());
+        println!(
+            "herald: try  curl -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"targets\":[{{\"device_id\":\"phone-42\"}}],\"data\":{{\"k\":\"v\"}}}}' http://{}/v1/notify",
+            app.addr()
+        );
     }
     let shutdown = app.shutdown_handle();
     tokio::spawn(async move {

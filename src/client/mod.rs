@@ -60,7 +60,9 @@ enum End {
     /// Reconnect after this long (the server's advice at shutdown).
     ReconnectAfter(Duration),
     /// Lost; `established` says whether a session had started (resets the backoff).
-    Lost { established: bool },
+    Lost {
+        established: bool,
+    },
     Fatal(ClientError),
     Stopped,
 }
@@ -124,7 +126,11 @@ async fn connect_once(
     };
     let auth = match format!("Bearer {}", opts.token).parse() {
         Ok(v) => v,
-        Err(_) => return End::Fatal(ClientError::Unauthorized("token is not a valid header value".into())),
+        Err(_) => {
+            return End::Fatal(ClientError::Unauthorized(
+                "token is not a valid header value".into(),
+            ));
+        }
     };
     request.headers_mut().insert("authorization", auth);
     let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER_BYTES);
@@ -263,8 +269,7 @@ mod tests {
                 assert!(backoff(min, max, failures) <= ceiling);
             }
         }
-        let spread: std::collections::HashSet<_> =
-            (0..50).map(|_| backoff(min, max, 5)).collect();
+        let spread: std::collections::HashSet<_> = (0..50).map(|_| backoff(min, max, 5)).collect();
         assert!(spread.len() > 10, "full jitter should spread delays");
     }
 }

@@ -206,13 +206,15 @@ impl Gateway {
         self.0.accepting.store(false, Ordering::Release);
         let deadline = tokio::time::Instant::now() + within;
         // Polling: this runs once per process lifetime and ends within ack_timeout.
-        while self.0.in_flight.load(Ordering::Acquire) > 0
-            && tokio::time::Instant::now() < deadline
+        while self.0.in_flight.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let sessions: Vec<SessionHandle> = self.sessions().drain().map(|(_, h)| h).collect();
-        tracing::info!(sessions = sessions.len(), "closing sessions: reconnect elsewhere");
+        tracing::info!(
+            sessions = sessions.len(),
+            "closing sessions: reconnect elsewhere"
+        );
         for s in &sessions {
             s.control.close(CloseKind::Shutdown);
         }
@@ -258,7 +260,9 @@ pub async fn connect(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             let (scheme, token) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().to_owned())
         });
     let token = header_token.or_else(|| {
         web::Query::<TokenQuery>::from_query(req.query_string())
@@ -285,12 +289,7 @@ pub async fn connect(
         .aggregate_continuations()
         .max_continuation_size(max);
     // The payload stream is tied to this worker's (single-threaded) runtime.
-    actix_web::rt::spawn(session::run(
-        gateway.get_ref().clone(),
-        device,
-        ws,
-        stream,
-    ));
+    actix_web::rt::spawn(session::run(gateway.get_ref().clone(), device, ws, stream));
     response
 }
 

@@ -131,7 +131,9 @@ pub fn notification_json(n: &QueuedNotification) -> String {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientFrame {
-    Ack { id: String },
+    Ack {
+        id: String,
+    },
     Ping {
         #[serde(default)]
         nonce: Option<String>,

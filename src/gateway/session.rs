@@ -87,7 +87,11 @@ pub(super) async fn run(
         // Echo the device's close, as RFC 6455 asks.
         let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, session.ws.close(None)).await;
     }
-    inner.metrics.sessions_closed.with_label_values(&[kind.label()]).inc();
+    inner
+        .metrics
+        .sessions_closed
+        .with_label_values(&[kind.label()])
+        .inc();
     inner.metrics.sessions_active.dec();
     inner.live.fetch_sub(1, Ordering::AcqRel);
     tracing::debug!(device = %device, session = %id, reason = kind.label(), "session closed");
@@ -150,8 +154,9 @@ impl Session<'_> {
                         self.pending.insert(id, acked);
                         self.send(Message::Text(frame.into())).await
                     }
-                    // The table dropped our handle: only shutdown does that.
-                    None => Err(CloseKind::Shutdown),
+                    // The table dropped our handle, which happens only after a kill
+                    // (replaced, shutdown) whose reason is already set.
+                    None => Err(self.killed()),
                 },
                 _ = tokio::time::sleep_until(wake) => self.on_timer().await,
             };
@@ -229,7 +234,10 @@ impl Session<'_> {
                         // harmless, and the device cannot tell, so no error frame.
                         Ok(())
                     }
-                    None => self.bad_frame(error_code::BAD_FRAME, "ack id is not a UUID").await,
+                    None => {
+                        self.bad_frame(error_code::BAD_FRAME, "ack id is not a UUID")
+                            .await
+                    }
                 },
                 Ok(ClientFrame::Ping { nonce }) => {
                     let pong = ServerFrame::Pong {
@@ -294,4 +302,3 @@ fn protocol_error(e: actix_ws::ProtocolError) -> CloseKind {
         }
     }
 }
-

@@ -1,0 +1,214 @@
+//! Gateway test helpers: an app with its directory, raw WebSocket clients, notifications.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use futures::{SinkExt, StreamExt};
+use herald::config::{Secret, Settings};
+use herald::directory::Directory;
+use herald::domain::{DeviceId, NotificationId, Priority, QueuedNotification, unix_millis};
+use herald::gateway::DeviceTokens;
+use herald::shutdown::Shutdown;
+use herald::startup::Application;
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::support;
+
+pub const SECRET: &str = "gateway-test-secret-0123456789abcdef";
+pub const WAIT: Duration = Duration::from_secs(5);
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Short heartbeat intervals and a known signing secret.
+pub fn settings() -> Settings {
+    let mut s = support::test_settings();
+    s.auth.device_token_secret = Secret::new(SECRET);
+    s.gateway.ping_interval = Duration::from_millis(100);
+    s.gateway.pong_timeout = Duration::from_millis(200);
+    s.gateway.ack_timeout = Duration::from_millis(300);
+    s.gateway.reconnect_spread = Duration::from_millis(100);
+    s
+}
+
+pub struct GwApp {
+    pub addr: std::net::SocketAddr,
+    pub base: String,
+    pub directory: Directory,
+    pub metrics: herald::metrics::Metrics,
+    pub shutdown: Shutdown,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+pub async fn spawn(settings: Settings) -> GwApp {
+    let app = Application::build(settings).await.expect("app builds");
+    let directory = app.directory().expect("the gateway role is on");
+    GwApp {
+        addr: app.addr(),
+        base: format!("http://{}", app.addr()),
+        directory,
+        metrics: app.metrics().clone(),
+        shutdown: app.shutdown_handle(),
+        task: tokio::spawn(app.run_until_stopped()),
+    }
+}
+
+impl GwApp {
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/connect", self.addr)
+    }
+
+    /// Value of a metric line (name with labels, exactly as rendered), 0 if absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub fn closed(&self, reason: &str) -> f64 {
+        self.metric(&format!(
+            "herald_gateway_sessions_closed_total{{reason=\"{reason}\"}}"
+        ))
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+pub fn device(id: &str) -> DeviceId {
+    DeviceId::parse(id).expect("valid device id")
+}
+
+pub fn token(device_id: &str) -> String {
+    DeviceTokens::new(Some(&Secret::new(SECRET)), Duration::from_secs(60))
+        .mint(&device(device_id))
+        .expect("mints")
+        .0
+}
+
+pub fn notification(payload_bytes: usize) -> QueuedNotification {
+    let now = unix_millis(SystemTime::now());
+    let mut data = BTreeMap::new();
+    data.insert("k".to_owned(), "v".repeat(payload_bytes.max(1)));
+    QueuedNotification {
+        id: NotificationId::generate(),
+        accepted_at_ms: now,
+        expires_at_ms: now + 60_000,
+        priority: Priority::High,
+        collapse_key: None,
+        notification: None,
+        data,
+        apns: Default::default(),
+        android: Default::default(),
+        targets: vec![],
+        attempt: 0,
+        history: Vec::new(),
+    }
+}
+
+/// Connects with the token in the Authorization header; returns the socket or the
+/// handshake error.
+pub async fn try_connect(app: &GwApp, token: Option<&str>) -> Result<Ws, tungstenite::Error> {
+    let mut req = app.ws_url().into_client_request()?;
+    if let Some(t) = token {
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {t}").parse().expect("header"),
+        );
+    }
+    tokio_tungstenite::connect_async(req)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// Connects and reads the hello frame.
+pub async fn connect(app: &GwApp, device_id: &str) -> (Ws, Value) {
+    let mut ws = try_connect(app, Some(&token(device_id)))
+        .await
+        .expect("connects");
+    let hello = next_json(&mut ws).await;
+    assert_eq!(hello["type"], "hello", "{hello}");
+    (ws, hello)
+}
+
+/// The next text frame as JSON (pings are answered by tungstenite while reading).
+pub async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame within the wait")
+            .expect("the socket is open")
+            .expect("a valid frame");
+        match msg {
+            Message::Text(t) => return serde_json::from_str(&t).expect("JSON frame"),
+            Message::Close(f) => panic!("unexpected close: {f:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// Reads until the server's close frame; returns its code and reason.
+pub async fn expect_close(ws: &mut Ws) -> (u16, String) {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame within the wait");
+        match msg {
+            Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string()),
+            Some(Ok(Message::Close(None))) => return (u16::from(CloseCode::Status), String::new()),
+            Some(Ok(_)) => {}
+            other => panic!("connection ended without a close frame: {other:?}"),
+        }
+    }
+}
+
+pub async fn send_json(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into()))
+        .await
+        .expect("sent");
+}
+
+/// A client that reads every frame, acks notifications, and reports them.
+pub fn spawn_acker(mut ws: Ws) -> tokio::sync::mpsc::UnboundedReceiver<Value> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = ws.next().await {
+            if let Message::Text(t) = msg {
+                let v: Value = serde_json::from_str(&t).expect("JSON");
+                if v["type"] == "notification" {
+                    let ack = serde_json::json!({"type": "ack", "id": v["id"]});
+                    if ws
+                        .send(Message::Text(ack.to_string().into()))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                let _ = tx.send(v);
+            }
+        }
+    });
+    rx
+}
+
+/// A client that reads (so it answers pings) but never acks.
+pub fn spawn_reader(mut ws: Ws) -> tokio::sync::mpsc::UnboundedReceiver<Value> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = ws.next().await {
+            if let Message::Text(t) = msg {
+                let _ = tx.send(serde_json::from_str::<Value>(&t).expect("JSON"));
+            }
+        }
+    });
+    rx
+}

@@ -1,0 +1,13 @@
+//! The gateway over real sockets: token checks, heartbeat death, acks, replacement, slow
+//! readers, garbage, oversized frames, shutdown, and `herald connect` as a subprocess.
+//!
+//! Intervals are short (ping 100 ms, pong 200 ms, ack 300 ms) and every wait is on a
+//! condition, never a bare sleep.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod client_cli;
+mod helpers;
+mod sessions;
+mod tokens;
