@@ -169,3 +169,6 @@ pub fn notify_body(devices: &[&str]) -> serde_json::Value {
         "data": {"k": "v"},
     })
 }
+
+pub mod apns_double;
+pub mod fcm_double;
