@@ -78,6 +78,8 @@ pub struct Settings {
     pub notify: NotifySettings,
     pub queue: QueueSettings,
     pub retry: RetrySettings,
+    pub dispatcher: DispatcherSettings,
+    pub events: EventsSettings,
     pub gateway: GatewaySettings,
     pub apns: ApnsSettings,
     pub fcm: FcmSettings,
@@ -155,6 +157,25 @@ pub struct RetrySettings {
     #[serde(with = "humantime_serde")]
     pub max_delay: Duration,
     pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DispatcherSettings {
+    pub target_concurrency: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsSettings {
+    pub webhook_url: String,
+    pub webhook_batch: usize,
+    #[serde(with = "humantime_serde")]
+    pub webhook_flush: Duration,
+    #[serde(with = "humantime_serde")]
+    pub webhook_timeout: Duration,
+    pub webhook_attempts: u32,
+    pub buffer: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -379,6 +400,19 @@ impl Settings {
                 "must be positive and at most retry.max_delay",
             ));
         }
+        if self.dispatcher.target_concurrency == 0 {
+            return Err(invalid("dispatcher.target_concurrency", "must be at least 1"));
+        }
+        let hook = &self.events.webhook_url;
+        if !hook.is_empty() && !(hook.starts_with("http://") || hook.starts_with("https://")) {
+            return Err(invalid("events.webhook_url", "must be an http:// or https:// URL"));
+        }
+        if self.events.webhook_batch == 0 || self.events.buffer == 0 || self.events.webhook_attempts == 0 {
+            return Err(invalid(
+                "events",
+                "webhook_batch, webhook_attempts and buffer must be at least 1",
+            ));
+        }
         if !(1..=30).contains(&self.retry.max_attempts) {
             return Err(invalid("retry.max_attempts", "must be between 1 and 30"));
         }
@@ -392,7 +426,10 @@ impl Settings {
             }
         }
         if !(1024..=16 * 1024 * 1024).contains(&self.gateway.max_frame_bytes) {
-            return Err(invalid("gateway.max_frame_bytes", "must be 1 KiB to 16 MiB"));
+            return Err(invalid(
+                "gateway.max_frame_bytes",
+                "must be 1 KiB to 16 MiB",
+            ));
         }
         if self.gateway.send_buffer == 0 {
             return Err(invalid("gateway.send_buffer", "must be at least 1"));
@@ -413,7 +450,10 @@ impl Settings {
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
-        self.http.addr.parse().expect("validated in Settings::validate")
+        self.http
+            .addr
+            .parse()
+            .expect("validated in Settings::validate")
     }
 
     /// The broker URL (`queue.url`, else the contents of `queue.url_file`); `None` means the
@@ -554,7 +594,10 @@ mod tests {
     #[test]
     fn env_overrides_nested_keys_and_lists() {
         let s = load_env(&[
-            ("HERALD__QUEUE__URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+            (
+                "HERALD__QUEUE__URL",
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+            ),
             ("HERALD__HTTP__ADDR", "127.0.0.1:9000"),
             ("HERALD__ROLES", "api,dispatcher"),
             ("HERALD__QUEUE__PREFETCH", "10"),
@@ -574,7 +617,11 @@ mod tests {
             ("HERALD__QUEUE__PUBLISH_TIMEOUT", "soon", "publish_timeout"),
             ("HERALD__RETRY__MAX_ATTEMPTS", "0", "retry.max_attempts"),
             ("HERALD__AUTH__API_KEYS", "short", "auth.api_keys"),
-            ("HERALD__AUTH__DEVICE_TOKEN_SECRET", "tooshort", "device_token_secret"),
+            (
+                "HERALD__AUTH__DEVICE_TOKEN_SECRET",
+                "tooshort",
+                "device_token_secret",
+            ),
             ("HERALD__ROLES", "api,cook", "roles"),
             ("HERALD__QUEUE__NO_SUCH_KEY", "1", "no_such_key"),
             ("HERALD__APNS__CONCURRENCY", "0", "apns.concurrency"),
@@ -586,7 +633,10 @@ mod tests {
         ];
         for (var, value, key) in cases {
             let err = load_env(&[(var, value)]).unwrap_err().to_string();
-            assert!(err.contains(key), "{var}={value}: error `{err}` does not name {key}");
+            assert!(
+                err.contains(key),
+                "{var}={value}: error `{err}` does not name {key}"
+            );
         }
     }
 

@@ -7,6 +7,8 @@
 //! - [`shutdown`]: one cancellation signal that reaches every loop; SIGTERM/SIGINT.
 //! - [`api`]: the HTTP edge: `POST /v1/notify`, health, metrics, errors → HTTP.
 //! - [`domain`]: parsed types: notification, targets, device ids, tokens, priority, ttl.
+//! - [`dispatch`]: consume, expand targets, live then fallback, retries, dead letters.
+//! - [`events`]: outcome events to the `herald.events` exchange and an optional webhook.
 //! - [`directory`]: live delivery to a device, answered acked, not acked in time, or offline.
 //! - [`gateway`]: device WebSocket sessions: token check, heartbeat, acks, close codes.
 //! - [`client`]: `herald connect`, the reference device client.
@@ -22,7 +24,9 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod directory;
+pub mod dispatch;
 pub mod domain;
+pub mod events;
 pub mod gateway;
 pub mod metrics;
 pub mod providers;

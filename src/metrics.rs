@@ -51,6 +51,8 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     pub delivery_latency: HistogramVec,
     pub tokens_dead: IntCounterVec,
+    pub events_published: IntCounterVec,
+    pub events_dropped: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -226,6 +228,18 @@ impl Metrics {
                 "Provider tokens reported dead (unregistered / bad), by provider.",
                 &["provider"],
             ),
+            events_published: counter_vec(
+                &r,
+                "herald_events_published_total",
+                "Outcome events handed to a sink (rabbitmq, webhook).",
+                &["sink"],
+            ),
+            events_dropped: counter_vec(
+                &r,
+                "herald_events_dropped_total",
+                "Outcome events dropped, by sink and why (buffer_full, failed).",
+                &["sink", "reason"],
+            ),
             registry: r,
         };
         for ch in CHANNELS {
@@ -235,6 +249,8 @@ impl Metrics {
             m.retries.with_label_values(&[ch]);
             m.delivery_latency.with_label_values(&[ch]);
         }
+        // Outcomes reached without trying any channel (a notification past its ttl).
+        m.deliveries.with_label_values(&["none", "expired"]);
         for p in ["apns", "fcm"] {
             m.provider_duration.with_label_values(&[p]);
             m.tokens_dead.with_label_values(&[p]);
@@ -247,6 +263,12 @@ impl Metrics {
         }
         for r in ["unavailable", "timeout", "full", "nacked"] {
             m.queue_publish_failures.with_label_values(&[r]);
+        }
+        for sink in ["rabbitmq", "webhook"] {
+            m.events_published.with_label_values(&[sink]);
+            for why in ["buffer_full", "failed"] {
+                m.events_dropped.with_label_values(&[sink, why]);
+            }
         }
         for d in ["in", "out"] {
             m.frames.with_label_values(&[d]);

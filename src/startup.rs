@@ -11,8 +11,11 @@ use anyhow::Context;
 use crate::api::{self, ApiKeys, AppState};
 use crate::config::{Role, Settings};
 use crate::directory::Directory;
-use crate::gateway::{DeviceTokens, Gateway, GatewayConfig};
+use crate::dispatch::{Dispatcher, DispatcherHandle};
+use crate::events::Events;
+use crate::providers::Providers;
 use crate::domain::NotifyLimits;
+use crate::gateway::{DeviceTokens, Gateway, GatewayConfig};
 use crate::metrics::Metrics;
 use crate::queue::Queue;
 use crate::shutdown::Shutdown;
@@ -26,6 +29,7 @@ pub struct Application {
     grace: Duration,
     generated_api_key: Option<String>,
     gateway: Option<Gateway>,
+    dispatcher: Option<DispatcherHandle>,
 }
 
 impl Application {
@@ -59,7 +63,28 @@ impl Application {
             )
         });
 
+        let dispatcher = if settings.has_role(Role::Dispatcher) {
+            let events = Events::start(&settings.events, &queue, &metrics, &shutdown)?;
+            let providers = Providers::from_settings(&settings, &metrics)?;
+            Some(
+                Dispatcher {
+                    queue: queue.clone(),
+                    directory: gateway.clone().map(Directory::Local),
+                    providers: std::sync::Arc::new(providers),
+                    events,
+                    metrics: metrics.clone(),
+                    retry: settings.retry.clone(),
+                    in_flight: settings.queue.prefetch.into(),
+                    target_concurrency: settings.dispatcher.target_concurrency,
+                }
+                .spawn(),
+            )
+        } else {
+            None
+        };
+
         let state = web::Data::new(AppState {
+            require_consumer: dispatcher.is_some(),
             queue: queue.clone(),
             metrics: metrics.clone(),
             limits: NotifyLimits {
@@ -109,6 +134,7 @@ impl Application {
             grace: settings.http.shutdown_grace,
             generated_api_key,
             gateway,
+            dispatcher,
         })
     }
 
@@ -147,7 +173,7 @@ impl Application {
     /// Serves until the shutdown token is cancelled (or the server fails), then drains:
     /// readiness turns false, the HTTP server stops accepting and finishes in-flight
     /// requests, then the queue closes, all bounded by `http.shutdown_grace`.
-    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(mut self) -> anyhow::Result<()> {
         let handle = self.server.handle();
         let mut server = tokio::spawn(self.server);
         tokio::select! {
@@ -159,13 +185,25 @@ impl Application {
         }
         let started = Instant::now();
         tracing::info!(grace = ?self.grace, "draining");
+        let deadline = tokio::time::Instant::now() + self.grace;
+        let dispatcher = self.dispatcher.take();
         let drain = async {
-            // Sessions first: they are long-lived requests the HTTP server would otherwise
-            // wait on. The gateway finishes in-flight ack waits, then sends "reconnect
-            // elsewhere" to every session.
-            if let Some(gateway) = &self.gateway {
-                gateway.shutdown(self.grace).await;
+            // 1. The dispatcher stops consuming and finishes what it holds, while the
+            //    gateway can still deliver live; given most of the grace period. What it
+            //    cannot finish goes back to the queue unacked.
+            if let Some(d) = dispatcher {
+                let budget = self.grace.mul_f64(0.6);
+                if !d.drain(budget).await {
+                    tracing::warn!(?budget, "dispatcher did not finish in time; unfinished messages return to the queue");
+                }
             }
+            // 2. Sessions: long-lived requests the HTTP server would otherwise wait on. The
+            //    gateway finishes in-flight ack waits, then sends "reconnect elsewhere".
+            if let Some(gateway) = &self.gateway {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                gateway.shutdown(left).await;
+            }
+            // 3. HTTP requests in flight, then the queue.
             handle.stop(true).await;
             let _ = server.await;
             self.queue.close().await;

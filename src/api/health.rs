@@ -9,7 +9,8 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-/// Ready when the queue is connected and the process is not draining. Kubernetes stops
+/// Ready when the queue is connected, the dispatcher's consumer runs (if this process runs
+/// the dispatcher), and the process is not draining. Kubernetes stops
 /// routing to a pod that is not ready, so during a broker outage or a shutdown callers are
 /// steered to other replicas.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
@@ -19,13 +20,16 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         "disconnected"
     };
     let draining = state.shutdown.is_cancelled();
-    let ready = queue == "connected" && !draining;
+    let consumers = state.metrics.consumers_running.get();
+    let consuming = !state.require_consumer || consumers > 0;
+    let ready = queue == "connected" && consuming && !draining;
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "checks": {
             "queue": queue,
             "backend": state.queue.backend_name(),
             "draining": draining,
+            "consumers": consumers,
         }
     });
     if ready {

@@ -33,6 +33,8 @@ use crate::shutdown::Shutdown;
 /// What every handler shares.
 pub struct AppState {
     pub queue: Queue,
+    /// This process runs the dispatcher: ready only while its consumer runs.
+    pub require_consumer: bool,
     pub metrics: Metrics,
     pub limits: NotifyLimits,
     pub max_body_bytes: usize,
@@ -90,7 +92,9 @@ pub async fn record_metrics(
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();
-    let metrics = req.app_data::<web::Data<AppState>>().map(|s| s.metrics.clone());
+    let metrics = req
+        .app_data::<web::Data<AppState>>()
+        .map(|s| s.metrics.clone());
     // Bounded label set: an arbitrary method name must not mint a new series.
     let method = match req.method().as_str() {
         m @ ("GET" | "POST" | "PUT" | "DELETE" | "PATCH" | "HEAD" | "OPTIONS") => m.to_owned(),
@@ -98,7 +102,10 @@ pub async fn record_metrics(
     };
     let res = next.call(req).await?;
     if let Some(m) = metrics {
-        let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".into());
+        let route = res
+            .request()
+            .match_pattern()
+            .unwrap_or_else(|| "unmatched".into());
         m.http_requests
             .with_label_values(&[&route, &method, res.status().as_str()])
             .inc();

@@ -36,20 +36,28 @@ pub async fn notify(
     let notification = request.parse(state.limits, SystemTime::now())?;
     providers::check_payload_sizes(&notification)?;
 
-    let span = tracing::info_span!("notify", id = %notification.id, targets = notification.targets.len());
+    let span =
+        tracing::info_span!("notify", id = %notification.id, targets = notification.targets.len());
     let started = Instant::now();
-    let published = state.queue.publish(&notification).instrument(span.clone()).await;
+    let published = state
+        .queue
+        .publish(&notification)
+        .instrument(span.clone())
+        .await;
     let m = &state.metrics;
     match published {
         Ok(()) => {
-            m.queue_publish_duration.observe(started.elapsed().as_secs_f64());
+            m.queue_publish_duration
+                .observe(started.elapsed().as_secs_f64());
             m.notifications_accepted.inc();
             m.targets_accepted.inc_by(notification.targets.len() as u64);
             span.in_scope(|| tracing::debug!("queued"));
             Ok(HttpResponse::Accepted().json(json!({"id": notification.id.to_string()})))
         }
         Err(cause) => {
-            m.queue_publish_failures.with_label_values(&[cause.reason()]).inc();
+            m.queue_publish_failures
+                .with_label_values(&[cause.reason()])
+                .inc();
             Err(ApiError::QueueUnavailable {
                 retry_after: state.retry_after,
                 cause,

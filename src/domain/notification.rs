@@ -72,24 +72,56 @@ pub enum ApnsPushType {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Content {
-    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub title: Option<String>,
-    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub subtitle: Option<String>,
-    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub body: Option<String>,
-    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub badge: Option<u32>,
-    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub sound: Option<String>,
     /// An image URL (FCM `notification.image`; APNs gets `mutable-content` for an extension).
-    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub image: Option<String>,
     /// APNs `category` / FCM `click_action`: which action set the app shows.
-    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub category: Option<String>,
     /// APNs `thread-id` / FCM `tag`: groups notifications on the device.
-    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub thread_id: Option<String>,
 }
 
@@ -100,7 +132,11 @@ pub struct ApnsOptions {
     #[serde(default)]
     pub push_type: ApnsPushType,
     /// Overrides `apns.topic` from the config (the app's bundle id).
-    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub topic: Option<String>,
 }
 
@@ -109,7 +145,11 @@ pub struct ApnsOptions {
 #[serde(deny_unknown_fields)]
 pub struct AndroidOptions {
     /// Android notification channel the notification is posted to.
-    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub channel_id: Option<String>,
 }
 
@@ -130,9 +170,17 @@ pub struct FcmRoute {
 #[serde(deny_unknown_fields)]
 pub struct Target {
     pub device_id: DeviceId,
-    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub apns: Option<ApnsRoute>,
-    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub fcm: Option<FcmRoute>,
 }
 
@@ -231,7 +279,10 @@ impl NotifyRequest {
                 ));
             }
         }
-        let has_content = self.notification.as_ref().is_some_and(|c| *c != Content::default());
+        let has_content = self
+            .notification
+            .as_ref()
+            .is_some_and(|c| *c != Content::default());
         if !has_content && self.data.is_empty() {
             return bad("a notification needs `notification` content or `data`".into());
         }
@@ -275,6 +326,7 @@ impl NotifyRequest {
             android: self.android,
             targets: self.targets,
             attempt: 0,
+            history: Vec::new(),
         })
     }
 }
@@ -288,9 +340,17 @@ pub struct QueuedNotification {
     pub accepted_at_ms: u64,
     pub expires_at_ms: u64,
     pub priority: Priority,
-    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub collapse_key: Option<String>,
-    #[serde(default, deserialize_with = "non_null", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub notification: Option<Content>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub data: BTreeMap<String, String>,
@@ -304,6 +364,21 @@ pub struct QueuedNotification {
     /// Delivery attempts made so far (0 when first queued).
     #[serde(default)]
     pub attempt: u32,
+    /// One record per attempt that left targets undelivered: why, by count. Kept compact
+    /// (reasons, not per-device entries) so a 1000-target retry stays small; the targets
+    /// still pending are `targets`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<AttemptRecord>,
+}
+
+/// What one delivery attempt left undone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttemptRecord {
+    pub attempt: u32,
+    pub at_ms: u64,
+    /// Failure reason → number of targets that failed with it.
+    pub failures: BTreeMap<String, u32>,
 }
 
 impl QueuedNotification {
@@ -336,9 +411,8 @@ mod tests {
     };
 
     fn request(json: serde_json::Value) -> Result<QueuedNotification, NotifyError> {
-        let req: NotifyRequest = serde_json::from_value(json).map_err(|e| {
-            NotifyError::Invalid(e.to_string())
-        })?;
+        let req: NotifyRequest =
+            serde_json::from_value(json).map_err(|e| NotifyError::Invalid(e.to_string()))?;
         req.parse(LIMITS, SystemTime::now())
     }
 
@@ -388,7 +462,10 @@ mod tests {
     #[test]
     fn expiry() {
         let now = SystemTime::now();
-        let q = request(serde_json::json!({"targets": [{"device_id": "d"}], "data": {"k": "v"}, "ttl": "10s"})).unwrap();
+        let q = request(
+            serde_json::json!({"targets": [{"device_id": "d"}], "data": {"k": "v"}, "ttl": "10s"}),
+        )
+        .unwrap();
         assert!(!q.is_expired(now));
         assert!(q.is_expired(now + Duration::from_secs(11)));
     }

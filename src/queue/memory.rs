@@ -86,6 +86,7 @@ impl MemoryQueue {
     }
 
     pub fn consume(self: &Arc<Self>, kind: QueueKind) -> MemoryConsumer {
+        self.metrics.consumers_running.inc();
         MemoryConsumer {
             queue: self.clone(),
             kind,
@@ -185,6 +186,12 @@ impl MemoryConsumer {
                 _ = self.queue.closed.cancelled() => return None,
             }
         }
+    }
+}
+
+impl Drop for MemoryConsumer {
+    fn drop(&mut self) {
+        self.queue.metrics.consumers_running.dec();
     }
 }
 

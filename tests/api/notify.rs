@@ -3,7 +3,7 @@
 use herald::queue::QueueKind;
 use serde_json::json;
 
-use crate::support::{API_KEY, spawn_app, test_settings};
+use crate::support::{api_only, API_KEY, spawn_app, test_settings};
 
 fn design_example() -> serde_json::Value {
     json!({
@@ -23,7 +23,7 @@ fn design_example() -> serde_json::Value {
 
 #[tokio::test]
 async fn accepted_notification_is_queued_exactly_as_sent() {
-    let app = spawn_app(test_settings()).await;
+    let app = spawn_app(api_only(test_settings())).await;
     let res = app.post_notify(&design_example()).await;
     assert_eq!(res.status(), 202);
     let id = res.json::<serde_json::Value>().await.unwrap()["id"]
@@ -51,7 +51,7 @@ async fn accepted_notification_is_queued_exactly_as_sent() {
 
 #[tokio::test]
 async fn legacy_path_and_counters() {
-    let app = spawn_app(test_settings()).await;
+    let app = spawn_app(api_only(test_settings())).await;
     for path in ["/v1/notify", "/notify"] {
         let res = app
             .http
@@ -64,17 +64,22 @@ async fn legacy_path_and_counters() {
         assert_eq!(res.status(), 202, "{path}");
     }
     let metrics = app.get("/metrics").await.text().await.unwrap();
-    assert!(metrics.contains("herald_notifications_accepted_total 2"), "{metrics}");
+    assert!(
+        metrics.contains("herald_notifications_accepted_total 2"),
+        "{metrics}"
+    );
     assert!(metrics.contains("herald_notification_targets_accepted_total 4"));
-    assert!(metrics.contains(
-        r#"herald_http_requests_total{method="POST",route="/notify",status="202"} 1"#
-    ));
+    assert!(
+        metrics.contains(
+            r#"herald_http_requests_total{method="POST",route="/notify",status="202"} 1"#
+        )
+    );
     app.stop().await;
 }
 
 #[tokio::test]
 async fn ids_are_unique_and_sortable() {
-    let app = spawn_app(test_settings()).await;
+    let app = spawn_app(api_only(test_settings())).await;
     let mut ids = Vec::new();
     for _ in 0..20 {
         let res = app.post_notify(&crate::support::notify_body(&["d"])).await;
@@ -84,20 +89,33 @@ async fn ids_are_unique_and_sortable() {
     let mut sorted = ids.clone();
     sorted.sort();
     sorted.dedup();
-    assert_eq!(sorted, ids, "UUIDv7 ids sort in acceptance order and never repeat");
+    assert_eq!(
+        sorted, ids,
+        "UUIDv7 ids sort in acceptance order and never repeat"
+    );
     app.stop().await;
 }
 
 #[tokio::test]
 async fn thousand_targets_accepted_one_more_refused() {
-    let app = spawn_app(test_settings()).await;
+    let app = spawn_app(api_only(test_settings())).await;
     let ids: Vec<String> = (0..1001).map(|i| format!("device-{i}")).collect();
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    assert_eq!(app.post_notify(&crate::support::notify_body(&refs[..1000])).await.status(), 202);
+    assert_eq!(
+        app.post_notify(&crate::support::notify_body(&refs[..1000]))
+            .await
+            .status(),
+        202
+    );
     let res = app.post_notify(&crate::support::notify_body(&refs)).await;
     assert_eq!(res.status(), 400);
     let body: serde_json::Value = res.json().await.unwrap();
     assert_eq!(body["error"]["code"], "invalid_request");
-    assert!(body["error"]["message"].as_str().unwrap().contains("at most 1000"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 1000")
+    );
     app.stop().await;
 }

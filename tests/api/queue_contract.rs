@@ -27,15 +27,26 @@ fn contract_settings(mut s: Settings) -> Settings {
 
 impl Backend {
     async fn memory() -> Backend {
-        let queue = Queue::from_settings(&contract_settings(test_settings()), &Metrics::new()).unwrap();
-        Backend { queue, _vhost: None }
+        let queue =
+            Queue::from_settings(&contract_settings(test_settings()), &Metrics::new()).unwrap();
+        Backend {
+            queue,
+            _vhost: None,
+        }
     }
 
     async fn rabbitmq() -> Backend {
         let vhost = TestVhost::new();
-        let queue = Queue::from_settings(&contract_settings(vhost.settings()), &Metrics::new()).unwrap();
-        assert!(queue.wait_connected(Duration::from_secs(10)).await, "connects to RabbitMQ");
-        Backend { queue, _vhost: Some(vhost) }
+        let queue =
+            Queue::from_settings(&contract_settings(vhost.settings()), &Metrics::new()).unwrap();
+        assert!(
+            queue.wait_connected(Duration::from_secs(10)).await,
+            "connects to RabbitMQ"
+        );
+        Backend {
+            queue,
+            _vhost: Some(vhost),
+        }
     }
 }
 
@@ -145,7 +156,10 @@ async fn retry_redelivers_the_updated_body_after_the_delay(b: Backend) {
     d.retry(&updated, Duration::from_millis(150)).await.unwrap();
     let d = next(&mut c).await;
     // The 150 ms request rounds up to the 200 ms tier on RabbitMQ; never early.
-    assert!(retried_at.elapsed() >= Duration::from_millis(150), "retried too early");
+    assert!(
+        retried_at.elapsed() >= Duration::from_millis(150),
+        "retried too early"
+    );
     assert_eq!(d.notification().unwrap().attempt, 1);
     assert!(!d.redelivered, "a retry is a new message, not a redelivery");
     d.ack().await.unwrap();
@@ -158,11 +172,16 @@ async fn dead_letter_parks_it_with_the_reason(b: Backend) {
     b.queue.publish(&n).await.unwrap();
     let mut c = b.queue.consume(QueueKind::Work);
     let d = next(&mut c).await;
-    d.dead_letter(n.to_json(), "attempts_exhausted: apns 503 x3").await.unwrap();
+    d.dead_letter(n.to_json(), "attempts_exhausted: apns 503 x3")
+        .await
+        .unwrap();
     let mut dead = b.queue.consume(QueueKind::Dead);
     let dl = next(&mut dead).await;
     assert_eq!(dl.body, n.to_json());
-    assert_eq!(dl.dead_reason.as_deref(), Some("attempts_exhausted: apns 503 x3"));
+    assert_eq!(
+        dl.dead_reason.as_deref(),
+        Some("attempts_exhausted: apns 503 x3")
+    );
     dl.ack().await.unwrap();
     assert_empty(&mut c, Duration::from_millis(300)).await;
     b.queue.close().await;

@@ -9,7 +9,7 @@ use lapin::options::BasicGetOptions;
 use lapin::{Connection, ConnectionProperties};
 use serde_json::json;
 
-use crate::support::{TestVhost, spawn_app, wait_for};
+use crate::support::{api_only, TestVhost, spawn_app, wait_for};
 
 async fn raw_channel(vhost: &TestVhost) -> (Connection, lapin::Channel) {
     let conn = Connection::connect(&vhost.url, ConnectionProperties::default())
@@ -35,7 +35,7 @@ async fn drain(ch: &lapin::Channel, queue: &str) -> Vec<Vec<u8>> {
 #[tokio::test]
 async fn accepted_notification_is_a_persistent_message_on_a_durable_quorum_queue() {
     let vhost = TestVhost::new();
-    let app = spawn_app(vhost.settings()).await;
+    let app = spawn_app(api_only(vhost.settings())).await;
     assert!(app.queue.wait_connected(Duration::from_secs(10)).await);
 
     let body = json!({
@@ -45,11 +45,21 @@ async fn accepted_notification_is_a_persistent_message_on_a_durable_quorum_queue
     });
     let res = app.post_notify(&body).await;
     assert_eq!(res.status(), 202);
-    let id = res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let id = res.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
-    let queues = crate::support::rabbitmqctl(&["list_queues", "-p", &vhost.name, "name", "type", "durable"]);
-    assert!(queues.lines().any(|l| l == "herald.work\tquorum\ttrue"), "{queues}");
-    assert!(queues.lines().any(|l| l == "herald.dead\tquorum\ttrue"), "{queues}");
+    let queues =
+        crate::support::rabbitmqctl(&["list_queues", "-p", &vhost.name, "name", "type", "durable"]);
+    assert!(
+        queues.lines().any(|l| l == "herald.work\tquorum\ttrue"),
+        "{queues}"
+    );
+    assert!(
+        queues.lines().any(|l| l == "herald.dead\tquorum\ttrue"),
+        "{queues}"
+    );
 
     let (_conn, ch) = raw_channel(&vhost).await;
     let msg = ch
@@ -59,8 +69,14 @@ async fn accepted_notification_is_a_persistent_message_on_a_durable_quorum_queue
         .expect("the accepted notification is on the queue");
     let props = &msg.delivery.properties;
     assert_eq!(*props.delivery_mode(), Some(2), "persistent");
-    assert_eq!(props.message_id().as_ref().map(|s| s.as_str()), Some(id.as_str()));
-    assert_eq!(props.content_type().as_ref().map(|s| s.as_str()), Some("application/json"));
+    assert_eq!(
+        props.message_id().as_ref().map(|s| s.as_str()),
+        Some(id.as_str())
+    );
+    assert_eq!(
+        props.content_type().as_ref().map(|s| s.as_str()),
+        Some("application/json")
+    );
 
     let queued: serde_json::Value = serde_json::from_slice(&msg.delivery.data).unwrap();
     let accepted = queued["accepted_at_ms"].as_u64().unwrap();
@@ -84,7 +100,7 @@ async fn accepted_notification_is_a_persistent_message_on_a_durable_quorum_queue
 #[tokio::test]
 async fn connections_killed_mid_stream_lose_no_accepted_notification() {
     let vhost = TestVhost::new();
-    let app = Arc::new(spawn_app(vhost.settings()).await);
+    let app = Arc::new(spawn_app(api_only(vhost.settings())).await);
     assert!(app.queue.wait_connected(Duration::from_secs(10)).await);
 
     let accepted = Arc::new(Mutex::new(BTreeSet::new()));
@@ -92,15 +108,21 @@ async fn connections_killed_mid_stream_lose_no_accepted_notification() {
     let stop = tokio_util::sync::CancellationToken::new();
     let mut clients = Vec::new();
     for c in 0..4 {
-        let (app, accepted, refused, stop) = (app.clone(), accepted.clone(), refused.clone(), stop.clone());
+        let (app, accepted, refused, stop) =
+            (app.clone(), accepted.clone(), refused.clone(), stop.clone());
         clients.push(tokio::spawn(async move {
             let mut i = 0;
             while !stop.is_cancelled() && i < 2000 {
-                let res = app.post_notify(&crate::support::notify_body(&[&format!("c{c}-{i}")])).await;
+                let res = app
+                    .post_notify(&crate::support::notify_body(&[&format!("c{c}-{i}")]))
+                    .await;
                 match res.status().as_u16() {
                     202 => {
                         let v: serde_json::Value = res.json().await.unwrap();
-                        accepted.lock().unwrap().insert(v["id"].as_str().unwrap().to_owned());
+                        accepted
+                            .lock()
+                            .unwrap()
+                            .insert(v["id"].as_str().unwrap().to_owned());
                     }
                     503 => *refused.lock().unwrap() += 1,
                     s => panic!("unexpected status {s}"),
@@ -112,13 +134,18 @@ async fn connections_killed_mid_stream_lose_no_accepted_notification() {
     let count = || accepted.lock().unwrap().len();
     for round in 1..=2 {
         let before = count();
-        wait_for(Duration::from_secs(30), "posts flowing", || async { (count() >= before + 50).then_some(()) }).await;
+        wait_for(Duration::from_secs(30), "posts flowing", || async {
+            (count() >= before + 50).then_some(())
+        })
+        .await;
         vhost.close_all_connections();
         // herald notices, reconnects and accepts again, with no help from the test.
         let after_cut = count();
-        wait_for(Duration::from_secs(30), "accepting again after the cut", || async {
-            (count() >= after_cut + 50).then_some(())
-        })
+        wait_for(
+            Duration::from_secs(30),
+            "accepting again after the cut",
+            || async { (count() >= after_cut + 50).then_some(()) },
+        )
         .await;
         let metrics = app.get("/metrics").await.text().await.unwrap();
         let reconnects: u64 = metrics
@@ -126,7 +153,10 @@ async fn connections_killed_mid_stream_lose_no_accepted_notification() {
             .find_map(|l| l.strip_prefix("herald_broker_reconnects_total "))
             .and_then(|v| v.parse().ok())
             .unwrap();
-        assert!(reconnects >= round, "round {round}: {reconnects} reconnects");
+        assert!(
+            reconnects >= round,
+            "round {round}: {reconnects} reconnects"
+        );
     }
     stop.cancel();
     for c in clients {
@@ -138,15 +168,28 @@ async fn connections_killed_mid_stream_lose_no_accepted_notification() {
     let on_queue: BTreeSet<String> = drain(&ch, "herald.work")
         .await
         .iter()
-        .map(|b| serde_json::from_slice::<serde_json::Value>(b).unwrap()["id"].as_str().unwrap().to_owned())
+        .map(|b| {
+            serde_json::from_slice::<serde_json::Value>(b).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     let missing: Vec<_> = accepted.difference(&on_queue).collect();
-    assert!(missing.is_empty(), "{} accepted notifications missing from the queue: {missing:?}", missing.len());
+    assert!(
+        missing.is_empty(),
+        "{} accepted notifications missing from the queue: {missing:?}",
+        missing.len()
+    );
     eprintln!(
         "accepted {}, refused with 503 {}, on queue {}",
         accepted.len(),
         refused.lock().unwrap(),
         on_queue.len()
     );
-    Arc::try_unwrap(app).ok().expect("clients finished").stop().await;
+    Arc::try_unwrap(app)
+        .ok()
+        .expect("clients finished")
+        .stop()
+        .await;
 }

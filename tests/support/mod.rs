@@ -37,6 +37,12 @@ pub fn test_settings() -> Settings {
     s
 }
 
+/// Only the API role: the queue keeps what the API put there, for the test to inspect.
+pub fn api_only(mut s: Settings) -> Settings {
+    s.roles = vec![herald::config::Role::Api];
+    s
+}
+
 pub async fn spawn_app(settings: Settings) -> TestApp {
     let app = Application::build(settings).await.expect("app builds");
     let addr = app.addr();

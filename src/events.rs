@@ -1,0 +1,252 @@
+//! Outcome events: what happened to each target, out to the callers' systems.
+//!
+//! Each final outcome (delivered live/apns/fcm, token dead, expired, dead-lettered) becomes
+//! one JSON [`Event`] (documented in docs/events.md), published to the `{prefix}.events`
+//! topic exchange on RabbitMQ (routing key `<type>.<channel>`, e.g. `token_dead.apns`) and,
+//! when `events.webhook_url` is set, POSTed to it in batches on either backend.
+//!
+//! Emitting never blocks a delivery: events go through a bounded buffer and are dropped
+//! (and counted) when it is full. Events report on deliveries; they must not hold them up.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::config::EventsSettings;
+use crate::domain::{DeviceId, QueuedNotification};
+use crate::metrics::Metrics;
+use crate::queue::Queue;
+use crate::shutdown::Shutdown;
+
+/// RabbitMQ event publishes awaiting their confirms at once.
+const RABBIT_IN_FLIGHT: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// The target got it: acked live, or accepted by APNs/FCM.
+    Delivered,
+    /// APNs/FCM said the token will never work again: delete it.
+    TokenDead,
+    /// The notification's ttl passed before delivery; it was dropped, not sent late.
+    Expired,
+    /// Retries exhausted or a configuration error: parked in the dead-letter queue.
+    DeadLettered,
+}
+
+impl EventKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Delivered => "delivered",
+            EventKind::TokenDead => "token_dead",
+            EventKind::Expired => "expired",
+            EventKind::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    #[serde(rename = "type")]
+    pub kind: EventKind,
+    pub notification_id: String,
+    pub device_id: String,
+    /// live, apns or fcm; absent when no channel was tried (expired).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel: Option<&'static str>,
+    /// The provider token, on token_dead only: the caller needs it to delete the token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Delivery attempts made, counting this one.
+    pub attempt: u32,
+    /// RFC 3339, UTC, milliseconds.
+    pub at: String,
+}
+
+impl Event {
+    pub fn new(kind: EventKind, n: &QueuedNotification, device: &DeviceId) -> Event {
+        Event {
+            kind,
+            notification_id: n.id.to_string(),
+            device_id: device.to_string(),
+            channel: None,
+            token: None,
+            reason: None,
+            attempt: n.attempt + 1,
+            at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        }
+    }
+
+    pub fn channel(mut self, channel: &'static str) -> Event {
+        self.channel = Some(channel);
+        self
+    }
+
+    pub fn reason(mut self, reason: impl Into<String>) -> Event {
+        self.reason = Some(reason.into());
+        self
+    }
+
+    pub fn token(mut self, token: impl Into<String>) -> Event {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// `<type>` or `<type>.<channel>`: subscribers bind e.g. `token_dead.*` or `#`.
+    pub fn routing_key(&self) -> String {
+        match self.channel {
+            Some(ch) => format!("{}.{ch}", self.kind.as_str()),
+            None => self.kind.as_str().to_owned(),
+        }
+    }
+}
+
+/// Where events go. Cheap to clone.
+#[derive(Clone)]
+pub struct Events {
+    sinks: Arc<Vec<(&'static str, mpsc::Sender<Event>)>>,
+    metrics: Metrics,
+}
+
+impl Events {
+    /// Starts the sink tasks: RabbitMQ when the queue is RabbitMQ, the webhook when
+    /// configured. Both stop when `shutdown` fires, after flushing what they hold.
+    pub fn start(
+        settings: &EventsSettings,
+        queue: &Queue,
+        metrics: &Metrics,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<Events> {
+        let mut sinks = Vec::new();
+        if matches!(queue, Queue::Rabbit(_)) {
+            let (tx, rx) = mpsc::channel(settings.buffer);
+            tokio::spawn(rabbit_sink(rx, queue.clone(), metrics.clone()));
+            sinks.push(("rabbitmq", tx));
+        }
+        if !settings.webhook_url.is_empty() {
+            let (tx, rx) = mpsc::channel(settings.buffer);
+            let client = reqwest::Client::builder()
+                .timeout(settings.webhook_timeout)
+                .build()?;
+            tokio::spawn(webhook_sink(
+                rx,
+                client,
+                settings.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            ));
+            sinks.push(("webhook", tx));
+        }
+        Ok(Events {
+            sinks: Arc::new(sinks),
+            metrics: metrics.clone(),
+        })
+    }
+
+    /// No sinks: events are only counted in metrics (tests of other parts, embedded
+    /// installs with no webhook).
+    pub fn none(metrics: &Metrics) -> Events {
+        Events {
+            sinks: Arc::new(Vec::new()),
+            metrics: metrics.clone(),
+        }
+    }
+
+    pub fn emit(&self, event: Event) {
+        for (name, tx) in self.sinks.iter() {
+            if tx.try_send(event.clone()).is_err() {
+                self.metrics
+                    .events_dropped
+                    .with_label_values(&[name, "buffer_full"])
+                    .inc();
+            }
+        }
+    }
+}
+
+async fn rabbit_sink(mut rx: mpsc::Receiver<Event>, queue: Queue, metrics: Metrics) {
+    let slots = Arc::new(Semaphore::new(RABBIT_IN_FLIGHT));
+    while let Some(event) = rx.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (queue, metrics) = (queue.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let body = serde_json::to_vec(&event).expect("events serialize");
+            match queue.publish_event(&event.routing_key(), body).await {
+                Ok(()) => metrics.events_published.with_label_values(&["rabbitmq"]).inc(),
+                Err(e) => {
+                    tracing::warn!(error = %e, kind = event.kind.as_str(), "event not published");
+                    metrics
+                        .events_dropped
+                        .with_label_values(&["rabbitmq", "failed"])
+                        .inc();
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn webhook_sink(
+    mut rx: mpsc::Receiver<Event>,
+    client: reqwest::Client,
+    settings: EventsSettings,
+    metrics: Metrics,
+    shutdown: Shutdown,
+) {
+    loop {
+        // Wait for the first event of a batch, then fill it for at most webhook_flush.
+        let first = tokio::select! {
+            e = rx.recv() => e,
+            _ = shutdown.cancelled() => rx.try_recv().ok(),
+        };
+        let Some(first) = first else { return };
+        let mut batch = vec![first];
+        let flush_at = tokio::time::Instant::now() + settings.webhook_flush;
+        while batch.len() < settings.webhook_batch {
+            match tokio::time::timeout_at(flush_at, rx.recv()).await {
+                Ok(Some(e)) => batch.push(e),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        post_batch(&client, &settings, &metrics, &batch).await;
+    }
+}
+
+/// POSTs one batch, retrying with exponential backoff; a batch that keeps failing is
+/// dropped and counted, so a dead webhook cannot grow memory without bound.
+async fn post_batch(
+    client: &reqwest::Client,
+    settings: &EventsSettings,
+    metrics: &Metrics,
+    batch: &[Event],
+) {
+    let mut delay = Duration::from_millis(500);
+    for attempt in 1..=settings.webhook_attempts {
+        let res = client.post(&settings.webhook_url).json(batch).send().await;
+        match res {
+            Ok(r) if r.status().is_success() => {
+                metrics
+                    .events_published
+                    .with_label_values(&["webhook"])
+                    .inc_by(batch.len() as u64);
+                return;
+            }
+            Ok(r) => tracing::warn!(status = %r.status(), attempt, "event webhook refused a batch"),
+            Err(e) => tracing::warn!(error = %e, attempt, "event webhook unreachable"),
+        }
+        if attempt < settings.webhook_attempts {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    }
+    metrics
+        .events_dropped
+        .with_label_values(&["webhook", "failed"])
+        .inc_by(batch.len() as u64);
+}
