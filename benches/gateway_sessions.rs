@@ -31,7 +31,10 @@ const PING_INTERVAL: &str = "5s";
 const CONNECT_CONCURRENCY: usize = 256;
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() {
@@ -217,9 +220,17 @@ async fn spawn_clients(role: &str, port: u16, total: usize, procs: usize) -> (Cl
             .expect("clients ready within 5 minutes")
             .expect("read")
             .unwrap_or_default();
-        opened += line.strip_prefix("ready ").and_then(|n| n.parse::<usize>().ok()).unwrap_or(0);
+        opened += line
+            .strip_prefix("ready ")
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(0);
     }
-    (Clients { _children: children }, opened)
+    (
+        Clients {
+            _children: children,
+        },
+        opened,
+    )
 }
 
 async fn metric(port: u16, name: &str) -> f64 {
@@ -247,7 +258,9 @@ async fn driver() {
     let sessions: usize = env_or("BENCH_SESSIONS", 19_000);
     let procs: usize = env_or("BENCH_CLIENT_PROCS", 4);
     let window = Duration::from_secs(env_or("BENCH_WINDOW_SECS", 20));
-    println!("## gateway_sessions: {sessions} idle sessions, {procs} client processes, ping_interval {PING_INTERVAL}, CPU window {window:?}");
+    println!(
+        "## gateway_sessions: {sessions} idle sessions, {procs} client processes, ping_interval {PING_INTERVAL}, CPU window {window:?}"
+    );
 
     // --- herald ---
     let port = free_port();
@@ -264,8 +277,14 @@ async fn driver() {
         .expect("herald serve");
     let pid = server.id().expect("pid");
     let started = Instant::now();
-    while reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await.is_err() {
-        assert!(started.elapsed() < Duration::from_secs(30), "herald did not start");
+    while reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+        .await
+        .is_err()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "herald did not start"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -279,7 +298,11 @@ async fn driver() {
     let rss = rss_kb(pid);
     let cpu = cpu_over(pid, window).await;
     let rtt_count = metric(port, "herald_gateway_ping_rtt_seconds_count").await;
-    let closed_pong = metric(port, "herald_gateway_sessions_closed_total{reason=\"pong_timeout\"}").await;
+    let closed_pong = metric(
+        port,
+        "herald_gateway_sessions_closed_total{reason=\"pong_timeout\"}",
+    )
+    .await;
     let per_session = (rss.saturating_sub(base) as f64 * 1024.0) / active.max(1.0);
     println!(
         "herald:    opened {opened} in {:.1}s, active {active}, RSS {base} kB -> {rss} kB, {:.0} B/session, CPU {:.1}% of a core with heartbeat (idle before: {:.1}%), pongs seen {rtt_count}, pong timeouts {closed_pong}",
@@ -367,9 +390,16 @@ async fn round_trips() {
     for i in 0..n_sessions {
         let device = DeviceId::parse(format!("rtt-{i}")).expect("id");
         let token = tokens.mint(&device).expect("token").0;
-        let mut req = format!("ws://127.0.0.1:{port}/v1/connect").into_client_request().expect("req");
-        req.headers_mut().insert("authorization", format!("Bearer {token}").parse().expect("hdr"));
-        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("connect");
+        let mut req = format!("ws://127.0.0.1:{port}/v1/connect")
+            .into_client_request()
+            .expect("req");
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("hdr"),
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("connect");
         tokio::spawn(async move {
             while let Some(Ok(msg)) = ws.next().await {
                 if let Message::Text(t) = msg
