@@ -1,0 +1,299 @@
+//! Notify throughput: notifications accepted per second through the HTTP API at several
+//! client concurrencies, on both queue backends, beside the raw lapin publish-with-confirm
+//! ceiling on the same broker, same message size, same concurrency, in the same run.
+//!
+//! Run: `cargo bench --bench notify_throughput` (needs RabbitMQ on 127.0.0.1:5672 and
+//! rabbitmqctl; uses a throwaway vhost). `BENCH_SECONDS` sets each measurement's length.
+//!
+//! herald runs as its own process (the release binary), as in production; the load
+//! generator and the raw lapin publisher run here. Everything shares the machine's cores
+//! with the broker, so compare the ratio, not the absolute rates.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+const KEY: &str = "bench-api-key-0123456789";
+const CONCURRENCIES: &[usize] = &[1, 8, 32, 128, 512];
+
+fn body() -> serde_json::Value {
+    serde_json::json!({
+        "targets": [
+            {"device_id": "phone-42", "apns": {"token": "ab".repeat(32)}},
+            {"device_id": "tablet-7", "fcm": {"token": "f".repeat(150)}}
+        ],
+        "notification": {"title": "Hi", "body": "You have a message"},
+        "data": {"thread": "t-1"},
+        "ttl": "1h"
+    })
+}
+
+fn seconds() -> Duration {
+    Duration::from_secs_f64(
+        std::env::var("BENCH_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(5.0),
+    )
+}
+
+/// Runs `concurrency` loops of `op` for the bench duration; returns successes per second.
+async fn drive<F, Fut>(concurrency: usize, op: F) -> f64
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let op = Arc::new(op);
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + seconds();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (op, done) = (op.clone(), done.clone());
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    if op().await {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The RabbitMQ node's process (beam.smp), to charge its CPU too.
+fn broker_pid() -> String {
+    let out = Command::new("pgrep")
+        .args(["-o", "beam.smp"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// CPU per message of herald, the load generator (this process) and the broker, and the
+/// cores all three kept busy, over one measured phase.
+struct Cost {
+    herald: Duration,
+    client: Duration,
+    broker: Duration,
+    cores_busy: f64,
+}
+
+async fn measure<F: std::future::Future<Output = f64>>(
+    herald_pid: Option<&str>,
+    phase: F,
+) -> (f64, Cost) {
+    let broker = broker_pid();
+    let (h0, c0, b0) = (
+        herald_pid.map(cpu_time).unwrap_or_default(),
+        cpu_time("self"),
+        cpu_time(&broker),
+    );
+    let started = Instant::now();
+    let rate = phase.await;
+    let wall = started.elapsed();
+    let n = (rate * wall.as_secs_f64()).max(1.0);
+    let h = herald_pid
+        .map(cpu_time)
+        .unwrap_or_default()
+        .saturating_sub(h0);
+    let c = cpu_time("self").saturating_sub(c0);
+    let b = cpu_time(&broker).saturating_sub(b0);
+    let cost = Cost {
+        herald: h.div_f64(n),
+        client: c.div_f64(n),
+        broker: b.div_f64(n),
+        cores_busy: (h + c + b).as_secs_f64() / wall.as_secs_f64(),
+    };
+    (rate, cost)
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+async fn api_rate(app_base: &str, concurrency: usize) -> f64 {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .unwrap();
+    let url = format!("{app_base}/v1/notify");
+    let payload = serde_json::to_vec(&body()).unwrap();
+    drive(concurrency, move || {
+        let req = client
+            .post(&url)
+            .bearer_auth(KEY)
+            .header("content-type", "application/json")
+            .body(payload.clone());
+        async move { req.send().await.is_ok_and(|r| r.status() == 202) }
+    })
+    .await
+}
+
+/// Starts the real `herald` binary as its own process (API role only, so nothing drains
+/// the queue and only the API path is measured), and waits until it answers.
+struct Server {
+    child: std::process::Child,
+    base: String,
+}
+
+impl Server {
+    async fn start(queue_url: Option<&str>) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        cmd.arg("serve")
+            .env("HERALD__HTTP__ADDR", format!("127.0.0.1:{port}"))
+            .env("HERALD__ROLES", "api")
+            .env("HERALD__AUTH__API_KEYS", KEY)
+            .env("HERALD__LOG__LEVEL", "error")
+            .env("HERALD__QUEUE__MEMORY_CAPACITY", "10000000")
+            .stdout(std::process::Stdio::null());
+        if let Some(url) = queue_url {
+            cmd.env("HERALD__QUEUE__URL", url);
+        }
+        let child = cmd.spawn().expect("herald starts");
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        for _ in 0..200 {
+            let ready = client.get(format!("{base}/readyz")).send().await;
+            if ready.is_ok_and(|r| r.status() == 200) {
+                return Server { child, base };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("herald did not become ready");
+    }
+}
+
+/// CPU time (user + system) a process has used so far, from /proc/<pid>/stat.
+fn cpu_time(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces:
+    // state is the first, utime and stime (fields 14 and 15 of the line) the 12th and 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = field(11) + field(12);
+    Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let ok = Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "rabbitmqctl {args:?}");
+}
+
+#[tokio::main]
+async fn main() {
+    // cargo bench passes --bench; nextest/cargo test may list us: do nothing then.
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let vhost = format!("herald-bench-{}", std::process::id());
+    rabbitmqctl(&["add_vhost", &vhost]);
+    rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+    let url = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
+    let message_len = {
+        // The queued message as herald would publish it, for the raw ceiling.
+        let req: herald::domain::NotifyRequest = serde_json::from_value(body()).unwrap();
+        req.parse(
+            herald::domain::NotifyLimits {
+                max_targets: 1000,
+                default_ttl: Duration::from_secs(60),
+                max_ttl: Duration::from_secs(86400),
+            },
+            std::time::SystemTime::now(),
+        )
+        .unwrap()
+        .to_json()
+    };
+
+    let embedded = Server::start(None).await;
+    let rabbit = Server::start(Some(&url)).await;
+
+    // Raw lapin: same broker, same exchange and quorum queue herald publishes to (declared
+    // by the herald server above), persistent + mandatory + confirmed, as herald does.
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let ch = Arc::new(ch);
+
+    println!(
+        "| concurrency | raw lapin publish+confirm /s | API → RabbitMQ /s | ratio | API → embedded /s | raw: client + broker CPU µs/msg, cores busy | API: herald + client + broker CPU µs/msg, cores busy |"
+    );
+    println!("|---:|---:|---:|---:|---:|---|---|");
+    for &c in CONCURRENCIES {
+        let (ch2, msg) = (ch.clone(), message_len.clone());
+        let (raw, raw_cost) = measure(
+            None,
+            drive(c, move || {
+                let (ch, msg) = (ch2.clone(), msg.clone());
+                async move {
+                    let confirm = ch
+                        .basic_publish(
+                            "herald.work".into(),
+                            "notify".into(),
+                            BasicPublishOptions {
+                                mandatory: true,
+                                ..Default::default()
+                            },
+                            &msg,
+                            BasicProperties::default().with_delivery_mode(2),
+                        )
+                        .await;
+                    match confirm {
+                        Ok(c) => c.await.is_ok_and(|c| c.is_ack()),
+                        Err(_) => false,
+                    }
+                }
+            }),
+        )
+        .await;
+        let herald_pid = rabbit.child.id().to_string();
+        let (rmq, api_cost) = measure(Some(&herald_pid), api_rate(&rabbit.base, c)).await;
+        let mem = api_rate(&embedded.base, c).await;
+        println!(
+            "| {c} | {raw:.0} | {rmq:.0} | {:.0}% | {mem:.0} | {:.0} + {:.0}, {:.2} | {:.0} + {:.0} + {:.0}, {:.2} |",
+            100.0 * rmq / raw,
+            us(raw_cost.client),
+            us(raw_cost.broker),
+            raw_cost.cores_busy,
+            us(api_cost.herald),
+            us(api_cost.client),
+            us(api_cost.broker),
+            api_cost.cores_busy,
+        );
+    }
+    drop(embedded);
+    drop(rabbit);
+    let _ = conn.close(200, "bench done".into()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rabbitmqctl(&["delete_vhost", &vhost]);
+}
