@@ -401,13 +401,22 @@ impl Settings {
             ));
         }
         if self.dispatcher.target_concurrency == 0 {
-            return Err(invalid("dispatcher.target_concurrency", "must be at least 1"));
+            return Err(invalid(
+                "dispatcher.target_concurrency",
+                "must be at least 1",
+            ));
         }
         let hook = &self.events.webhook_url;
         if !hook.is_empty() && !(hook.starts_with("http://") || hook.starts_with("https://")) {
-            return Err(invalid("events.webhook_url", "must be an http:// or https:// URL"));
+            return Err(invalid(
+                "events.webhook_url",
+                "must be an http:// or https:// URL",
+            ));
         }
-        if self.events.webhook_batch == 0 || self.events.buffer == 0 || self.events.webhook_attempts == 0 {
+        if self.events.webhook_batch == 0
+            || self.events.buffer == 0
+            || self.events.webhook_attempts == 0
+        {
             return Err(invalid(
                 "events",
                 "webhook_batch, webhook_attempts and buffer must be at least 1",

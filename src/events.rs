@@ -178,7 +178,10 @@ async fn rabbit_sink(mut rx: mpsc::Receiver<Event>, queue: Queue, metrics: Metri
         tokio::spawn(async move {
             let body = serde_json::to_vec(&event).expect("events serialize");
             match queue.publish_event(&event.routing_key(), body).await {
-                Ok(()) => metrics.events_published.with_label_values(&["rabbitmq"]).inc(),
+                Ok(()) => metrics
+                    .events_published
+                    .with_label_values(&["rabbitmq"])
+                    .inc(),
                 Err(e) => {
                     tracing::warn!(error = %e, kind = event.kind.as_str(), "event not published");
                     metrics

@@ -12,11 +12,11 @@ use crate::api::{self, ApiKeys, AppState};
 use crate::config::{Role, Settings};
 use crate::directory::Directory;
 use crate::dispatch::{Dispatcher, DispatcherHandle};
-use crate::events::Events;
-use crate::providers::Providers;
 use crate::domain::NotifyLimits;
+use crate::events::Events;
 use crate::gateway::{DeviceTokens, Gateway, GatewayConfig};
 use crate::metrics::Metrics;
+use crate::providers::Providers;
 use crate::queue::Queue;
 use crate::shutdown::Shutdown;
 
@@ -194,7 +194,10 @@ impl Application {
             if let Some(d) = dispatcher {
                 let budget = self.grace.mul_f64(0.6);
                 if !d.drain(budget).await {
-                    tracing::warn!(?budget, "dispatcher did not finish in time; unfinished messages return to the queue");
+                    tracing::warn!(
+                        ?budget,
+                        "dispatcher did not finish in time; unfinished messages return to the queue"
+                    );
                 }
             }
             // 2. Sessions: long-lived requests the HTTP server would otherwise wait on. The

@@ -116,7 +116,10 @@ impl Dispatcher {
                     .with_label_values(&["unparseable"])
                     .inc();
                 let body = delivery.body.clone();
-                if let Err(e) = delivery.dead_letter(body, &format!("unparseable: {e}")).await {
+                if let Err(e) = delivery
+                    .dead_letter(body, &format!("unparseable: {e}"))
+                    .await
+                {
                     tracing::warn!(error = %e, "could not dead-letter; it will be redelivered");
                 }
                 return;
@@ -133,8 +136,10 @@ impl Dispatcher {
                     .deliveries
                     .with_label_values(&["none", "expired"])
                     .inc();
-                self.events
-                    .emit(Event::new(EventKind::Expired, &n, &t.device_id).reason("ttl passed before delivery"));
+                self.events.emit(
+                    Event::new(EventKind::Expired, &n, &t.device_id)
+                        .reason("ttl passed before delivery"),
+                );
             }
             tracing::info!("expired before delivery: dropped");
             settle_log(delivery.ack().await);
@@ -203,12 +208,16 @@ impl Dispatcher {
 
         let mut dead_reason = None;
         if !config_errors.is_empty() {
-            dead_reason = Some(("config_error", format!("config_error: {}", config_errors[0])));
+            dead_reason = Some((
+                "config_error",
+                format!("config_error: {}", config_errors[0]),
+            ));
         }
         if !retry_targets.is_empty() {
             if attempt < self.retry.max_attempts {
-                let delay = backoff_with_jitter(attempt - 1, self.retry.base_delay, self.retry.max_delay)
-                    .max(retry_after);
+                let delay =
+                    backoff_with_jitter(attempt - 1, self.retry.base_delay, self.retry.max_delay)
+                        .max(retry_after);
                 let next = copy(std::mem::take(&mut retry_targets));
                 if let Err(e) = queue.publish_retry(&next, delay).await {
                     // Not acked: the whole message comes back; delivered targets may get a
@@ -239,8 +248,9 @@ impl Dispatcher {
             self.metrics.dead_letters.with_label_values(&[label]).inc();
             tracing::warn!(targets = dead.targets.len(), %reason, "dead-lettered");
             for t in &dead.targets {
-                self.events
-                    .emit(Event::new(EventKind::DeadLettered, &n, &t.device_id).reason(reason.clone()));
+                self.events.emit(
+                    Event::new(EventKind::DeadLettered, &n, &t.device_id).reason(reason.clone()),
+                );
             }
         }
         settle_log(delivery.ack().await);

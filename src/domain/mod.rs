@@ -7,6 +7,6 @@ mod notification;
 
 pub use device::{ApnsToken, DeviceId, FcmToken};
 pub use notification::{
-    AndroidOptions, ApnsOptions, AttemptRecord, ApnsPushType, Content, NotificationId, NotifyError, NotifyLimits,
-    NotifyRequest, Priority, QueuedNotification, Target, TargetRoute, unix_millis,
+    AndroidOptions, ApnsOptions, ApnsPushType, AttemptRecord, Content, NotificationId, NotifyError,
+    NotifyLimits, NotifyRequest, Priority, QueuedNotification, Target, TargetRoute, unix_millis,
 };

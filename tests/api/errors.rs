@@ -5,7 +5,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::support::{api_only, API_KEY, TestApp, spawn_app, test_settings};
+use crate::support::{API_KEY, TestApp, api_only, spawn_app, test_settings};
 
 async fn expect_error(res: reqwest::Response, status: u16, code: &str) -> serde_json::Value {
     assert_eq!(res.status().as_u16(), status, "status for {code}");

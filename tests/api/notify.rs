@@ -3,7 +3,7 @@
 use herald::queue::QueueKind;
 use serde_json::json;
 
-use crate::support::{api_only, API_KEY, spawn_app, test_settings};
+use crate::support::{API_KEY, api_only, spawn_app, test_settings};
 
 fn design_example() -> serde_json::Value {
     json!({

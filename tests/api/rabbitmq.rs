@@ -9,7 +9,7 @@ use lapin::options::BasicGetOptions;
 use lapin::{Connection, ConnectionProperties};
 use serde_json::json;
 
-use crate::support::{api_only, TestVhost, spawn_app, wait_for};
+use crate::support::{TestVhost, api_only, spawn_app, wait_for};
 
 async fn raw_channel(vhost: &TestVhost) -> (Connection, lapin::Channel) {
     let conn = Connection::connect(&vhost.url, ConnectionProperties::default())
