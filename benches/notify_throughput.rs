@@ -163,7 +163,7 @@ impl Server {
         if let Some(url) = queue_url {
             cmd.env("HERALD__QUEUE__URL", url);
         }
-        let child = cmd.spawn().expect("herald starts");
+        let mut child = cmd.spawn().expect("herald starts");
         let base = format!("http://127.0.0.1:{port}");
         let client = reqwest::Client::new();
         for _ in 0..200 {
@@ -173,6 +173,8 @@ impl Server {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("herald did not become ready");
     }
 }

@@ -407,7 +407,7 @@ impl Settings {
             ));
         }
         let hook = &self.events.webhook_url;
-        if !hook.is_empty() && !(hook.starts_with("http://") || hook.starts_with("https://")) {
+        if !(hook.is_empty() || hook.starts_with("http://") || hook.starts_with("https://")) {
             return Err(invalid(
                 "events.webhook_url",
                 "must be an http:// or https:// URL",

@@ -16,7 +16,7 @@
 //!   answer, a bulkhead and circuit breaker per provider.
 //! - [`queue`]: the queue contract and its two backends, embedded and RabbitMQ.
 //! - [`metrics`]: every metric herald exports.
-//! - [`telemetry`]: logging.
+//! - [`telemetry`]: logging setup.
 //!
 //! ARCHITECTURE.md walks the data path end to end.
 

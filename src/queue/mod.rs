@@ -141,7 +141,7 @@ impl Queue {
     pub fn consume(&self, kind: QueueKind) -> Consumer {
         match self {
             Queue::Memory(q) => Consumer::Memory(q.consume(kind)),
-            Queue::Rabbit(q) => Consumer::Rabbit(q.consume(kind)),
+            Queue::Rabbit(q) => Consumer::Rabbit(Box::new(q.consume(kind))),
         }
     }
 
@@ -171,10 +171,11 @@ impl Queue {
     }
 }
 
-/// A stream of deliveries from one queue.
+/// A stream of deliveries from one queue. The RabbitMQ consumer is boxed: it is much
+/// larger than the in-memory one and there are only a few consumers per process.
 pub enum Consumer {
     Memory(memory::MemoryConsumer),
-    Rabbit(rabbitmq::RabbitConsumer),
+    Rabbit(Box<rabbitmq::RabbitConsumer>),
 }
 
 impl Consumer {

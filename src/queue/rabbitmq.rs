@@ -645,13 +645,11 @@ fn dead_reason(p: &BasicProperties) -> Option<String> {
     if let Some(AMQPValue::LongString(s)) = inner.get(&ShortString::from(REASON_HEADER)) {
         return Some(s.to_string());
     }
-    if let Some(AMQPValue::FieldArray(deaths)) = inner.get(&ShortString::from("x-death")) {
-        if let Some(AMQPValue::FieldTable(first)) = deaths.as_slice().first() {
-            if let Some(AMQPValue::LongString(r)) = first.inner().get(&ShortString::from("reason"))
-            {
-                return Some(format!("broker: {r}"));
-            }
-        }
+    if let Some(AMQPValue::FieldArray(deaths)) = inner.get(&ShortString::from("x-death"))
+        && let Some(AMQPValue::FieldTable(first)) = deaths.as_slice().first()
+        && let Some(AMQPValue::LongString(r)) = first.inner().get(&ShortString::from("reason"))
+    {
+        return Some(format!("broker: {r}"));
     }
     None
 }
