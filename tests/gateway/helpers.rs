@@ -40,6 +40,7 @@ pub struct GwApp {
     pub base: String,
     pub directory: Directory,
     pub metrics: herald::metrics::Metrics,
+    pub queue: herald::queue::Queue,
     pub shutdown: Shutdown,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -52,6 +53,7 @@ pub async fn spawn(settings: Settings) -> GwApp {
         base: format!("http://{}", app.addr()),
         directory,
         metrics: app.metrics().clone(),
+        queue: app.queue().clone(),
         shutdown: app.shutdown_handle(),
         task: tokio::spawn(app.run_until_stopped()),
     }

@@ -1,0 +1,219 @@
+//! A herald with every role, pointed at provider doubles, a webhook that records events, and
+//! one of the two queue backends.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::{App, HttpResponse, HttpServer, web};
+use herald::config::Settings;
+use serde_json::Value;
+
+use crate::gw;
+use crate::support::apns_double::ApnsDouble;
+use crate::support::fcm_double::FcmDouble;
+use crate::support::{API_KEY, TestVhost, wait_for};
+
+pub const APNS_TOKEN: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+#[derive(Clone, Copy, Debug)]
+pub enum Backend {
+    Memory,
+    Rabbit,
+}
+
+/// Records every event POSTed to it.
+pub struct Webhook {
+    pub url: String,
+    events: Arc<Mutex<Vec<Value>>>,
+    handle: actix_web::dev::ServerHandle,
+}
+
+impl Webhook {
+    pub async fn start() -> Webhook {
+        let events: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let sink = web::Data::new(events.clone());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/events", listener.local_addr().unwrap());
+        let server = HttpServer::new(move || {
+            App::new().app_data(sink.clone()).route(
+                "/events",
+                web::post().to(
+                    |sink: web::Data<Arc<Mutex<Vec<Value>>>>, batch: web::Json<Vec<Value>>| async move {
+                        sink.lock().unwrap().extend(batch.into_inner());
+                        HttpResponse::Ok().finish()
+                    },
+                ),
+            )
+        })
+        .workers(1)
+        .disable_signals()
+        .listen(listener)
+        .unwrap()
+        .run();
+        let handle = server.handle();
+        tokio::spawn(server);
+        Webhook {
+            url,
+            events,
+            handle,
+        }
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// Events of one type.
+    pub fn of(&self, kind: &str) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["type"] == kind)
+            .collect()
+    }
+
+    /// Waits until `n` events of `kind` arrived.
+    pub async fn wait(&self, kind: &str, n: usize) -> Vec<Value> {
+        wait_for(
+            Duration::from_secs(20),
+            &format!("{n} {kind} events"),
+            || async {
+                let got = self.of(kind);
+                (got.len() >= n).then_some(got)
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        let h = self.handle.clone();
+        tokio::spawn(async move { h.stop(false).await });
+    }
+}
+
+pub struct World {
+    pub app: gw::GwApp,
+    pub queue: herald::queue::Queue,
+    pub http: reqwest::Client,
+    pub apns: ApnsDouble,
+    pub fcm: FcmDouble,
+    pub hook: Webhook,
+    pub vhost: Option<TestVhost>,
+}
+
+/// Settings for dispatch tests: short heartbeat and ack timeouts (from the gateway
+/// helpers), retries every 100-400 ms, 3 attempts.
+pub fn base_settings() -> Settings {
+    let mut s = gw::settings();
+    s.retry.base_delay = Duration::from_millis(100);
+    s.retry.max_delay = Duration::from_millis(400);
+    s.retry.max_attempts = 3;
+    s.events.webhook_flush = Duration::from_millis(20);
+    s
+}
+
+impl World {
+    pub async fn start(backend: Backend) -> World {
+        Self::start_with(backend, |_| {}).await
+    }
+
+    pub async fn start_with(backend: Backend, tweak: impl FnOnce(&mut Settings)) -> World {
+        let apns = ApnsDouble::start().await;
+        let fcm = FcmDouble::start().await;
+        let hook = Webhook::start().await;
+        let vhost = matches!(backend, Backend::Rabbit).then(TestVhost::new);
+        let mut s = match &vhost {
+            Some(v) => {
+                let mut s = base_settings();
+                s.queue.url = v.settings().queue.url;
+                s
+            }
+            None => base_settings(),
+        };
+        apns.configure(&mut s);
+        fcm.configure(&mut s);
+        s.events.webhook_url = hook.url.clone();
+        tweak(&mut s);
+        let app = gw::spawn(s).await;
+        let queue = app.queue.clone();
+        assert!(
+            queue.wait_connected(Duration::from_secs(10)).await,
+            "queue connected"
+        );
+        World {
+            app,
+            queue,
+            http: reqwest::Client::new(),
+            apns,
+            fcm,
+            hook,
+            vhost,
+        }
+    }
+
+    /// POSTs a notification; returns its id.
+    pub async fn notify(&self, body: Value) -> String {
+        let res = self
+            .http
+            .post(format!("{}/v1/notify", self.app.base))
+            .bearer_auth(API_KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 202, "{}", res.text().await.unwrap());
+        res.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub fn metric(&self, series: &str) -> f64 {
+        self.app.metric(series)
+    }
+
+    pub fn deliveries(&self, channel: &str, outcome: &str) -> f64 {
+        self.metric(&format!(
+            "herald_deliveries_total{{channel=\"{channel}\",outcome=\"{outcome}\"}}"
+        ))
+    }
+
+    /// Waits until the dispatcher settled everything: nothing held by the work queue.
+    pub async fn wait_settled(&self) {
+        match &self.vhost {
+            None => {
+                wait_for(Duration::from_secs(20), "embedded queue empty", || async {
+                    (self.metric("herald_queue_depth") == 0.0).then_some(())
+                })
+                .await
+            }
+            Some(v) => {
+                wait_for(
+                    Duration::from_secs(20),
+                    "work and retry queues empty",
+                    || async {
+                        let out = crate::support::rabbitmqctl(&[
+                            "list_queues",
+                            "-p",
+                            &v.name,
+                            "name",
+                            "messages",
+                        ]);
+                        out.lines()
+                            .filter(|l| {
+                                l.starts_with("herald.work") || l.starts_with("herald.retry")
+                            })
+                            .all(|l| l.ends_with("\t0"))
+                            .then_some(())
+                    },
+                )
+                .await
+            }
+        }
+    }
+
+    pub async fn stop(self) {
+        self.app.stop().await;
+    }
+}

@@ -1,0 +1,16 @@
+//! The dispatcher end to end: the API over HTTP, the queue (embedded and the real broker),
+//! device sessions over real WebSockets, and APNs / FCM doubles that are real HTTP/2
+//! servers. Assertions are on what the doubles recorded, the events herald emitted, and the
+//! metrics it exported.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+#[path = "../gateway/helpers.rs"]
+#[allow(dead_code)]
+mod gw;
+
+mod harness;
+
+mod delivery;
+mod outcomes;
