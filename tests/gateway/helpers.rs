@@ -40,6 +40,8 @@ pub struct GwApp {
     pub base: String,
     pub directory: Directory,
     pub metrics: herald::metrics::Metrics,
+    /// The app's queue (the dispatch tests read its dead letters).
+    #[allow(dead_code)]
     pub queue: herald::queue::Queue,
     pub shutdown: Shutdown,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
