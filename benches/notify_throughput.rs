@@ -17,7 +17,10 @@ use std::time::{Duration, Instant};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
-const KEY: &str = "bench-api-key-0123456789";
+#[path = "common/server.rs"]
+mod server;
+
+use server::{KEY, Server, cpu_time};
 const CONCURRENCIES: &[usize] = &[1, 8, 32, 128, 512];
 
 fn body() -> serde_json::Value {
@@ -138,64 +141,16 @@ async fn api_rate(app_base: &str, concurrency: usize) -> f64 {
     .await
 }
 
-/// Starts the real `herald` binary as its own process (API role only, so nothing drains
-/// the queue and only the API path is measured), and waits until it answers.
-struct Server {
-    child: std::process::Child,
-    base: String,
-}
-
-impl Server {
-    async fn start(queue_url: Option<&str>) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
-        cmd.arg("serve")
-            .env("HERALD__HTTP__ADDR", format!("127.0.0.1:{port}"))
-            .env("HERALD__ROLES", "api")
-            .env("HERALD__AUTH__API_KEYS", KEY)
-            .env("HERALD__LOG__LEVEL", "error")
-            .env("HERALD__QUEUE__MEMORY_CAPACITY", "10000000")
-            .stdout(std::process::Stdio::null());
-        if let Some(url) = queue_url {
-            cmd.env("HERALD__QUEUE__URL", url);
-        }
-        let mut child = cmd.spawn().expect("herald starts");
-        let base = format!("http://127.0.0.1:{port}");
-        let client = reqwest::Client::new();
-        for _ in 0..200 {
-            let ready = client.get(format!("{base}/readyz")).send().await;
-            if ready.is_ok_and(|r| r.status() == 200) {
-                return Server { child, base };
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("herald did not become ready");
+/// API role only, so nothing drains the queue and only the accept path is measured.
+fn api_only(queue_url: Option<&str>) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("HERALD__ROLES", "api".to_owned()),
+        ("HERALD__QUEUE__MEMORY_CAPACITY", "10000000".to_owned()),
+    ];
+    if let Some(url) = queue_url {
+        env.push(("HERALD__QUEUE__URL", url.to_owned()));
     }
-}
-
-/// CPU time (user + system) a process has used so far, from /proc/<pid>/stat.
-fn cpu_time(pid: &str) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may hold spaces:
-    // state is the first, utime and stime (fields 14 and 15 of the line) the 12th and 13th.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    let ticks = field(11) + field(12);
-    Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    env
 }
 
 fn rabbitmqctl(args: &[&str]) {
@@ -233,8 +188,8 @@ async fn main() {
         .to_json()
     };
 
-    let embedded = Server::start(None).await;
-    let rabbit = Server::start(Some(&url)).await;
+    let embedded = Server::start(&api_only(None)).await;
+    let rabbit = Server::start(&api_only(Some(&url))).await;
 
     // Raw lapin: same broker, same exchange and quorum queue herald publishes to (declared
     // by the herald server above), persistent + mandatory + confirmed, as herald does.

@@ -10,8 +10,12 @@
 
 #[path = "../tests/support/apns_double.rs"]
 mod apns_double;
+#[path = "common/raw_apns.rs"]
+mod raw_apns;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use raw_apns::raw;
+
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
 use herald::config::Settings;
@@ -54,51 +58,6 @@ async fn through_providers(p: &Providers, n: &QueuedNotification, sends: usize, 
     sends as f64 / started.elapsed().as_secs_f64()
 }
 
-async fn raw(
-    client: &reqwest::Client,
-    url: &str,
-    jwt: &str,
-    body: &[u8],
-    n: &QueuedNotification,
-    sends: usize,
-    c: usize,
-) -> f64 {
-    let expiration = (SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600)
-        .to_string();
-    let auth = format!("bearer {jwt}");
-    let id = n.id.to_string();
-    let started = Instant::now();
-    let ok = futures::stream::iter(0..sends)
-        .map(|_| async {
-            let resp = client
-                .post(url)
-                .header("authorization", &auth)
-                .header("apns-topic", "com.example.herald")
-                .header("apns-push-type", "alert")
-                .header("apns-priority", "10")
-                .header("apns-expiration", &expiration)
-                .header("apns-id", &id)
-                .header("content-type", "application/json")
-                .body(body.to_vec())
-                .send()
-                .await
-                .unwrap();
-            let status = resp.status().as_u16();
-            let _ = resp.bytes().await;
-            status == 200
-        })
-        .buffer_unordered(c)
-        .filter(|ok| futures::future::ready(*ok))
-        .count()
-        .await;
-    assert_eq!(ok, sends, "every raw request answered 200");
-    sends as f64 / started.elapsed().as_secs_f64()
-}
-
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -117,18 +76,7 @@ fn main() {
             .http2_prior_knowledge()
             .build()
             .unwrap();
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        header.kid = Some(double.key_id.clone());
-        let iat = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let jwt = jsonwebtoken::encode(
-            &header,
-            &serde_json::json!({"iss": double.team_id, "iat": iat}),
-            &jsonwebtoken::EncodingKey::from_ec_pem(double.key_pem.as_bytes()).unwrap(),
-        )
-        .unwrap();
+        let jwt = raw_apns::sign_jwt(&double);
         let body = serde_json::to_vec(&herald::providers::apns::payload(&n)).unwrap();
         let url = format!("{}/3/device/{}", double.url, "ab".repeat(32));
 

@@ -1,0 +1,68 @@
+//! A `herald serve` child process for benchmarks: the real release binary, configured by
+//! environment variables, on a free loopback port; killed on drop.
+#![allow(dead_code)]
+
+use std::process::Command;
+use std::time::Duration;
+
+pub const KEY: &str = "bench-api-key-0123456789";
+
+pub struct Server {
+    pub child: std::process::Child,
+    pub base: String,
+    pub addr: String,
+}
+
+impl Server {
+    /// Starts herald with `env` on top of a known API key and quiet logs, and waits until
+    /// `/readyz` answers 200.
+    pub async fn start(env: &[(&str, String)]) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        cmd.arg("serve")
+            .env("HERALD__HTTP__ADDR", &addr)
+            .env("HERALD__AUTH__API_KEYS", KEY)
+            .env("HERALD__LOG__LEVEL", "error")
+            .stdout(std::process::Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("herald starts");
+        let base = format!("http://{addr}");
+        let client = reqwest::Client::new();
+        for _ in 0..200 {
+            let ready = client.get(format!("{base}/readyz")).send().await;
+            if ready.is_ok_and(|r| r.status() == 200) {
+                return Server { child, base, addr };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("herald did not become ready");
+    }
+}
+
+/// CPU time (user + system) a process has used so far, from /proc/<pid>/stat.
+pub fn cpu_time(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces:
+    // state is the first, utime and stime (fields 14 and 15 of the line) the 12th and 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = field(11) + field(12);
+    Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
