@@ -17,7 +17,6 @@ mod raw_apns;
 mod server;
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -170,25 +169,13 @@ async fn fallback_rate(server: &Server, double: &apns_double::ApnsDouble) -> f64
     (FALLBACK_NOTIFICATIONS * TARGETS_EACH) as f64 / started.elapsed().as_secs_f64()
 }
 
-fn rabbitmqctl(args: &[&str]) {
-    let ok = Command::new("rabbitmqctl")
-        .arg("-q")
-        .args(args)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "rabbitmqctl {args:?}");
-}
-
 #[tokio::main]
 async fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let vhost = format!("herald-bench-e2e-{}", std::process::id());
-    rabbitmqctl(&["add_vhost", &vhost]);
-    rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
-    let url = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
+    let vhost = server::BenchVhost::new("e2e");
+    let url = vhost.url.clone();
     let double = apns_double::ApnsDouble::start().await;
 
     println!(
@@ -249,5 +236,4 @@ async fn main() {
         let rate = fallback_rate(&server, &double).await;
         println!("| {name} | {rate:.0} | {:.0}% |", 100.0 * rate / raw);
     }
-    rabbitmqctl(&["delete_vhost", &vhost]);
 }

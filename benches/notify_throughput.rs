@@ -9,7 +9,6 @@
 //! generator and the raw lapin publisher run here. Everything shares the machine's cores
 //! with the broker, so compare the ratio, not the absolute rates.
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -74,7 +73,7 @@ where
 
 /// The RabbitMQ node's process (beam.smp), to charge its CPU too.
 fn broker_pid() -> String {
-    let out = Command::new("pgrep")
+    let out = std::process::Command::new("pgrep")
         .args(["-o", "beam.smp"])
         .output()
         .unwrap();
@@ -153,26 +152,14 @@ fn api_only(queue_url: Option<&str>) -> Vec<(&'static str, String)> {
     env
 }
 
-fn rabbitmqctl(args: &[&str]) {
-    let ok = Command::new("rabbitmqctl")
-        .arg("-q")
-        .args(args)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "rabbitmqctl {args:?}");
-}
-
 #[tokio::main]
 async fn main() {
     // cargo bench passes --bench; nextest/cargo test may list us: do nothing then.
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let vhost = format!("herald-bench-{}", std::process::id());
-    rabbitmqctl(&["add_vhost", &vhost]);
-    rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
-    let url = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
+    let vhost = server::BenchVhost::new("notify");
+    let url = vhost.url.clone();
     let message_len = {
         // The queued message as herald would publish it, for the raw ceiling.
         let req: herald::domain::NotifyRequest = serde_json::from_value(body()).unwrap();
@@ -252,5 +239,4 @@ async fn main() {
     drop(rabbit);
     let _ = conn.close(200, "bench done".into()).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    rabbitmqctl(&["delete_vhost", &vhost]);
 }

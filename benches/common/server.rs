@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::process::Command;
+
 use std::time::Duration;
 
 pub const KEY: &str = "bench-api-key-0123456789";
@@ -64,5 +65,37 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A throwaway RabbitMQ vhost for one bench run, deleted (with everything in it) on drop.
+pub struct BenchVhost {
+    pub name: String,
+    pub url: String,
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let ok = Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "rabbitmqctl {args:?}");
+}
+
+impl BenchVhost {
+    pub fn new(label: &str) -> BenchVhost {
+        let name = format!("herald-bench-{label}-{}", std::process::id());
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        let url = format!("amqp://guest:guest@127.0.0.1:5672/{name}");
+        BenchVhost { name, url }
+    }
+}
+
+impl Drop for BenchVhost {
+    fn drop(&mut self) {
+        rabbitmqctl(&["delete_vhost", &self.name]);
     }
 }

@@ -105,6 +105,27 @@ impl Providers {
     }
 }
 
+/// Counts and logs the outcomes that need a person's attention, the same way for both
+/// providers. `token` is the redacted Debug form.
+fn note_outcome(
+    metrics: &Metrics,
+    provider: &'static str,
+    n: &QueuedNotification,
+    token: &dyn std::fmt::Debug,
+    outcome: &ProviderOutcome,
+) {
+    match outcome {
+        ProviderOutcome::TokenDead { reason } => {
+            metrics.tokens_dead.with_label_values(&[provider]).inc();
+            tracing::info!(notification = %n.id, ?token, %reason, provider, "token dead");
+        }
+        ProviderOutcome::ConfigError { reason } => {
+            tracing::warn!(notification = %n.id, ?token, %reason, provider, "provider configuration error");
+        }
+        _ => {}
+    }
+}
+
 /// Rejects a notification whose APNs or FCM payload would exceed the provider's limit, for
 /// the routes its targets actually use.
 pub fn check_payload_sizes(n: &QueuedNotification) -> Result<(), NotifyError> {

@@ -83,16 +83,7 @@ impl ApnsClient {
     /// Sends `n` to one device and classifies Apple's answer.
     pub async fn send(&self, token: &ApnsToken, n: &QueuedNotification) -> ProviderOutcome {
         let outcome = self.bulkhead.run(self.send_authenticated(token, n)).await;
-        match &outcome {
-            ProviderOutcome::TokenDead { reason } => {
-                self.metrics.tokens_dead.with_label_values(&["apns"]).inc();
-                tracing::info!(notification = %n.id, ?token, %reason, "APNs token dead");
-            }
-            ProviderOutcome::ConfigError { reason } => {
-                tracing::warn!(notification = %n.id, ?token, %reason, "APNs configuration error");
-            }
-            _ => {}
-        }
+        super::note_outcome(&self.metrics, "apns", n, token, &outcome);
         outcome
     }
 

@@ -50,16 +50,7 @@ impl FcmClient {
     /// Sends `n` to one registration token and classifies Google's answer.
     pub async fn send(&self, token: &FcmToken, n: &QueuedNotification) -> ProviderOutcome {
         let outcome = self.bulkhead.run(self.send_authenticated(token, n)).await;
-        match &outcome {
-            ProviderOutcome::TokenDead { reason } => {
-                self.metrics.tokens_dead.with_label_values(&["fcm"]).inc();
-                tracing::info!(notification = %n.id, ?token, %reason, "FCM token dead");
-            }
-            ProviderOutcome::ConfigError { reason } => {
-                tracing::warn!(notification = %n.id, ?token, %reason, "FCM configuration error");
-            }
-            _ => {}
-        }
+        super::note_outcome(&self.metrics, "fcm", n, token, &outcome);
         outcome
     }
 
