@@ -18,6 +18,15 @@ pub async fn notify(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    if state.shutdown.is_cancelled() && matches!(state.queue, crate::queue::Queue::Memory(_)) {
+        // The embedded queue dies with this process, which is now exiting: accepting would
+        // promise what cannot be kept. (RabbitMQ keeps accepting while draining: the work
+        // outlives this process.)
+        return Err(ApiError::QueueUnavailable {
+            retry_after: state.retry_after,
+            cause: crate::queue::QueueError::Closed,
+        });
+    }
     require_json(&req)?;
     let body = read_body(payload, state.max_body_bytes).await?;
     // serde_path_to_error names the field at fault ("targets[3].device_id: ...").
