@@ -81,6 +81,7 @@ pub struct Settings {
     pub dispatcher: DispatcherSettings,
     pub events: EventsSettings,
     pub gateway: GatewaySettings,
+    pub cluster: ClusterSettings,
     pub apns: ApnsSettings,
     pub fcm: FcmSettings,
 }
@@ -192,6 +193,19 @@ pub struct GatewaySettings {
     pub max_bad_frames: u32,
     #[serde(with = "humantime_serde")]
     pub reconnect_spread: Duration,
+    pub max_session_rate: u32,
+    pub session_burst: u32,
+}
+
+/// `[cluster]`: the directory across nodes (used when `queue.url` is RabbitMQ).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    pub node_id: String,
+    #[serde(with = "humantime_serde")]
+    pub reply_margin: Duration,
+    #[serde(with = "humantime_serde")]
+    pub register_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -433,6 +447,27 @@ impl Settings {
             if d.is_zero() {
                 return Err(invalid(key, "must be positive"));
             }
+        }
+        if self.gateway.max_session_rate == 0 || self.gateway.session_burst == 0 {
+            return Err(invalid(
+                "gateway.max_session_rate",
+                "gateway.max_session_rate and gateway.session_burst must be at least 1",
+            ));
+        }
+        let node_ok = self.cluster.node_id.len() <= 100
+            && self
+                .cluster
+                .node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !node_ok {
+            return Err(invalid(
+                "cluster.node_id",
+                "empty, or up to 100 characters of [A-Za-z0-9-_.]",
+            ));
+        }
+        if self.cluster.register_timeout.is_zero() {
+            return Err(invalid("cluster.register_timeout", "must be positive"));
         }
         if !(1024..=16 * 1024 * 1024).contains(&self.gateway.max_frame_bytes) {
             return Err(invalid(

@@ -10,7 +10,7 @@ use anyhow::Context;
 
 use crate::api::{self, ApiKeys, AppState};
 use crate::config::{Role, Settings};
-use crate::directory::Directory;
+use crate::directory::{ClusterDirectory, Directory};
 use crate::dispatch::{Dispatcher, DispatcherHandle};
 use crate::domain::NotifyLimits;
 use crate::events::Events;
@@ -29,6 +29,7 @@ pub struct Application {
     grace: Duration,
     generated_api_key: Option<String>,
     gateway: Option<Gateway>,
+    cluster: Option<ClusterDirectory>,
     dispatcher: Option<DispatcherHandle>,
 }
 
@@ -63,13 +64,36 @@ impl Application {
             )
         });
 
+        // Cluster mode (RabbitMQ): the directory is the broker's routing. A gateway node
+        // registers its sessions there; a dispatcher node (with or without the gateway
+        // role) delivers through it. An API-only node needs neither.
+        let cluster = match &queue {
+            Queue::Rabbit(q)
+                if settings.has_role(Role::Gateway) || settings.has_role(Role::Dispatcher) =>
+            {
+                Some(ClusterDirectory::start(
+                    q.clone(),
+                    &settings.queue.prefix,
+                    &settings.cluster,
+                    settings.gateway.ack_timeout,
+                    gateway.clone(),
+                ))
+            }
+            _ => None,
+        };
+        let directory = match (&cluster, &gateway) {
+            (Some(c), _) => Some(Directory::Cluster(c.clone())),
+            (None, Some(g)) => Some(Directory::Local(g.clone())),
+            (None, None) => None,
+        };
+
         let dispatcher = if settings.has_role(Role::Dispatcher) {
             let events = Events::start(&settings.events, &queue, &metrics, &shutdown)?;
             let providers = Providers::from_settings(&settings, &metrics)?;
             Some(
                 Dispatcher {
                     queue: queue.clone(),
-                    directory: gateway.clone().map(Directory::Local),
+                    directory: directory.clone(),
                     providers: std::sync::Arc::new(providers),
                     events,
                     metrics: metrics.clone(),
@@ -85,6 +109,7 @@ impl Application {
 
         let state = web::Data::new(AppState {
             require_consumer: dispatcher.is_some(),
+            cluster: cluster.clone(),
             queue: queue.clone(),
             metrics: metrics.clone(),
             limits: NotifyLimits {
@@ -134,13 +159,24 @@ impl Application {
             grace: settings.http.shutdown_grace,
             generated_api_key,
             gateway,
+            cluster,
             dispatcher,
         })
     }
 
-    /// Live delivery to this node's device sessions; `None` when the gateway role is off.
+    /// Live delivery as this node's dispatcher does it: the cluster directory in cluster
+    /// mode, else this node's own sessions; `None` when neither exists here.
     pub fn directory(&self) -> Option<Directory> {
-        self.gateway.clone().map(Directory::Local)
+        match (&self.cluster, &self.gateway) {
+            (Some(c), _) => Some(Directory::Cluster(c.clone())),
+            (None, Some(g)) => Some(Directory::Local(g.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// The cluster directory (RabbitMQ backend with the gateway or dispatcher role).
+    pub fn cluster(&self) -> Option<&ClusterDirectory> {
+        self.cluster.as_ref()
     }
 
     /// The bound address (the real port when `http.addr` asked for port 0).
@@ -201,7 +237,9 @@ impl Application {
                 }
             }
             // 2. Sessions: long-lived requests the HTTP server would otherwise wait on. The
-            //    gateway finishes in-flight ack waits, then sends "reconnect elsewhere".
+            //    gateway finishes in-flight ack waits, then sends "reconnect elsewhere" and,
+            //    in cluster mode, unbinds every session so other nodes' lookups get
+            //    "offline" from the broker at once.
             if let Some(gateway) = &self.gateway {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 gateway.shutdown(left).await;
@@ -209,6 +247,9 @@ impl Application {
             // 3. HTTP requests in flight, then the queue.
             handle.stop(true).await;
             let _ = server.await;
+            if let Some(c) = &self.cluster {
+                c.stop();
+            }
             self.queue.close().await;
         };
         if tokio::time::timeout(self.grace, drain).await.is_err() {

@@ -10,7 +10,8 @@ pub async fn healthz() -> HttpResponse {
 }
 
 /// Ready when the queue is connected, the dispatcher's consumer runs (if this process runs
-/// the dispatcher), and the process is not draining. Kubernetes stops
+/// the dispatcher), the cluster directory is registered (cluster mode), and the process is
+/// not draining. Kubernetes stops
 /// routing to a pod that is not ready, so during a broker outage or a shutdown callers are
 /// steered to other replicas.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
@@ -22,7 +23,8 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let draining = state.shutdown.is_cancelled();
     let consumers = state.metrics.consumers_running.get();
     let consuming = !state.require_consumer || consumers > 0;
-    let ready = queue == "connected" && consuming && !draining;
+    let directory = state.cluster.as_ref().map(|c| c.is_ready());
+    let ready = queue == "connected" && consuming && !draining && directory != Some(false);
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "checks": {
@@ -30,6 +32,11 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             "backend": state.queue.backend_name(),
             "draining": draining,
             "consumers": consumers,
+            "directory": match directory {
+                None => "local",
+                Some(true) => "registered",
+                Some(false) => "unregistered",
+            },
         }
     });
     if ready {

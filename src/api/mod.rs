@@ -35,6 +35,8 @@ pub struct AppState {
     pub queue: Queue,
     /// This process runs the dispatcher: ready only while its consumer runs.
     pub require_consumer: bool,
+    /// Cluster mode: ready only while the cluster directory is registered.
+    pub cluster: Option<crate::directory::ClusterDirectory>,
     pub metrics: Metrics,
     pub limits: NotifyLimits,
     pub max_body_bytes: usize,

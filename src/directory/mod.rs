@@ -1,12 +1,16 @@
 //! The directory: "deliver this notification to device D, live", answered with an
 //! outcome the dispatcher acts on.
 //!
-//! `Local` is this node's own session table (the embedded, one-process install). A
-//! `Cluster` variant (RabbitMQ routing by device id, replies over direct reply-to) comes
-//! with the cluster backend; the dispatcher calls the same `deliver` on either.
+//! `Local` is this node's own session table (the embedded, one-process install).
+//! `Cluster` ([`cluster`]) is RabbitMQ routing by device id with replies over direct
+//! reply-to, used whenever `queue.url` is RabbitMQ; the dispatcher calls the same
+//! `deliver` on either.
+
+pub mod cluster;
 
 use crate::domain::{DeviceId, QueuedNotification};
 use crate::gateway::Gateway;
+pub use cluster::ClusterDirectory;
 
 /// The result of one live delivery attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +27,7 @@ pub enum LiveOutcome {
 #[derive(Clone)]
 pub enum Directory {
     Local(Gateway),
+    Cluster(ClusterDirectory),
 }
 
 impl Directory {
@@ -31,13 +36,17 @@ impl Directory {
     pub async fn deliver(&self, device: &DeviceId, n: &QueuedNotification) -> LiveOutcome {
         match self {
             Directory::Local(gateway) => gateway.deliver(device, n).await,
+            Directory::Cluster(cluster) => cluster.deliver(device, n).await,
         }
     }
 
-    /// Whether `device` holds a session now (a hint: it may drop the next moment).
+    /// Whether `device` holds a session on this node now (a hint: it may drop the next
+    /// moment). The cluster directory does not know about other nodes without asking the
+    /// broker, which only a delivery does.
     pub fn is_connected(&self, device: &DeviceId) -> bool {
         match self {
             Directory::Local(gateway) => gateway.is_connected(device),
+            Directory::Cluster(cluster) => cluster.is_connected_here(device),
         }
     }
 }

@@ -4,10 +4,13 @@
 //!
 //! 1. [`connect`] checks the device token ([`token`]) *before* the upgrade: a bad token is a
 //!    401 and no session ever exists.
+//!    A node admits at most `gateway.max_session_rate` new sessions a second ([`Admission`]):
+//!    over it, 503 `too_many_sessions`, so a reconnect storm cannot flatten it.
 //! 2. The upgrade spawns one task per session ([`session`]) on the HTTP worker that
 //!    accepted it. The task registers the session in the gateway's table (replacing, and
-//!    closing, an older session of the same device), sends `hello`, then loops over: frames
-//!    from the device, notifications queued for it, and one timer for the heartbeat.
+//!    closing, an older session of the same device) and, in cluster mode, in the cluster
+//!    directory (a broker binding, awaited), sends `hello`, then loops over: frames from
+//!    the device, notifications queued for it, and one timer for the heartbeat.
 //! 3. [`Gateway::deliver`] (behind [`crate::directory::Directory`]) queues a notification
 //!    frame into the session's bounded send buffer and waits for the device's ack.
 //! 4. The session ends when the device closes, misses a pong, is replaced, overflows its
@@ -34,10 +37,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::GatewaySettings;
 use crate::directory::LiveOutcome;
+use crate::directory::cluster::Registry;
 use crate::domain::{DeviceId, NotificationId, QueuedNotification};
 use crate::metrics::Metrics;
 pub use protocol::CloseKind;
 pub use token::{DeviceTokens, TokenError};
+
+/// How long a connect waits for the cluster directory to be (re)registered before it is
+/// refused with 503 `not_ready`: covers a node's first second after start and a quick
+/// broker reconnect, without parking handshakes for a long outage.
+const REGISTRY_READY_WAIT: Duration = Duration::from_secs(1);
 
 /// The gateway's knobs, from `[gateway]` (each is explained in config/default.toml).
 #[derive(Debug, Clone)]
@@ -49,6 +58,8 @@ pub struct GatewayConfig {
     pub send_buffer: usize,
     pub max_bad_frames: u32,
     pub reconnect_spread: Duration,
+    pub max_session_rate: u32,
+    pub session_burst: u32,
 }
 
 impl From<&GatewaySettings> for GatewayConfig {
@@ -61,6 +72,8 @@ impl From<&GatewaySettings> for GatewayConfig {
             send_buffer: s.send_buffer,
             max_bad_frames: s.max_bad_frames,
             reconnect_spread: s.reconnect_spread,
+            max_session_rate: s.max_session_rate,
+            session_burst: s.session_burst,
         }
     }
 }
@@ -84,6 +97,54 @@ struct Inner {
     in_flight: AtomicUsize,
     /// Session tasks still running (they decrement after sending their close frame).
     live: AtomicUsize,
+    /// The cluster directory's registrar (cluster mode only): bind at connect, unbind at
+    /// close, in the order this table changes.
+    registry: OnceLock<Registry>,
+    admission: Admission,
+}
+
+/// Admission control for new sessions: a token bucket refilled at `max_session_rate` a
+/// second, holding at most `session_burst`. Hand-written: it is one bucket behind one
+/// mutex, checked once per connect, smaller than wiring a rate-limiting crate's clock.
+struct Admission {
+    rate: f64,
+    burst: f64,
+    state: Mutex<(f64, std::time::Instant)>,
+}
+
+impl Admission {
+    fn new(rate: u32, burst: u32) -> Self {
+        Admission {
+            rate: f64::from(rate.max(1)),
+            burst: f64::from(burst.max(1)),
+            state: Mutex::new((f64::from(burst.max(1)), std::time::Instant::now())),
+        }
+    }
+
+    /// Takes a token, or says how long until one is there.
+    fn try_admit(&self) -> Result<(), Duration> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, last) = &mut *state;
+        let now = std::time::Instant::now();
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - *tokens) / self.rate))
+        }
+    }
+}
+
+/// What registering a new session gave.
+pub(crate) enum Admitted {
+    /// The node is shutting down.
+    No,
+    /// In the table; in cluster mode, `bound` says when the broker binding is in place.
+    Yes {
+        bound: Option<oneshot::Receiver<bool>>,
+    },
 }
 
 /// What the table holds for a session: its send buffer and a way to close it.
@@ -128,6 +189,7 @@ impl Drop for InFlight<'_> {
 impl Gateway {
     pub fn new(config: GatewayConfig, tokens: DeviceTokens, metrics: Metrics) -> Self {
         Gateway(Arc::new(Inner {
+            admission: Admission::new(config.max_session_rate, config.session_burst),
             frames_in: metrics.frames.with_label_values(&["in"]),
             frames_out: metrics.frames.with_label_values(&["out"]),
             config,
@@ -137,7 +199,30 @@ impl Gateway {
             accepting: AtomicBool::new(true),
             in_flight: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
+            registry: OnceLock::new(),
         }))
+    }
+
+    /// Cluster mode: register sessions with the cluster directory from now on.
+    pub(crate) fn set_registry(&self, registry: Registry) {
+        let _ = self.0.registry.set(registry);
+    }
+
+    /// Devices with a session on this node now (the cluster directory re-binds them after
+    /// a broker reconnect).
+    pub(crate) fn devices(&self) -> Vec<DeviceId> {
+        self.sessions().keys().cloned().collect()
+    }
+
+    /// A newer session of `device` (id `newer`, a UUIDv7) opened on another node: close
+    /// this node's session of it if it is older ("replaced").
+    pub(crate) fn close_older(&self, device: &DeviceId, newer: uuid::Uuid) {
+        if let Some(h) = self.sessions().get(device)
+            && h.id < newer
+        {
+            tracing::info!(device = %device, "a newer session opened on another node: replacing");
+            h.control.close(CloseKind::Replaced);
+        }
     }
 
     pub fn config(&self) -> &GatewayConfig {
@@ -210,7 +295,15 @@ impl Gateway {
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let sessions: Vec<SessionHandle> = self.sessions().drain().map(|(_, h)| h).collect();
+        let sessions: Vec<SessionHandle> = {
+            let mut table = self.sessions();
+            if let Some(registry) = self.0.registry.get() {
+                for device in table.keys() {
+                    registry.unbind(device.clone());
+                }
+            }
+            table.drain().map(|(_, h)| h).collect()
+        };
         tracing::info!(
             sessions = sessions.len(),
             "closing sessions: reconnect elsewhere"
@@ -218,27 +311,43 @@ impl Gateway {
         for s in &sessions {
             s.control.close(CloseKind::Shutdown);
         }
+        // Deregistered from the cluster directory: lookups now get "offline" from the
+        // broker instead of waiting on this node.
+        if let Some(registry) = self.0.registry.get() {
+            registry
+                .flush(deadline.saturating_duration_since(tokio::time::Instant::now()))
+                .await;
+        }
         while self.0.live.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
     /// Puts a new session in the table; an older session of the same device is closed.
-    fn register(&self, device: DeviceId, handle: SessionHandle) -> bool {
+    /// In cluster mode the bind is asked for under the table's lock, so binds and unbinds
+    /// reach the registrar in the order the table changed.
+    fn register(&self, device: DeviceId, handle: SessionHandle) -> Admitted {
         if !self.0.accepting.load(Ordering::Acquire) {
-            return false;
+            return Admitted::No;
         }
-        if let Some(old) = self.sessions().insert(device, handle) {
+        let id = handle.id;
+        let mut sessions = self.sessions();
+        let bound = self.0.registry.get().map(|r| r.bind(device.clone(), id));
+        if let Some(old) = sessions.insert(device, handle) {
             old.control.close(CloseKind::Replaced);
         }
-        true
+        Admitted::Yes { bound }
     }
 
-    /// Removes the session from the table, unless a newer one already took its place.
+    /// Removes the session from the table (and its cluster registration), unless a newer
+    /// one already took its place.
     fn unregister(&self, device: &DeviceId, id: uuid::Uuid) {
         let mut sessions = self.sessions();
         if sessions.get(device).is_some_and(|h| h.id == id) {
             sessions.remove(device);
+            if let Some(registry) = self.0.registry.get() {
+                registry.unbind(device.clone());
+            }
         }
     }
 }
@@ -278,6 +387,20 @@ pub async fn connect(
         return HttpResponse::ServiceUnavailable()
             .insert_header((RETRY_AFTER, "1"))
             .json(json!({"error": {"code": "shutting_down", "message": "this node is shutting down; connect to another"}}));
+    }
+    if let Some(registry) = gateway.0.registry.get()
+        && !registry.wait_ready(REGISTRY_READY_WAIT).await
+    {
+        // Cluster mode with the broker away: a session here could not be routed to.
+        return HttpResponse::ServiceUnavailable()
+            .insert_header((RETRY_AFTER, "1"))
+            .json(json!({"error": {"code": "not_ready", "message": "this node cannot register sessions now (broker unavailable); retry or connect to another"}}));
+    }
+    if let Err(wait) = gateway.0.admission.try_admit() {
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        return HttpResponse::ServiceUnavailable()
+            .insert_header((RETRY_AFTER, secs.to_string()))
+            .json(json!({"error": {"code": "too_many_sessions", "message": "this node is admitting new sessions as fast as it allows (gateway.max_session_rate); retry after the delay or connect to another"}}));
     }
     let (response, ws, stream) = match actix_ws::handle(&req, body) {
         Ok(parts) => parts,

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::protocol::{ClientFrame, CloseKind, ServerFrame, error_code};
-use super::{Control, Gateway, Outbound, SessionHandle};
+use super::{Admitted, Control, Gateway, Outbound, SessionHandle};
 use crate::domain::{DeviceId, NotificationId};
 
 /// How long the server tries to get its close frame out before dropping the connection
@@ -55,10 +55,26 @@ pub(super) async fn run(
         last_ping: None,
     };
     tracing::debug!(device = %device, session = %id, "session opened");
-    let kind = if registered {
-        session.serve(&id, &device, &mut stream, &mut rx).await
-    } else {
-        CloseKind::Shutdown
+    let kind = match registered {
+        Admitted::No => CloseKind::Shutdown,
+        Admitted::Yes { bound: None } => session.serve(&id, &device, &mut stream, &mut rx).await,
+        // Cluster mode: `hello` only once other nodes can route to this session. A bind
+        // that fails or takes too long (broker away) closes with "reconnect elsewhere".
+        Admitted::Yes { bound: Some(bound) } => {
+            let timeout = gateway
+                .0
+                .registry
+                .get()
+                .map(|r| r.timeout())
+                .unwrap_or_default();
+            match tokio::time::timeout(timeout, bound).await {
+                Ok(Ok(true)) => session.serve(&id, &device, &mut stream, &mut rx).await,
+                _ => {
+                    tracing::info!(device = %device, "cluster registration failed: closing the new session");
+                    CloseKind::Shutdown
+                }
+            }
+        }
     };
     gateway.unregister(&device, id);
     // Queued notifications and pending acks die with the session: their deliverers see

@@ -395,6 +395,37 @@ impl RabbitQueue {
         Ok(Link { conn, publish })
     }
 
+    /// A new channel on the current connection, waiting (at most `queue.publish_timeout`)
+    /// for one if the broker is away. For the cluster directory, which supervises its own
+    /// channels on this process's one connection rather than opening a second connection:
+    /// one heartbeat, one entry in the broker's tools, and one cut (`close_all_connections`,
+    /// a broker restart) takes both down together, so there is one recovery to reason about.
+    pub async fn create_channel(&self) -> Result<Channel, QueueError> {
+        let link =
+            match tokio::time::timeout(self.settings.publish_timeout, self.current_link()).await {
+                Ok(Some(link)) => link,
+                Ok(None) => return Err(QueueError::Closed),
+                Err(_) => {
+                    return Err(QueueError::Unavailable(
+                        "not connected to RabbitMQ".to_owned(),
+                    ));
+                }
+            };
+        link.conn
+            .create_channel()
+            .await
+            .map_err(|e| QueueError::Unavailable(e.to_string()))
+    }
+
+    /// True once `close` was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    pub fn settings(&self) -> &QueueSettings {
+        &self.settings
+    }
+
     /// The current link, waiting for one if the broker is away.
     async fn current_link(&self) -> Option<Arc<Link>> {
         let mut rx = self.link.subscribe();
