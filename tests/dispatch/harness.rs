@@ -1,6 +1,7 @@
 //! A herald with every role, pointed at provider doubles, a webhook that records events, and
 //! one of the two queue backends.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,21 +26,32 @@ pub enum Backend {
 pub struct Webhook {
     pub url: String,
     events: Arc<Mutex<Vec<Value>>>,
+    /// POSTs still to refuse with 500 before accepting again.
+    failing: Arc<AtomicUsize>,
     handle: actix_web::dev::ServerHandle,
 }
 
 impl Webhook {
     pub async fn start() -> Webhook {
         let events: Arc<Mutex<Vec<Value>>> = Arc::default();
-        let sink = web::Data::new(events.clone());
+        let failing: Arc<AtomicUsize> = Arc::default();
+        let sink = web::Data::new((events.clone(), failing.clone()));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/events", listener.local_addr().unwrap());
         let server = HttpServer::new(move || {
             App::new().app_data(sink.clone()).route(
                 "/events",
                 web::post().to(
-                    |sink: web::Data<Arc<Mutex<Vec<Value>>>>, batch: web::Json<Vec<Value>>| async move {
-                        sink.lock().unwrap().extend(batch.into_inner());
+                    |sink: web::Data<(Arc<Mutex<Vec<Value>>>, Arc<AtomicUsize>)>,
+                     batch: web::Json<Vec<Value>>| async move {
+                        let (events, failing) = &**sink;
+                        let refuse = failing
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok();
+                        if refuse {
+                            return HttpResponse::InternalServerError().finish();
+                        }
+                        events.lock().unwrap().extend(batch.into_inner());
                         HttpResponse::Ok().finish()
                     },
                 ),
@@ -55,8 +67,14 @@ impl Webhook {
         Webhook {
             url,
             events,
+            failing,
             handle,
         }
+    }
+
+    /// Refuse the next `n` POSTs with 500.
+    pub fn fail_next(&self, n: usize) {
+        self.failing.store(n, Ordering::SeqCst);
     }
 
     pub fn events(&self) -> Vec<Value> {

@@ -13,4 +13,5 @@ mod gw;
 mod harness;
 
 mod delivery;
+mod events;
 mod outcomes;

@@ -1,0 +1,79 @@
+//! The binary's start-up contract: a bad setting exits non-zero naming the key; a config
+//! file and environment variables layer over the defaults.
+
+use std::process::Command;
+
+fn herald(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("herald runs")
+}
+
+#[test]
+fn a_bad_setting_exits_2_naming_the_key() {
+    for (var, value, key) in [
+        ("HERALD__HTTP__ADDR", "not-an-address", "http.addr"),
+        ("HERALD__QUEUE__URL", "redis://localhost", "queue.url"),
+        ("HERALD__GATEWAY__PING_INTERVAL", "often", "ping_interval"),
+    ] {
+        let out = herald(&["serve"], &[(var, value)]);
+        assert_eq!(out.status.code(), Some(2), "{var}={value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(key), "{var}={value}: {stderr}");
+    }
+}
+
+#[test]
+fn config_file_then_env_layer_over_the_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("herald.toml");
+    std::fs::write(
+        &file,
+        "[http]\naddr = \"127.0.0.1:9999\"\n[queue]\nprefix = \"from-file\"\nprefetch = 7\n",
+    )
+    .unwrap();
+    let out = herald(
+        &["check-config", "--config", file.to_str().unwrap()],
+        &[("HERALD__QUEUE__PREFETCH", "9")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains("\"127.0.0.1:9999\""),
+        "file sets http.addr"
+    );
+    assert!(printed.contains("\"from-file\""), "file sets queue.prefix");
+    assert!(printed.contains("prefetch: 9"), "env beats the file");
+    // A missing --config file is an error, not silently the defaults.
+    let out = herald(
+        &["check-config", "--config", "/nonexistent/herald.toml"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn secrets_are_redacted_when_settings_are_printed() {
+    let out = herald(
+        &["check-config"],
+        &[
+            ("HERALD__AUTH__API_KEYS", "very-secret-api-key-0123456789"),
+            (
+                "HERALD__QUEUE__URL",
+                "amqp://user:hunter2hunter2@127.0.0.1:5672/%2f",
+            ),
+        ],
+    );
+    assert!(out.status.success());
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(!printed.contains("very-secret-api-key"), "{printed}");
+    assert!(!printed.contains("hunter2"), "{printed}");
+    assert!(printed.contains("redacted"));
+}
