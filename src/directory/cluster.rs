@@ -458,8 +458,9 @@ impl ClusterDirectory {
         let mut check = tokio::time::interval(HEALTH_CHECK);
         loop {
             tokio::select! {
-                first = commands.recv() => {
-                    let Some(first) = first else { return };
+                // No gateway here (so no registry holds the sender): nothing to register,
+                // serve until the channels die.
+                Some(first) = commands.recv() => {
                     // Drain what is queued and coalesce: the last command per device wins
                     // (bind and unbind are idempotent), so a storm of connect/disconnect of
                     // one device costs one broker operation.
