@@ -9,13 +9,14 @@
 //! 3. Live delivery latency (publish → device ack → outcome back): cross-node through the
 //!    broker, same-node through the broker, and same-node local, in one run.
 //!
-//!     cargo bench --bench cluster
-//!     BENCH_WINDOW_SECS=5 BENCH_DELIVERIES=2000 cargo bench --bench cluster
+//! ```text
+//! cargo bench --bench cluster
+//! BENCH_WINDOW_SECS=3 BENCH_DELIVERIES=2000 cargo bench --bench cluster
+//! ```
 //!
 //! Needs RabbitMQ on 127.0.0.1:5672 (guest); runs in its own throwaway vhost.
 
 #[path = "common/server.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::sync::Arc;
