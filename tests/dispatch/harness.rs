@@ -22,6 +22,9 @@ pub enum Backend {
     Rabbit,
 }
 
+/// What the webhook server shares: the events received, and POSTs still to refuse.
+type Sink = (Arc<Mutex<Vec<Value>>>, Arc<AtomicUsize>);
+
 /// Records every event POSTed to it.
 pub struct Webhook {
     pub url: String,
@@ -42,7 +45,7 @@ impl Webhook {
             App::new().app_data(sink.clone()).route(
                 "/events",
                 web::post().to(
-                    |sink: web::Data<(Arc<Mutex<Vec<Value>>>, Arc<AtomicUsize>)>,
+                    |sink: web::Data<Sink>,
                      batch: web::Json<Vec<Value>>| async move {
                         let (events, failing) = &**sink;
                         let refuse = failing
