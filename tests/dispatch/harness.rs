@@ -45,8 +45,7 @@ impl Webhook {
             App::new().app_data(sink.clone()).route(
                 "/events",
                 web::post().to(
-                    |sink: web::Data<Sink>,
-                     batch: web::Json<Vec<Value>>| async move {
+                    |sink: web::Data<Sink>, batch: web::Json<Vec<Value>>| async move {
                         let (events, failing) = &**sink;
                         let refuse = failing
                             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
