@@ -367,14 +367,7 @@ impl Settings {
                 "must be positive and at most notify.max_ttl",
             ));
         }
-        let prefix_ok = !self.queue.prefix.is_empty()
-            && self.queue.prefix.len() <= 100
-            && self
-                .queue
-                .prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        if !prefix_ok {
+        if self.queue.prefix.is_empty() || !amqp_name_part(&self.queue.prefix) {
             return Err(invalid(
                 "queue.prefix",
                 "1-100 characters of [A-Za-z0-9-_.]",
@@ -454,13 +447,7 @@ impl Settings {
                 "gateway.max_session_rate and gateway.session_burst must be at least 1",
             ));
         }
-        let node_ok = self.cluster.node_id.len() <= 100
-            && self
-                .cluster
-                .node_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        if !node_ok {
+        if !amqp_name_part(&self.cluster.node_id) {
             return Err(invalid(
                 "cluster.node_id",
                 "empty, or up to 100 characters of [A-Za-z0-9-_.]",
@@ -588,6 +575,14 @@ impl ProviderLimits {
         }
         Ok(())
     }
+}
+
+/// Up to 100 characters of `[A-Za-z0-9-_.]`: safe inside AMQP exchange and queue names
+/// (255 bytes at most) with room for herald's own suffixes.
+fn amqp_name_part(s: &str) -> bool {
+    s.len() <= 100
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 fn read_secret_file(key: &'static str, path: &str) -> Result<String, SettingsError> {

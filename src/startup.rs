@@ -250,6 +250,13 @@ impl Application {
             if let Some(c) = &self.cluster {
                 c.stop();
             }
+            let left = self.metrics.queue_depth.get();
+            if matches!(self.queue, Queue::Memory(_)) && left > 0 {
+                tracing::warn!(
+                    notifications = left,
+                    "embedded queue: undelivered notifications are lost as the process exits"
+                );
+            }
             self.queue.close().await;
         };
         if tokio::time::timeout(self.grace, drain).await.is_err() {
