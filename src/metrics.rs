@@ -40,6 +40,7 @@ pub struct Metrics {
     pub sessions_active: IntGauge,
     pub sessions_opened: IntCounter,
     pub sessions_closed: IntCounterVec,
+    pub sessions_refused: IntCounterVec,
     pub ping_rtt: Histogram,
     pub frames: IntCounterVec,
     pub acks: IntCounter,
@@ -164,6 +165,12 @@ impl Metrics {
                 "Device sessions closed, by reason.",
                 &["reason"],
             ),
+            sessions_refused: counter_vec(
+                &r,
+                "herald_gateway_sessions_refused_total",
+                "Device connections refused before a session existed, by reason.",
+                &["reason"],
+            ),
             ping_rtt: histogram(
                 &r,
                 "herald_gateway_ping_rtt_seconds",
@@ -269,6 +276,14 @@ impl Metrics {
             for why in ["buffer_full", "failed"] {
                 m.events_dropped.with_label_values(&[sink, why]);
             }
+        }
+        for r in [
+            "unauthorized",
+            "shutting_down",
+            "not_ready",
+            "too_many_sessions",
+        ] {
+            m.sessions_refused.with_label_values(&[r]);
         }
         for d in ["in", "out"] {
             m.frames.with_label_values(&[d]);

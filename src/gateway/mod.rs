@@ -378,12 +378,27 @@ pub async fn connect(
             .ok()
             .and_then(|q| q.into_inner().token)
     });
+    let refused = |reason: &str| {
+        gateway
+            .0
+            .metrics
+            .sessions_refused
+            .with_label_values(&[reason])
+            .inc();
+    };
     let device = match token.as_deref().map(|t| gateway.0.tokens.verify(t)) {
         Some(Ok(device)) => device,
-        Some(Err(e)) => return unauthorized(&e),
-        None => return unauthorized(&TokenError::Missing),
+        Some(Err(e)) => {
+            refused("unauthorized");
+            return unauthorized(&e);
+        }
+        None => {
+            refused("unauthorized");
+            return unauthorized(&TokenError::Missing);
+        }
     };
     if !gateway.0.accepting.load(Ordering::Acquire) {
+        refused("shutting_down");
         return HttpResponse::ServiceUnavailable()
             .insert_header((RETRY_AFTER, "1"))
             .json(json!({"error": {"code": "shutting_down", "message": "this node is shutting down; connect to another"}}));
@@ -392,12 +407,14 @@ pub async fn connect(
         && !registry.wait_ready(REGISTRY_READY_WAIT).await
     {
         // Cluster mode with the broker away: a session here could not be routed to.
+        refused("not_ready");
         return HttpResponse::ServiceUnavailable()
             .insert_header((RETRY_AFTER, "1"))
             .json(json!({"error": {"code": "not_ready", "message": "this node cannot register sessions now (broker unavailable); retry or connect to another"}}));
     }
     if let Err(wait) = gateway.0.admission.try_admit() {
         let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        refused("too_many_sessions");
         return HttpResponse::ServiceUnavailable()
             .insert_header((RETRY_AFTER, secs.to_string()))
             .json(json!({"error": {"code": "too_many_sessions", "message": "this node is admitting new sessions as fast as it allows (gateway.max_session_rate); retry after the delay or connect to another"}}));

@@ -280,4 +280,8 @@ async fn new_sessions_past_the_admission_rate_get_503_too_many_sessions() {
     assert!(res.headers().contains_key("retry-after"));
     let body: serde_json::Value = res.json().await.unwrap();
     assert_eq!(body["error"]["code"], "too_many_sessions");
+    assert_eq!(
+        app.metric("herald_gateway_sessions_refused_total{reason=\"too_many_sessions\"}"),
+        1.0
+    );
 }

@@ -106,6 +106,11 @@ async fn bad_tokens_get_401_and_no_session() {
     };
     assert_eq!(hello["device_id"], "phone-1");
     assert_eq!(app.metric("herald_gateway_sessions_opened_total"), 1.0);
+    assert_eq!(
+        app.metric("herald_gateway_sessions_refused_total{reason=\"unauthorized\"}"),
+        8.0,
+        "every refused token counted"
+    );
     app.stop().await;
 }
 
