@@ -18,10 +18,15 @@ async fn a_failing_webhook_is_retried_until_it_accepts() {
     let delivered = w.hook.wait("delivered", 1).await;
     assert_eq!(delivered[0]["notification_id"], id.as_str());
     assert_eq!(delivered.len(), 1, "the retried batch arrived once");
-    assert_eq!(
-        w.metric("herald_events_published_total{sink=\"webhook\"}"),
-        1.0
-    );
+    // Counted once herald has read the 200, a moment after the receiver stored the batch.
+    wait_for(
+        Duration::from_secs(5),
+        "the batch counted as published",
+        || async {
+            (w.metric("herald_events_published_total{sink=\"webhook\"}") == 1.0).then_some(())
+        },
+    )
+    .await;
     assert_eq!(
         w.metric("herald_events_dropped_total{reason=\"failed\",sink=\"webhook\"}"),
         0.0
