@@ -17,6 +17,10 @@ fi
 cargo build --locked --bins
 cargo nextest run --locked --workspace --no-fail-fast
 
+step "broker restart under load (stops the machine's RabbitMQ, so it runs alone)"
+cargo nextest run --locked --workspace --run-ignored only
+scripts/ensure-rabbitmq.sh
+
 step "Python tools (schemathesis) in target/ci-venv"
 VENV=target/ci-venv
 if [ ! -x "$VENV/bin/st" ]; then
