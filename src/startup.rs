@@ -5,7 +5,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
-use actix_web::{App, HttpServer, middleware, web};
+use actix_web::{App, middleware, web};
 use anyhow::Context;
 
 use crate::api::{self, ApiKeys, AppState};
@@ -125,30 +125,66 @@ impl Application {
         let device_tokens = web::Data::new(device_tokens);
         let gateway_data = gateway.clone().map(web::Data::new);
         let api_role = settings.has_role(Role::Api);
-        let mut server = HttpServer::new(move || {
-            let gateway_data = gateway_data.clone();
-            App::new()
-                .app_data(state.clone())
-                .app_data(keys.clone())
-                .app_data(device_tokens.clone())
-                .wrap(middleware::from_fn(api::record_metrics))
-                .configure(|cfg| api::configure(cfg, api_role))
-                .configure(|cfg| {
-                    if let Some(gateway) = gateway_data {
-                        cfg.app_data(gateway);
-                        api::configure_gateway(cfg);
-                    }
-                })
-                .default_service(web::to(api::not_found))
-        })
-        // herald handles SIGTERM itself (shutdown.rs) so the drain covers every role.
-        .disable_signals()
-        .shutdown_timeout(settings.http.shutdown_grace.as_secs().max(1))
-        .listen(listener)?;
+        // actix-web's HttpServer, spelled out, to install one thing it does not expose:
+        // the upgrade service. WebSocket upgrades (and any other `Connection: Upgrade`
+        // request) go to `gateway::upgrade::handle` with the raw TCP stream, so a device
+        // session does not keep actix's per-connection HTTP buffers for its whole life.
+        let upgrade_gateway = gateway.clone();
+        let grace = settings.http.shutdown_grace.as_secs().max(1);
+        let mut builder = actix_server::Server::build()
+            // herald handles SIGTERM itself (shutdown.rs) so the drain covers every role.
+            .disable_signals()
+            .shutdown_timeout(grace);
         if settings.http.workers > 0 {
-            server = server.workers(settings.http.workers);
+            builder = builder.workers(settings.http.workers);
         }
-        let server = server.run();
+        // Tells idle keep-alive connections to close when a graceful stop begins, as
+        // actix-web's HttpServer does; without it a stop waits out the whole timeout.
+        let graceful_stop = builder.graceful_shutdown_signal();
+        let server = builder
+            .listen("herald-http", listener, move || {
+                let gateway_data = gateway_data.clone();
+                let (state, keys, device_tokens) =
+                    (state.clone(), keys.clone(), device_tokens.clone());
+                let app = move || {
+                    let gateway_data = gateway_data.clone();
+                    App::new()
+                        .app_data(state.clone())
+                        .app_data(keys.clone())
+                        .app_data(device_tokens.clone())
+                        .wrap(middleware::from_fn(api::record_metrics))
+                        .configure(|cfg| api::configure(cfg, api_role))
+                        .configure(|cfg| {
+                            if let Some(gateway) = gateway_data {
+                                cfg.app_data(gateway);
+                                api::configure_gateway(cfg);
+                            }
+                        })
+                        .default_service(web::to(api::not_found))
+                };
+                let upgrade_gateway = upgrade_gateway.clone();
+                let graceful_stop = graceful_stop.clone();
+                actix_http::HttpService::build()
+                    .graceful_shutdown_signal(move || {
+                        let signal = graceful_stop.clone();
+                        async move { signal.notified().await }
+                    })
+                    .local_addr(addr)
+                    .upgrade(actix_service::fn_service(
+                        move |(req, framed): (
+                            actix_http::Request,
+                            actix_codec::Framed<tokio::net::TcpStream, actix_http::h1::Codec>,
+                        )| {
+                            crate::gateway::upgrade::handle(upgrade_gateway.clone(), req, framed)
+                        },
+                    ))
+                    .finish(actix_service::map_config(
+                        actix_service::IntoServiceFactory::into_factory(app()),
+                        |_| actix_web::dev::AppConfig::default(),
+                    ))
+                    .tcp()
+            })?
+            .run();
 
         Ok(Application {
             addr,

@@ -22,6 +22,7 @@
 pub mod protocol;
 mod session;
 pub mod token;
+pub mod upgrade;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -357,84 +358,129 @@ struct TokenQuery {
     token: Option<String>,
 }
 
-/// `GET /v1/connect`: check the device token, then upgrade to a WebSocket session.
-pub async fn connect(
-    req: HttpRequest,
-    body: web::Payload,
-    gateway: web::Data<Gateway>,
-) -> HttpResponse {
-    let header_token = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, token) = v.split_once(' ')?;
-            scheme
-                .eq_ignore_ascii_case("bearer")
-                .then(|| token.trim().to_owned())
-        });
-    let token = header_token.or_else(|| {
-        web::Query::<TokenQuery>::from_query(req.query_string())
-            .ok()
-            .and_then(|q| q.into_inner().token)
-    });
-    let refused = |reason: &str| {
-        gateway
-            .0
-            .metrics
-            .sessions_refused
-            .with_label_values(&[reason])
-            .inc();
-    };
-    let device = match token.as_deref().map(|t| gateway.0.tokens.verify(t)) {
-        Some(Ok(device)) => device,
-        Some(Err(e)) => {
-            refused("unauthorized");
-            return unauthorized(&e);
-        }
-        None => {
-            refused("unauthorized");
-            return unauthorized(&TokenError::Missing);
-        }
-    };
-    if !gateway.0.accepting.load(Ordering::Acquire) {
-        refused("shutting_down");
-        return HttpResponse::ServiceUnavailable()
-            .insert_header((RETRY_AFTER, "1"))
-            .json(json!({"error": {"code": "shutting_down", "message": "this node is shutting down; connect to another"}}));
-    }
-    if let Some(registry) = gateway.0.registry.get()
-        && !registry.wait_ready(REGISTRY_READY_WAIT).await
-    {
-        // Cluster mode with the broker away: a session here could not be routed to.
-        refused("not_ready");
-        return HttpResponse::ServiceUnavailable()
-            .insert_header((RETRY_AFTER, "1"))
-            .json(json!({"error": {"code": "not_ready", "message": "this node cannot register sessions now (broker unavailable); retry or connect to another"}}));
-    }
-    if let Err(wait) = gateway.0.admission.try_admit() {
-        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-        refused("too_many_sessions");
-        return HttpResponse::ServiceUnavailable()
-            .insert_header((RETRY_AFTER, secs.to_string()))
-            .json(json!({"error": {"code": "too_many_sessions", "message": "this node is admitting new sessions as fast as it allows (gateway.max_session_rate); retry after the delay or connect to another"}}));
-    }
-    let (response, ws, stream) = match actix_ws::handle(&req, body) {
-        Ok(parts) => parts,
-        Err(e) => return e.error_response(),
-    };
-    let max = gateway.0.config.max_frame_bytes;
-    let stream = stream
-        .max_frame_size(max)
-        .aggregate_continuations()
-        .max_continuation_size(max);
-    // The payload stream is tied to this worker's (single-threaded) runtime.
-    actix_web::rt::spawn(session::run(gateway.get_ref().clone(), device, ws, stream));
-    response
+/// Why a connect was refused before any session existed: the status, the stable error
+/// code, and the headers that go with it. Rendered as an actix response on the plain
+/// request path and as raw HTTP/1.1 bytes on the upgrade path (see [`upgrade`]).
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    status: u16,
+    code: &'static str,
+    message: String,
+    retry_after: Option<u64>,
+    bearer_challenge: bool,
 }
 
-fn unauthorized(e: &TokenError) -> HttpResponse {
-    HttpResponse::Unauthorized()
-        .insert_header((WWW_AUTHENTICATE, "Bearer"))
-        .json(json!({"error": {"code": "unauthorized", "message": e.to_string()}}))
+impl Refusal {
+    fn body(&self) -> String {
+        json!({"error": {"code": self.code, "message": self.message}}).to_string()
+    }
+
+    fn into_response(self) -> HttpResponse {
+        let mut res = HttpResponse::build(
+            actix_web::http::StatusCode::from_u16(self.status)
+                .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR),
+        );
+        if self.bearer_challenge {
+            res.insert_header((WWW_AUTHENTICATE, "Bearer"));
+        }
+        if let Some(secs) = self.retry_after {
+            res.insert_header((RETRY_AFTER, secs.to_string()));
+        }
+        res.content_type("application/json").body(self.body())
+    }
+}
+
+impl Gateway {
+    /// Everything checked before a session may exist: the device token (Bearer header or
+    /// `?token=`), that the node is accepting, that it can register sessions (cluster
+    /// mode), and the admission rate. Each refusal is counted by reason.
+    pub(crate) async fn admit(
+        &self,
+        headers: &actix_web::http::header::HeaderMap,
+        query: &str,
+    ) -> Result<DeviceId, Refusal> {
+        let refuse = |status, code, message: &str, retry_after| {
+            self.0
+                .metrics
+                .sessions_refused
+                .with_label_values(&[if status == 401 { "unauthorized" } else { code }])
+                .inc();
+            Err(Refusal {
+                status,
+                code,
+                message: message.to_owned(),
+                retry_after,
+                bearer_challenge: status == 401,
+            })
+        };
+        let header_token = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, token) = v.split_once(' ')?;
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then(|| token.trim().to_owned())
+            });
+        let token = header_token.or_else(|| {
+            web::Query::<TokenQuery>::from_query(query)
+                .ok()
+                .and_then(|q| q.into_inner().token)
+        });
+        let device = match token.as_deref().map(|t| self.0.tokens.verify(t)) {
+            Some(Ok(device)) => device,
+            Some(Err(e)) => return refuse(401, "unauthorized", &e.to_string(), None),
+            None => {
+                return refuse(401, "unauthorized", &TokenError::Missing.to_string(), None);
+            }
+        };
+        if !self.0.accepting.load(Ordering::Acquire) {
+            return refuse(
+                503,
+                "shutting_down",
+                "this node is shutting down; connect to another",
+                Some(1),
+            );
+        }
+        if let Some(registry) = self.0.registry.get()
+            && !registry.wait_ready(REGISTRY_READY_WAIT).await
+        {
+            // Cluster mode with the broker away: a session here could not be routed to.
+            return refuse(
+                503,
+                "not_ready",
+                "this node cannot register sessions now (broker unavailable); retry or connect to another",
+                Some(1),
+            );
+        }
+        if let Err(wait) = self.0.admission.try_admit() {
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            return refuse(
+                503,
+                "too_many_sessions",
+                "this node is admitting new sessions as fast as it allows (gateway.max_session_rate); retry after the delay or connect to another",
+                Some(secs),
+            );
+        }
+        Ok(device)
+    }
+}
+
+/// `GET /v1/connect` *without* an `Upgrade` header: WebSocket upgrades never reach the
+/// actix app (they go to [`upgrade`]), so this answers only plain requests: the same
+/// admission checks (a bad token is still a 401), then 400 because there is nothing to
+/// upgrade.
+pub async fn connect(req: HttpRequest, gateway: web::Data<Gateway>) -> HttpResponse {
+    match gateway.admit(req.headers(), req.query_string()).await {
+        Err(refusal) => refusal.into_response(),
+        Ok(_) => Refusal {
+            status: 400,
+            code: "invalid_request",
+            message: "expected a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)"
+                .into(),
+            retry_after: None,
+            bearer_challenge: false,
+        }
+        .into_response(),
+    }
 }

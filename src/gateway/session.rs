@@ -8,10 +8,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, Message};
-use futures::SinkExt;
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 
 use super::protocol::{ClientFrame, CloseKind, ServerFrame, error_code};
 use super::{Admitted, Control, Gateway, Outbound, SessionHandle};
@@ -21,12 +26,11 @@ use crate::domain::{DeviceId, NotificationId};
 /// (a slow consumer's socket may never take it).
 const CLOSE_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
-pub(super) async fn run(
-    gateway: Gateway,
-    device: DeviceId,
-    ws: actix_ws::Session,
-    mut stream: AggregatedMessageStream,
-) {
+type Sink = SplitSink<WebSocketStream<TcpStream>, Message>;
+type Stream = SplitStream<WebSocketStream<TcpStream>>;
+
+pub(super) async fn run(gateway: Gateway, device: DeviceId, ws: WebSocketStream<TcpStream>) {
+    let (ws, mut stream) = ws.split();
     let inner = &gateway.0;
     let (tx, mut rx) = mpsc::channel(inner.config.send_buffer);
     let control = Arc::new(Control::default());
@@ -81,6 +85,14 @@ pub(super) async fn run(
     // the channel close and answer `Offline`.
     rx.close();
     drop(session.pending);
+    // Counted as closed now: the session is gone from the table and takes no deliveries;
+    // what follows is only the goodbye on the wire.
+    inner
+        .metrics
+        .sessions_closed
+        .with_label_values(&[kind.label()])
+        .inc();
+    inner.metrics.sessions_active.dec();
     if let Some(code) = kind.code() {
         let description = match kind {
             CloseKind::Shutdown => {
@@ -94,28 +106,35 @@ pub(super) async fn run(
             CloseKind::SlowConsumer => "slow consumer".into(),
             CloseKind::ClientClosed => String::new(),
         };
-        let reason = CloseReason {
+        let frame = CloseFrame {
             code: CloseCode::from(code),
-            description: Some(description),
+            reason: description.into(),
         };
-        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, session.ws.close(Some(reason))).await;
+        // The close handshake (RFC 6455 §7.1): send our close, then read until the
+        // device's close comes back, so the device reads our reason before the TCP
+        // connection goes. Bounded: a dead or hostile device gets CLOSE_WRITE_TIMEOUT.
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
+            session.ws.send(Message::Close(Some(frame))).await?;
+            while let Some(Ok(msg)) = stream.next().await {
+                if msg.is_close() {
+                    break;
+                }
+            }
+            session.ws.close().await
+        })
+        .await;
     } else {
-        // Echo the device's close, as RFC 6455 asks.
-        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, session.ws.close(None)).await;
+        // Echo the device's close, as RFC 6455 asks (tungstenite queued the reply when it
+        // read the close; flushing and closing sends it).
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, session.ws.close()).await;
     }
-    inner
-        .metrics
-        .sessions_closed
-        .with_label_values(&[kind.label()])
-        .inc();
-    inner.metrics.sessions_active.dec();
     inner.live.fetch_sub(1, Ordering::AcqRel);
     tracing::debug!(device = %device, session = %id, reason = kind.label(), "session closed");
 }
 
 struct Session<'a> {
     gateway: &'a Gateway,
-    ws: actix_ws::Session,
+    ws: Sink,
     control: &'a Control,
     /// Notifications written and not yet acked, with their waiting deliverers.
     pending: HashMap<NotificationId, oneshot::Sender<()>>,
@@ -133,7 +152,7 @@ impl Session<'_> {
         &mut self,
         id: &uuid::Uuid,
         device: &DeviceId,
-        stream: &mut AggregatedMessageStream,
+        stream: &mut Stream,
         rx: &mut mpsc::Receiver<Box<Outbound>>,
     ) -> CloseKind {
         let cfg = &self.gateway.0.config;
@@ -146,7 +165,7 @@ impl Session<'_> {
             ack_timeout_ms: cfg.ack_timeout.as_millis() as u64,
             max_frame_bytes: cfg.max_frame_bytes,
         };
-        if let Err(kind) = self.send(Message::Text(hello.to_json().into())).await {
+        if let Err(kind) = self.send(Message::text(hello.to_json())).await {
             return kind;
         }
         loop {
@@ -156,7 +175,7 @@ impl Session<'_> {
             };
             let step = tokio::select! {
                 _ = self.control.kill.cancelled() => Err(self.killed()),
-                msg = stream.recv() => match msg {
+                msg = stream.next() => match msg {
                     None => Err(CloseKind::ClientClosed),
                     Some(Ok(msg)) => {
                         self.gateway.0.frames_in.inc();
@@ -168,7 +187,7 @@ impl Session<'_> {
                     Some(out) => {
                         let Outbound { id, frame, acked } = *out;
                         self.pending.insert(id, acked);
-                        self.send(Message::Text(frame.into())).await
+                        self.send(Message::text(frame)).await
                     }
                     // The table dropped our handle, which happens only after a kill
                     // (replaced, shutdown) whose reason is already set.
@@ -231,15 +250,15 @@ impl Session<'_> {
         // Deliverers that gave up (ack timeout) leave closed senders behind; sweep them
         // here rather than let a device that never acks grow the map.
         self.pending.retain(|_, s| !s.is_closed());
-        self.send(Message::Ping(stamp.to_be_bytes().to_vec().into()))
+        self.send(Message::Ping(Bytes::copy_from_slice(&stamp.to_be_bytes())))
             .await
     }
 
-    async fn on_message(&mut self, msg: AggregatedMessage) -> Result<(), CloseKind> {
+    async fn on_message(&mut self, msg: Message) -> Result<(), CloseKind> {
         // Any frame from the device proves the link works, as well as a pong would.
         self.pong_deadline = None;
         match msg {
-            AggregatedMessage::Text(text) => match serde_json::from_str::<ClientFrame>(&text) {
+            Message::Text(text) => match serde_json::from_str::<ClientFrame>(&text) {
                 Ok(ClientFrame::Ack { id }) => match NotificationId::parse(&id) {
                     Some(id) => {
                         if let Some(acked) = self.pending.remove(&id) {
@@ -259,22 +278,23 @@ impl Session<'_> {
                     let pong = ServerFrame::Pong {
                         nonce: nonce.as_deref(),
                     };
-                    self.send(Message::Text(pong.to_json().into())).await
+                    self.send(Message::text(pong.to_json())).await
                 }
                 Err(e) => {
                     let message = format!("not a protocol frame: {e}");
                     self.bad_frame(error_code::BAD_FRAME, &message).await
                 }
             },
-            AggregatedMessage::Binary(_) => {
+            Message::Binary(_) => {
                 self.bad_frame(
                     error_code::BINARY_NOT_SUPPORTED,
                     "frames are JSON text frames",
                 )
                 .await
             }
-            AggregatedMessage::Ping(payload) => self.send(Message::Pong(payload)).await,
-            AggregatedMessage::Pong(payload) => {
+            // tungstenite queues the pong itself and sends it with the next read or write.
+            Message::Ping(_) => Ok(()),
+            Message::Pong(payload) => {
                 if let (Some((stamp, sent)), Ok(bytes)) =
                     (self.last_ping, <[u8; 8]>::try_from(payload.as_ref()))
                     && u64::from_be_bytes(bytes) == stamp
@@ -288,7 +308,9 @@ impl Session<'_> {
                 }
                 Ok(())
             }
-            AggregatedMessage::Close(_) => Err(CloseKind::ClientClosed),
+            Message::Close(_) => Err(CloseKind::ClientClosed),
+            // Raw frames are only produced when writing; never read.
+            Message::Frame(_) => Ok(()),
         }
     }
 
@@ -296,7 +318,7 @@ impl Session<'_> {
     async fn bad_frame(&mut self, code: &str, message: &str) -> Result<(), CloseKind> {
         self.bad_frames += 1;
         let frame = ServerFrame::Error { code, message };
-        self.send(Message::Text(frame.to_json().into())).await?;
+        self.send(Message::text(frame.to_json())).await?;
         if self.bad_frames >= self.gateway.0.config.max_bad_frames {
             return Err(CloseKind::ProtocolError);
         }
@@ -304,14 +326,13 @@ impl Session<'_> {
     }
 }
 
-fn protocol_error(e: actix_ws::ProtocolError) -> CloseKind {
+fn protocol_error(e: WsError) -> CloseKind {
     match e {
-        actix_ws::ProtocolError::Overflow => CloseKind::TooBig,
-        // actix-ws reports an over-long fragmented message as this I/O error.
-        actix_ws::ProtocolError::Io(e) if e.to_string().contains("maximum continuation size") => {
-            CloseKind::TooBig
+        // Over gateway.max_frame_bytes (frame or reassembled message): 1009.
+        WsError::Capacity(_) => CloseKind::TooBig,
+        WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => {
+            CloseKind::ClientClosed
         }
-        actix_ws::ProtocolError::Io(_) => CloseKind::ClientClosed,
         e => {
             tracing::debug!(error = %e, "websocket protocol error");
             CloseKind::ProtocolError

@@ -1,0 +1,165 @@
+//! The WebSocket upgrade, done on the raw socket.
+//!
+//! Every HTTP/1.1 request that asks to upgrade (`Connection: Upgrade`) is handed here by
+//! actix-http's dispatcher *with the TCP stream itself* (see `startup.rs`, which installs
+//! this as the server's upgrade service). herald checks the device token and the node's
+//! admission exactly as for any connect, answers the WebSocket handshake, drops actix's
+//! per-connection read and write buffers (8 KiB each, kept for the life of a connection
+//! that stays inside actix, twice the per-session memory target on their own), and runs
+//! the session on tokio-tungstenite configured with small buffers. docs/benchmarks.md
+//! ("Gateway") has the before and after.
+
+use actix_codec::Framed;
+use actix_http::{HttpMessage, Method, Request, h1};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use super::{Gateway, Refusal, session};
+
+/// tungstenite's read buffer per session. Device frames are acks and pings of ~100 bytes;
+/// 1 KiB holds several, and the buffer grows (up to `gateway.max_frame_bytes`) for the
+/// rare larger frame. tungstenite's default, 128 KiB, would be ~16x the whole session
+/// budget.
+const READ_BUFFER_BYTES: usize = 1024;
+
+/// The upgrade service: `gateway` is `None` on a node without the gateway role. A failed
+/// write means the client went away; actix logs the error and drops the connection.
+pub async fn handle(
+    gateway: Option<Gateway>,
+    req: Request,
+    framed: Framed<TcpStream, h1::Codec>,
+) -> Result<(), actix_web::Error> {
+    upgrade(gateway, req, framed).await.map_err(Into::into)
+}
+
+async fn upgrade(
+    gateway: Option<Gateway>,
+    req: Request,
+    framed: Framed<TcpStream, h1::Codec>,
+) -> Result<(), std::io::Error> {
+    let parts = framed.into_parts();
+    let mut io = parts.io;
+    // Bytes the client sent after its request head (it may pipeline its first frames).
+    let early = parts.read_buf.to_vec();
+    drop(parts.write_buf);
+
+    let Some(gateway) = gateway.filter(|_| req.path() == "/v1/connect") else {
+        return refuse(&mut io, not_found(req.path())).await;
+    };
+    if req.method() != Method::GET {
+        let mut r = plain(
+            405,
+            "method_not_allowed",
+            "method not allowed; this endpoint accepts GET",
+        );
+        r.allow_get = true;
+        return refuse(&mut io, r).await;
+    }
+    let headers = req.headers();
+    let device = match gateway
+        .admit(headers, req.uri().query().unwrap_or(""))
+        .await
+    {
+        Ok(device) => device,
+        Err(refusal) => return refuse(&mut io, Raw::from(refusal)).await,
+    };
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let is_websocket = header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
+    let key = header("sec-websocket-key").filter(|k| !k.is_empty());
+    let (true, Some(key), Some("13")) = (is_websocket, key, header("sec-websocket-version")) else {
+        return refuse(
+            &mut io,
+            plain(
+                400,
+                "invalid_request",
+                "expected a WebSocket upgrade (Upgrade: websocket, Sec-WebSocket-Version: 13, Sec-WebSocket-Key)",
+            ),
+        )
+        .await;
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    io.write_all(
+        format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await?;
+
+    let max = gateway.0.config.max_frame_bytes;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        // 0: every frame is written out at once; notification frames are latency-bound,
+        // and nothing is held back in a per-session buffer.
+        .write_buffer_size(0)
+        // A bounded queue of unsent bytes for a device that stopped reading; past it the
+        // write fails and the session closes (the send buffer above it is the primary
+        // guard: gateway.send_buffer).
+        .max_write_buffer_size(max * 4)
+        .max_frame_size(Some(max))
+        .max_message_size(Some(max));
+    let ws = WebSocketStream::from_partially_read(io, early, Role::Server, Some(config)).await;
+    actix_web::rt::spawn(session::run(gateway, device, ws));
+    Ok(())
+}
+
+/// A refusal written as raw HTTP/1.1.
+struct Raw {
+    refusal: Refusal,
+    allow_get: bool,
+}
+
+impl From<Refusal> for Raw {
+    fn from(refusal: Refusal) -> Raw {
+        Raw {
+            refusal,
+            allow_get: false,
+        }
+    }
+}
+
+fn plain(status: u16, code: &'static str, message: &str) -> Raw {
+    Raw::from(Refusal {
+        status,
+        code,
+        message: message.to_owned(),
+        retry_after: None,
+        bearer_challenge: false,
+    })
+}
+
+fn not_found(path: &str) -> Raw {
+    plain(404, "not_found", &format!("no such endpoint: {path}"))
+}
+
+/// Writes the refusal and closes the connection (an upgrade request's connection is not
+/// reused).
+async fn refuse(io: &mut TcpStream, raw: Raw) -> Result<(), std::io::Error> {
+    let r = &raw.refusal;
+    let body = r.body();
+    let reason = actix_web::http::StatusCode::from_u16(r.status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error");
+    let mut head = format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+        r.status,
+        body.len()
+    );
+    if r.bearer_challenge {
+        head.push_str("www-authenticate: Bearer\r\n");
+    }
+    if let Some(secs) = r.retry_after {
+        head.push_str(&format!("retry-after: {secs}\r\n"));
+    }
+    if raw.allow_get {
+        head.push_str("allow: GET\r\n");
+    }
+    head.push_str("\r\n");
+    head.push_str(&body);
+    io.write_all(head.as_bytes()).await?;
+    io.shutdown().await
+}
