@@ -271,6 +271,10 @@ async fn driver() {
         .env("HERALD__LOG__LEVEL", "warn")
         .env("HERALD__AUTH__DEVICE_TOKEN_SECRET", SECRET)
         .env("HERALD__GATEWAY__PING_INTERVAL", PING_INTERVAL)
+        // The bench opens every session at once on purpose; the admission limit that
+        // protects a node from a reconnect storm would turn most of them away.
+        .env("HERALD__GATEWAY__MAX_SESSION_RATE", "1000000")
+        .env("HERALD__GATEWAY__SESSION_BURST", "1000000")
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()

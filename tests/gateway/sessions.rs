@@ -137,8 +137,8 @@ async fn a_slow_reader_is_closed_without_stalling_others() {
     let (fast, _) = connect(&app, "fast").await;
     let mut fast_rx = spawn_acker(fast);
     let d = device("slow");
-    // The slow client never reads: 60 KiB frames fill the socket buffers, then actix's
-    // queue, then the session's send buffer.
+    // The slow client never reads: 60 KiB frames fill the socket buffers, then the
+    // session's pending write, then its send buffer.
     let mut tasks = Vec::new();
     wait_for(Duration::from_secs(20), "the slow-consumer close", || {
         for _ in 0..20 {
