@@ -92,6 +92,40 @@ pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Durati
 /// A transport error as an outcome. Every one of them is transient (timeouts, refused or
 /// reset connections, a stream reset mid-answer) except a request reqwest could not even
 /// build. The URL is stripped: it holds the device token.
+/// A provider's answer, read whole: status, Retry-After, body.
+pub(crate) struct Reply {
+    pub status: u16,
+    pub retry_after: Option<Duration>,
+    pub body: bytes::Bytes,
+}
+
+/// Sends one request and reads the whole answer, timing it into
+/// `herald_provider_request_duration_seconds{provider}` (failures included).
+pub(crate) async fn send_timed(
+    metrics: &crate::metrics::Metrics,
+    provider: &str,
+    req: reqwest::RequestBuilder,
+) -> Result<Reply, reqwest::Error> {
+    let started = std::time::Instant::now();
+    let result = async {
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let retry_after = retry_after(resp.headers());
+        let body = resp.bytes().await?;
+        Ok(Reply {
+            status,
+            retry_after,
+            body,
+        })
+    }
+    .await;
+    metrics
+        .provider_duration
+        .with_label_values(&[provider])
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
 pub(crate) fn transport_error(provider: &str, e: reqwest::Error) -> ProviderOutcome {
     let kind = if e.is_timeout() {
         "timeout"

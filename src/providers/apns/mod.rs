@@ -17,7 +17,7 @@ pub use jwt::REFRESH_AFTER as JWT_REFRESH_AFTER;
 pub use payload::{MAX_PAYLOAD_BYTES, payload, payload_size};
 
 use super::ProviderOutcome;
-use super::transport::{Bulkhead, check_url, http_client, retry_after, transport_error};
+use super::transport::{Bulkhead, check_url, http_client, send_timed, transport_error};
 use crate::config::ApnsSettings;
 use crate::domain::{ApnsPushType, ApnsToken, Priority, QueuedNotification};
 use crate::metrics::Metrics;
@@ -174,26 +174,14 @@ impl ApnsClient {
         if let Some(k) = &n.collapse_key {
             req = req.header("apns-collapse-id", k);
         }
-        let started = std::time::Instant::now();
-        let result = async {
-            let resp = req.send().await?;
-            let status = resp.status().as_u16();
-            let retry = retry_after(resp.headers());
-            let bytes = resp.bytes().await?;
-            Ok::<_, reqwest::Error>((status, retry, bytes))
-        }
-        .await;
-        self.metrics
-            .provider_duration
-            .with_label_values(&["apns"])
-            .observe(started.elapsed().as_secs_f64());
+        let result = send_timed(&self.metrics, "apns", req).await;
         match result {
             Err(e) => Answer::Final(transport_error("apns", e)),
-            Ok((status, retry, bytes)) => {
-                let reason = serde_json::from_slice::<serde_json::Value>(&bytes)
+            Ok(reply) => {
+                let reason = serde_json::from_slice::<serde_json::Value>(&reply.body)
                     .ok()
                     .and_then(|v| v.get("reason")?.as_str().map(str::to_owned));
-                classify(status, reason.as_deref(), retry)
+                classify(reply.status, reason.as_deref(), reply.retry_after)
             }
         }
     }

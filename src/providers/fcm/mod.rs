@@ -13,7 +13,7 @@ pub use message::{MAX_PAYLOAD_BYTES, message, payload_size};
 pub use oauth::SCOPE;
 
 use super::ProviderOutcome;
-use super::transport::{Bulkhead, check_url, http_client, retry_after, transport_error};
+use super::transport::{Bulkhead, check_url, http_client, send_timed, transport_error};
 use crate::config::FcmSettings;
 use crate::domain::{FcmToken, QueuedNotification};
 use crate::metrics::Metrics;
@@ -90,30 +90,17 @@ impl FcmClient {
     }
 
     async fn post(&self, body: &Value, access: &Arc<str>) -> Answer {
-        let started = std::time::Instant::now();
-        let result = async {
-            let resp = self
-                .http
-                .post(&self.send_url)
-                .header(AUTHORIZATION, format!("Bearer {access}"))
-                .json(body)
-                .send()
-                .await?;
-            let status = resp.status().as_u16();
-            let retry = retry_after(resp.headers());
-            let bytes = resp.bytes().await?;
-            Ok::<_, reqwest::Error>((status, retry, bytes))
-        }
-        .await;
-        self.metrics
-            .provider_duration
-            .with_label_values(&["fcm"])
-            .observe(started.elapsed().as_secs_f64());
+        let req = self
+            .http
+            .post(&self.send_url)
+            .header(AUTHORIZATION, format!("Bearer {access}"))
+            .json(body);
+        let result = send_timed(&self.metrics, "fcm", req).await;
         match result {
             Err(e) => Answer::Final(transport_error("fcm", e)),
-            Ok((status, retry, bytes)) => {
-                let body = serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null);
-                classify(status, &body, retry)
+            Ok(reply) => {
+                let body = serde_json::from_slice::<Value>(&reply.body).unwrap_or(Value::Null);
+                classify(reply.status, &body, reply.retry_after)
             }
         }
     }
