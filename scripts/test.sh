@@ -15,10 +15,10 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 cargo build --locked --bins
-cargo nextest run --locked --workspace --no-fail-fast
+cargo nextest run --locked --workspace --no-fail-fast 2>&1 | tee target/nextest-main.log
 
 step "broker restart under load (stops the machine's RabbitMQ, so it runs alone)"
-cargo nextest run --locked --workspace --run-ignored only
+cargo nextest run --locked --workspace --run-ignored only 2>&1 | tee target/nextest-alone.log
 scripts/ensure-rabbitmq.sh
 
 step "Python tools (schemathesis) in target/ci-venv"
@@ -60,5 +60,9 @@ if [ -x deploy/check.sh ]; then
   deploy/check.sh target/metrics.txt
 fi
 
+# One plain closing line for whoever reads the end of the log: the Rust test count
+# (schemathesis and the deploy checks print their own summaries above).
+passed=$(grep -ho 'tests\? run: [0-9]* passed' target/nextest-main.log target/nextest-alone.log | grep -o '[0-9]* passed' | awk '{s+=$1} END {print s+0}')
 echo
 echo "all test stages passed"
+echo "rust: ${passed} passed, 0 failed"
