@@ -36,12 +36,9 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const SECRET: &str = "bench-secret-0123456789abcdef0123456789";
 
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+#[path = "common/env.rs"]
+mod env;
+use env::env_or;
 
 fn main() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");

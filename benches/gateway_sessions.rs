@@ -30,12 +30,9 @@ const PING_INTERVAL: &str = "5s";
 /// Connects in flight per client process: below actix's accept backlog (2048).
 const CONNECT_CONCURRENCY: usize = 256;
 
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+#[path = "common/env.rs"]
+mod env;
+use env::env_or;
 
 fn main() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");

@@ -16,8 +16,12 @@ use std::time::{Duration, Instant};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
+#[path = "common/env.rs"]
+mod env;
 #[path = "common/server.rs"]
 mod server;
+
+use env::env_or;
 
 use server::{KEY, Server, cpu_time};
 const CONCURRENCIES: &[usize] = &[1, 8, 32, 128, 512];
@@ -35,12 +39,7 @@ fn body() -> serde_json::Value {
 }
 
 fn seconds() -> Duration {
-    Duration::from_secs_f64(
-        std::env::var("BENCH_SECONDS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(5.0),
-    )
+    Duration::from_secs_f64(env_or("BENCH_SECONDS", 5.0))
 }
 
 /// Runs `concurrency` loops of `op` for the bench duration; returns successes per second.

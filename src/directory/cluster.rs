@@ -148,21 +148,26 @@ impl Registry {
 
     /// Waits (at most `within`) for [`Registry::is_ready`].
     pub async fn wait_ready(&self, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        while !self.is_ready() {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            // Polling: only connects during start-up or a broker outage get here.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        true
+        wait_flag(&self.ready, within).await
     }
 
     /// `cluster.register_timeout`: how long a new session waits for its bind.
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
+}
+
+/// Waits (at most `within`) for the directory's readiness flag. Polling: only connects
+/// during start-up or a broker outage get past the first check.
+async fn wait_flag(flag: &AtomicBool, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while !flag.load(Ordering::Acquire) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
 }
 
 impl ClusterDirectory {
@@ -223,14 +228,7 @@ impl ClusterDirectory {
 
     /// Waits until ready (or the timeout passes); true if ready.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while !self.is_ready() {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        true
+        wait_flag(&self.0.ready, timeout).await
     }
 
     /// Stops the supervisor (the queue's `close` ends its channels anyway).
