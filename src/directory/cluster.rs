@@ -211,15 +211,6 @@ impl ClusterDirectory {
         dir
     }
 
-    pub fn node_id(&self) -> &str {
-        &self.0.node_id
-    }
-
-    /// The node's session queue (`{prefix}.node.<id>`).
-    pub fn node_queue(&self) -> &str {
-        &self.0.node_queue
-    }
-
     /// True while the directory's channels are up (and, on a gateway node, its sessions
     /// are registered and its queue consumed).
     pub fn is_ready(&self) -> bool {

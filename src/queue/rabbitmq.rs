@@ -266,10 +266,6 @@ impl RabbitQueue {
         q
     }
 
-    pub fn topology(&self) -> &Topology {
-        &self.topology
-    }
-
     pub fn is_connected(&self) -> bool {
         self.link.borrow().is_some()
     }
