@@ -206,6 +206,12 @@ pub struct ClusterSettings {
     pub reply_margin: Duration,
     #[serde(with = "humantime_serde")]
     pub register_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub node_lease: Duration,
+    #[serde(with = "humantime_serde")]
+    pub hop_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -455,6 +461,21 @@ impl Settings {
         }
         if self.cluster.register_timeout.is_zero() {
             return Err(invalid("cluster.register_timeout", "must be positive"));
+        }
+        for (key, d) in [
+            ("cluster.heartbeat_interval", self.cluster.heartbeat_interval),
+            ("cluster.node_lease", self.cluster.node_lease),
+            ("cluster.hop_timeout", self.cluster.hop_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be positive"));
+            }
+        }
+        if self.cluster.node_lease < 2 * self.cluster.heartbeat_interval {
+            return Err(invalid(
+                "cluster.node_lease",
+                "must be at least twice cluster.heartbeat_interval (one lost heartbeat must not kill a node)",
+            ));
         }
         if !(1024..=16 * 1024 * 1024).contains(&self.gateway.max_frame_bytes) {
             return Err(invalid(

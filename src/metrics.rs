@@ -54,6 +54,9 @@ pub struct Metrics {
     pub tokens_dead: IntCounterVec,
     pub events_published: IntCounterVec,
     pub events_dropped: IntCounterVec,
+    pub cluster_messages: IntCounterVec,
+    pub cluster_nodes: IntGauge,
+    pub cluster_devices: IntGauge,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -247,8 +250,34 @@ impl Metrics {
                 "Outcome events dropped, by sink and why (buffer_full, failed).",
                 &["sink", "reason"],
             ),
+            cluster_messages: counter_vec(
+                &r,
+                "herald_cluster_messages_published_total",
+                "Messages the cluster directory published to the broker, by kind (deliver, reply, presence, heartbeat, snapshot, snapshot_request).",
+                &["kind"],
+            ),
+            cluster_nodes: gauge(
+                &r,
+                "herald_cluster_nodes_alive",
+                "Gateway nodes this process's directory replica holds a live lease for.",
+            ),
+            cluster_devices: gauge(
+                &r,
+                "herald_cluster_directory_devices",
+                "Devices with a session on a live node, in this process's directory replica.",
+            ),
             registry: r,
         };
+        for k in [
+            "deliver",
+            "reply",
+            "presence",
+            "heartbeat",
+            "snapshot",
+            "snapshot_request",
+        ] {
+            m.cluster_messages.with_label_values(&[k]);
+        }
         for ch in CHANNELS {
             for o in OUTCOMES {
                 m.deliveries.with_label_values(&[ch, o]);

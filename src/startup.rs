@@ -64,9 +64,9 @@ impl Application {
             )
         });
 
-        // Cluster mode (RabbitMQ): the directory is the broker's routing. A gateway node
-        // registers its sessions there; a dispatcher node (with or without the gateway
-        // role) delivers through it. An API-only node needs neither.
+        // Cluster mode (RabbitMQ): a gateway node announces its sessions on the presence
+        // exchange; a dispatcher node (with or without the gateway role) keeps a replica
+        // of device -> node and delivers through it. An API-only node needs neither.
         let cluster = match &queue {
             Queue::Rabbit(q)
                 if settings.has_role(Role::Gateway) || settings.has_role(Role::Dispatcher) =>
@@ -77,6 +77,8 @@ impl Application {
                     &settings.cluster,
                     settings.gateway.ack_timeout,
                     gateway.clone(),
+                    settings.has_role(Role::Dispatcher),
+                    metrics.clone(),
                 ))
             }
             _ => None,

@@ -20,6 +20,7 @@
 //! docs/protocol.md is the client-facing specification.
 
 pub mod protocol;
+pub mod registrar;
 mod session;
 pub mod token;
 pub mod upgrade;
@@ -37,8 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::GatewaySettings;
-use crate::directory::LiveOutcome;
-use crate::directory::cluster::Registry;
+use registrar::Registrar;
 use crate::domain::{DeviceId, NotificationId, QueuedNotification};
 use crate::metrics::Metrics;
 pub use protocol::CloseKind;
@@ -79,6 +79,18 @@ impl From<&GatewaySettings> for GatewayConfig {
     }
 }
 
+/// The result of one live delivery attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveOutcome {
+    /// The device acked the notification: delivered.
+    Acked,
+    /// The frame went out but no ack came within `gateway.ack_timeout`: fall back (the
+    /// device may still have it; it dedupes by id).
+    NotAcked,
+    /// No session, the session died before acking, or the node is draining: fall back.
+    Offline,
+}
+
 /// This node's live sessions. Cheap to clone (one `Arc`).
 #[derive(Clone)]
 pub struct Gateway(Arc<Inner>);
@@ -100,7 +112,7 @@ struct Inner {
     live: AtomicUsize,
     /// The cluster directory's registrar (cluster mode only): bind at connect, unbind at
     /// close, in the order this table changes.
-    registry: OnceLock<Registry>,
+    registry: OnceLock<Registrar>,
     admission: Admission,
 }
 
@@ -205,14 +217,8 @@ impl Gateway {
     }
 
     /// Cluster mode: register sessions with the cluster directory from now on.
-    pub(crate) fn set_registry(&self, registry: Registry) {
+    pub(crate) fn set_registrar(&self, registry: Registrar) {
         let _ = self.0.registry.set(registry);
-    }
-
-    /// Devices with a session on this node now (the cluster directory re-binds them after
-    /// a broker reconnect).
-    pub(crate) fn devices(&self) -> Vec<DeviceId> {
-        self.sessions().keys().cloned().collect()
     }
 
     /// A newer session of `device` (id `newer`, a UUIDv7) opened on another node: close
@@ -248,6 +254,18 @@ impl Gateway {
 
     /// Sends `n` down `device`'s session and waits up to `ack_timeout` for the ack.
     pub async fn deliver(&self, device: &DeviceId, n: &QueuedNotification) -> LiveOutcome {
+        self.deliver_frame(device, n.id, protocol::notification_json(n))
+            .await
+    }
+
+    /// [`Gateway::deliver`] of a frame already rendered (by [`protocol::notification_json`]):
+    /// the cluster directory sends only the device's own frame across nodes.
+    pub async fn deliver_frame(
+        &self,
+        device: &DeviceId,
+        id: NotificationId,
+        frame: String,
+    ) -> LiveOutcome {
         if !self.0.accepting.load(Ordering::Acquire) {
             return LiveOutcome::Offline;
         }
@@ -257,11 +275,7 @@ impl Gateway {
         self.0.in_flight.fetch_add(1, Ordering::AcqRel);
         let _in_flight = InFlight(&self.0.in_flight);
         let (acked, ack) = oneshot::channel();
-        let out = Box::new(Outbound {
-            id: n.id,
-            frame: protocol::notification_json(n),
-            acked,
-        });
+        let out = Box::new(Outbound { id, frame, acked });
         match handle.tx.try_send(out) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -278,7 +292,7 @@ impl Gateway {
             Ok(Err(_)) => LiveOutcome::Offline,
             Err(_) => {
                 self.0.metrics.ack_timeouts.inc();
-                tracing::info!(device = %device, id = %n.id, "no ack within ack_timeout");
+                tracing::info!(device = %device, %id, "no ack within ack_timeout");
                 LiveOutcome::NotAcked
             }
         }
