@@ -463,7 +463,10 @@ impl Settings {
             return Err(invalid("cluster.register_timeout", "must be positive"));
         }
         for (key, d) in [
-            ("cluster.heartbeat_interval", self.cluster.heartbeat_interval),
+            (
+                "cluster.heartbeat_interval",
+                self.cluster.heartbeat_interval,
+            ),
             ("cluster.node_lease", self.cluster.node_lease),
             ("cluster.hop_timeout", self.cluster.hop_timeout),
         ] {

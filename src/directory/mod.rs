@@ -13,10 +13,10 @@ pub mod cluster;
 
 use crate::domain::{DeviceId, QueuedNotification};
 use crate::gateway::Gateway;
-pub use cluster::ClusterDirectory;
 /// The gateway owns the outcome (it produces it); re-exported here, where the dispatcher
 /// asks for live deliveries.
 pub use crate::gateway::LiveOutcome;
+pub use cluster::ClusterDirectory;
 
 #[derive(Clone)]
 pub enum Directory {

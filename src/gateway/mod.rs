@@ -38,10 +38,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::GatewaySettings;
-use registrar::Registrar;
 use crate::domain::{DeviceId, NotificationId, QueuedNotification};
 use crate::metrics::Metrics;
 pub use protocol::CloseKind;
+use registrar::Registrar;
 pub use token::{DeviceTokens, TokenError};
 
 /// How long a connect waits for the cluster directory to be (re)registered before it is

@@ -217,9 +217,11 @@ impl Ghost {
 
 /// Waits until `d`'s replica places `device` on a live node.
 async fn wait_known(d: &DispatchNode, nodes: i64) {
-    wait_for(Duration::from_secs(10), "replica learned the nodes", || async {
-        (d.metrics.cluster_nodes.get() == nodes).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(10),
+        "replica learned the nodes",
+        || async { (d.metrics.cluster_nodes.get() == nodes).then_some(()) },
+    )
     .await;
 }
 
@@ -240,7 +242,11 @@ async fn offline_comes_from_the_replica_and_a_silent_node_falls_back_at_the_hop_
         d.dir.deliver(&gw::device("nobody"), &n).await,
         LiveOutcome::Offline
     );
-    assert_eq!(d.published("deliver"), 0, "no broker round trip for offline");
+    assert_eq!(
+        d.published("deliver"),
+        0,
+        "no broker round trip for offline"
+    );
 
     let mut ghost = Ghost::start(&vhost, "ghost-dev").await;
     wait_known(&d, 1).await;
@@ -364,9 +370,11 @@ async fn a_restarted_dispatcher_converges_by_snapshot_and_delivers_live() {
     let (ws, _) = gw::connect(&g, "steady-dev").await;
     let mut frames = gw::spawn_acker(ws);
     let n = gw::notification(10);
-    wait_for(Duration::from_secs(10), "first replica knows it", || async {
-        (first.metrics.cluster_devices.get() == 1).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(10),
+        "first replica knows it",
+        || async { (first.metrics.cluster_devices.get() == 1).then_some(()) },
+    )
     .await;
     assert_eq!(
         first.dir.deliver(&gw::device("steady-dev"), &n).await,

@@ -241,7 +241,11 @@ impl Replica {
             }
         }
         let st = self.nodes.get_mut(&node).expect("present");
-        if !st.synced && st.requested.is_none_or(|t| now.duration_since(t) >= self.lease) {
+        if !st.synced
+            && st
+                .requested
+                .is_none_or(|t| now.duration_since(t) >= self.lease)
+        {
             st.requested = Some(now);
             fx.request_snapshot.push(node);
         }
@@ -427,9 +431,16 @@ mod tests {
         assert!(r.expire(t + LEASE).is_empty());
         let later = t + LEASE + Duration::from_millis(1);
         assert_eq!(r.expire(later).len(), 1);
-        assert_eq!(r.lookup(&dev("d")), None, "a dead node's devices are offline");
+        assert_eq!(
+            r.lookup(&dev("d")),
+            None,
+            "a dead node's devices are offline"
+        );
         r.apply(hb("a", e, 1), later);
-        assert!(r.lookup(&dev("d")).is_some(), "slow, not dead: back with its state");
+        assert!(
+            r.lookup(&dev("d")).is_some(),
+            "slow, not dead: back with its state"
+        );
     }
 
     #[test]
@@ -441,7 +452,10 @@ mod tests {
         r.apply(delta("a", ea, 1, &[("d", Some(old))]), t);
         let moved = delta("b", eb, 1, &[("d", Some(new))]);
         assert_eq!(opened_elsewhere(&moved, Some("a")), vec![(dev("d"), new)]);
-        assert!(opened_elsewhere(&moved, Some("b")).is_empty(), "not our own");
+        assert!(
+            opened_elsewhere(&moved, Some("b")).is_empty(),
+            "not our own"
+        );
         r.apply(moved, t);
         assert_eq!(r.lookup(&dev("d")).unwrap().0.as_ref(), "b");
         // Node b restarts (newer epoch): its old sessions are gone.

@@ -150,7 +150,12 @@ mod tests {
 
     #[test]
     fn replies_round_trip() {
-        for r in [Reply::Received, Reply::Acked, Reply::NotAcked, Reply::Offline] {
+        for r in [
+            Reply::Received,
+            Reply::Acked,
+            Reply::NotAcked,
+            Reply::Offline,
+        ] {
             assert_eq!(Reply::parse(r.as_bytes()), Some(r));
         }
         assert_eq!(Reply::parse(b"?"), None);
