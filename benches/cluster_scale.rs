@@ -166,7 +166,6 @@ async fn device(
                         let _ = out.send(format!("H {i} {gw}"));
                         // Registered: let the next device of the first wave connect.
                         permit = None;
-                        first = false;
                     }
                 }
                 Message::Text(t) => {
