@@ -688,6 +688,8 @@ mod tests {
             ("HERALD__ROLES", "api,cook", "roles"),
             ("HERALD__QUEUE__NO_SUCH_KEY", "1", "no_such_key"),
             ("HERALD__APNS__CONCURRENCY", "0", "apns.concurrency"),
+            ("HERALD__CLUSTER__NODE_LEASE", "600ms", "cluster.node_lease"),
+            ("HERALD__CLUSTER__HOP_TIMEOUT", "0s", "cluster.hop_timeout"),
             (
                 "HERALD__FCM__BREAKER_COOLDOWN",
                 "0s",
