@@ -365,6 +365,8 @@ async fn run() {
         .map(|g| rss_bytes(&g.child.id().to_string()))
         .collect();
     let broker_rss_before = broker.rss_bytes();
+    let dispatcher_pid = dispatcher.child.id().to_string();
+    let dispatcher_rss_before = rss_bytes(&dispatcher_pid);
 
     // 1. Registration.
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -435,6 +437,7 @@ async fn run() {
         .map(|g| rss_bytes(&g.child.id().to_string()))
         .collect();
     let broker_rss_after = broker.rss_bytes();
+    let dispatcher_rss_after = rss_bytes(&dispatcher_pid);
     let herald_rss_per_session = (rss_after.iter().sum::<u64>() as f64
         - rss_before.iter().sum::<u64>() as f64)
         / sessions as f64;
@@ -461,6 +464,10 @@ async fn run() {
         "| herald gateway RSS per session | {:.2} KB |",
         herald_rss_per_session / 1024.0
     );
+    println!(
+        "| dispatcher RSS growth per device (its directory replica) | {:.2} KB |",
+        (dispatcher_rss_after as f64 - dispatcher_rss_before as f64) / sessions as f64 / 1024.0
+    );
 
     // 2. Steady live delivery.
     let http = reqwest::Client::new();
@@ -468,29 +475,37 @@ async fn run() {
         let http = http.clone();
         let base = dispatcher.base.clone();
         tokio::spawn(async move {
+            let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
             let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
             let end = Instant::now() + window;
             let mut sent = 0u64;
             while Instant::now() < end {
                 tick.tick().await;
                 let i = targets[rand::random_range(0..targets.len())];
-                let (http, base) = (http.clone(), base.clone());
+                let (http, base, accepted) = (http.clone(), base.clone(), accepted.clone());
                 tokio::spawn(async move {
                     let body = serde_json::json!({
                         "targets": [{"device_id": device_name(i)}],
                         "data": {"t_us": unix_us().to_string()},
-                        "ttl": 60,
+                        "ttl": "60s",
                     });
-                    let _ = http
+                    let res = http
                         .post(format!("{base}/v1/notify"))
                         .bearer_auth(KEY)
                         .json(&body)
                         .send()
                         .await;
+                    if res.is_ok_and(|r| r.status() == 202) {
+                        accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                 });
                 sent += 1;
             }
-            sent
+            // Let the last requests finish before reporting what was accepted.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let accepted = accepted.load(std::sync::atomic::Ordering::Relaxed);
+            assert!(accepted > 0, "no notification accepted (sent {sent})");
+            accepted
         })
     };
     let all: Vec<usize> = (0..sessions).collect();
@@ -509,7 +524,7 @@ async fn run() {
     println!();
     println!("| live delivery, steady {rate}/s for {steady:?} | value |");
     println!("|---|---:|");
-    println!("| delivered live / sent | {got} / {sent} |");
+    println!("| delivered live / accepted | {got} / {sent} |");
     println!("| p50 | {} ms |", ms(percentile(&mut lat, 0.5)));
     println!("| p99 | {} ms |", ms(percentile(&mut lat, 0.99)));
 
@@ -581,7 +596,7 @@ async fn run() {
             .unwrap_or("-".into())
     );
     println!(
-        "| live to other nodes' devices during recovery (delivered / sent) | {} / {sent} |",
+        "| live to other nodes' devices during recovery (delivered / accepted) | {} / {sent} |",
         during.len()
     );
     println!(
