@@ -13,7 +13,7 @@ import {
 } from "../herald.js";
 import { FakeTimers, fakeWebSocketClass, settle } from "./fakes.js";
 
-const URL = "ws://herald.test/v1/connect";
+const WS_URL = "ws://herald.test/v1/connect";
 
 function notification(id, title = "Hi") {
   return {
@@ -37,7 +37,7 @@ function setup(opts = {}) {
   const document = Object.assign(new EventTarget(), { visibilityState: "visible" });
   const navigator = { onLine: true };
   const client = new HeraldClient({
-    url: URL,
+    url: WS_URL,
     token: () => {
       const t = `tok-${++n}`;
       tokens.push(t);
@@ -160,7 +160,7 @@ describe("HeraldClient: session", () => {
   test("connects with a fresh token in the query and reports hello", async () => {
     const s = setup();
     const ws = await connected(s);
-    assert.equal(ws.url, `${URL}?token=tok-1`);
+    assert.equal(ws.url, `${WS_URL}?token=tok-1`);
     assert.equal(s.of("hello")[0].session_id, "s-1");
     assert.deepEqual(
       s.of("state").slice(0, 2),
@@ -306,7 +306,7 @@ describe("HeraldClient: heartbeat", () => {
     assert.ok(r.delayMs <= Defaults.backoffMinMs, "a session had started, so the backoff starts over");
     await s.timers.advance(r.delayMs);
     assert.equal(s.sockets.length, 2);
-    assert.equal(s.sockets[1].url, `${URL}?token=tok-2`, "every reconnect asks for a token again");
+    assert.equal(s.sockets[1].url, `${WS_URL}?token=tok-2`, "every reconnect asks for a token again");
   });
 
   test("no hello within the handshake timeout counts as a failure", async () => {
@@ -411,7 +411,7 @@ describe("HeraldClient: tokens", () => {
     await s.timers.advance(0);
     assert.equal(s.probes[0], "http://herald.test/v1/connect?token=tok-1", "asks the gateway with the same token");
     assert.equal(s.sockets.length, 2, "retried at once");
-    assert.equal(s.sockets[1].url, `${URL}?token=tok-2`, "with a new token");
+    assert.equal(s.sockets[1].url, `${WS_URL}?token=tok-2`, "with a new token");
     s.sockets[1].drop();
     await settle();
     assert.equal(s.client.state, "stopped");
@@ -477,14 +477,14 @@ describe("HeraldClient: tokens", () => {
     fail = false;
     await s.timers.advance(s.of("reconnecting").at(-1).delayMs);
     assert.equal(s.sockets.length, 1);
-    assert.equal(s.sockets[0].url, `${URL}?token=good`);
+    assert.equal(s.sockets[0].url, `${WS_URL}?token=good`);
   });
 
   test("a fixed string token works too", async () => {
     const s = setup({ client: { token: "static" } });
     s.client.connect();
     await settle();
-    assert.equal(s.sockets[0].url, `${URL}?token=static`);
+    assert.equal(s.sockets[0].url, `${WS_URL}?token=static`);
   });
 });
 
@@ -551,9 +551,28 @@ describe("HeraldClient: page events", () => {
 });
 
 describe("HeraldClient: options", () => {
-  test("refuses a non-WebSocket URL and a missing token", () => {
+  test("refuses a non-WebSocket WS_URL and a missing token", () => {
     const { FakeWebSocket } = fakeWebSocketClass();
     assert.throws(() => new HeraldClient({ url: "http://x/v1/connect", token: "t", WebSocket: FakeWebSocket }), TypeError);
-    assert.throws(() => new HeraldClient({ url: URL, WebSocket: FakeWebSocket }), TypeError);
+    assert.throws(() => new HeraldClient({ url: WS_URL, WebSocket: FakeWebSocket }), TypeError);
+  });
+});
+
+describe("package", () => {
+  test("herald.d.ts declares exactly what herald.js exports", async () => {
+    const { readFile } = await import("node:fs/promises");
+    const dts = await readFile(new URL("../herald.d.ts", import.meta.url), "utf8");
+    const declared = [...dts.matchAll(/^export declare (?:const|function|class) (\w+)/gm)].map((m) => m[1]).sort();
+    const actual = Object.keys(await import("../herald.js")).sort();
+    assert.deepEqual(declared, actual);
+  });
+
+  test("herald.js imports nothing (zero runtime dependencies, no build step)", async () => {
+    const { readFile } = await import("node:fs/promises");
+    const src = await readFile(new URL("../herald.js", import.meta.url), "utf8");
+    assert.doesNotMatch(src, /^\s*import\s/m);
+    assert.doesNotMatch(src, /\brequire\(/);
+    const pkg = JSON.parse(await readFile(new URL("../package.json", import.meta.url), "utf8"));
+    assert.equal(pkg.dependencies, undefined);
   });
 });
