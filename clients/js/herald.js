@@ -280,7 +280,7 @@ export class HeraldClient {
     this.hello = null;
     this.timer = { retry: null, handshake: null, ping: null, pongDeadline: null };
     /** Frames received on the current socket: the heartbeat's proof of life. */
-    this.received_ = 0;
+    this.framesReceived = 0;
     this.pingNonce = 0;
     /** What the scheduled reconnect waits for, so a page event can cut a backoff short. */
     this.waitingFor = null;
@@ -429,7 +429,7 @@ export class HeraldClient {
     };
     socket.onmessage = (ev) => {
       if (gen !== this.generation) return;
-      this.received_++;
+      this.framesReceived++;
       this.received(gen, socket, ev.data);
     };
     socket.onclose = (ev) => {
@@ -538,13 +538,13 @@ export class HeraldClient {
   pingNow(gen) {
     const timeout = Number(this.hello?.pong_timeout_ms) || 0;
     if (!this.socket || timeout <= 0) return;
-    const heardBefore = this.received_;
+    const heardBefore = this.framesReceived;
     this.send(this.socket, { type: "ping", nonce: String(++this.pingNonce) });
     if (this.timer.pongDeadline !== null) return;
     this.timer.pongDeadline = this.timers.setTimeout(() => {
       this.timer.pongDeadline = null;
       if (gen !== this.generation) return;
-      if (this.received_ !== heardBefore) return; // heard from the server since: alive
+      if (this.framesReceived !== heardBefore) return; // heard from the server since: alive
       const socket = this.socket;
       // Close it ourselves (no close frame may ever come from a dead link) and reconnect.
       this.generation++;

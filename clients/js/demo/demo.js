@@ -22,6 +22,8 @@ const stats = {
   closes: [],
   /** When each connection attempt started (performance.now()). */
   attempts: [],
+  /** Answers to the client's application-level pings. */
+  pongs: 0,
 };
 let client = null;
 let withheld = 0;
@@ -122,6 +124,9 @@ function start() {
   });
   client.on("unauthorized", () => log("the token was refused twice: paste a new one and connect"));
   client.on("replaced", () => log("another tab or device took over this device id (4001): not reconnecting"));
+  client.on("pong", () => {
+    stats.pongs++;
+  });
   client.on("serverError", (e) => log(`server error frame: ${e.code} ${e.message}`));
   client.on("error", (e) => log(`error: ${e?.message ?? e}`));
   client.connect();

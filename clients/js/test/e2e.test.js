@@ -229,6 +229,20 @@ describe("demo page against a real herald in headless Chromium", { timeout: 5 * 
     await page.screenshot({ path: join(ARTIFACTS, "demo-first-delivery.png"), fullPage: true });
   });
 
+  test("the session survives its heartbeats: app-level pings answered, no dead-link close", async () => {
+    const { sessionId, pongs } = await stats();
+    // ping_interval is 1s: three answered pings span three server heartbeats too (Chromium
+    // answers herald's WebSocket Pings itself).
+    await waitInPage("three more pongs", (n) => window.heraldDemo.stats.pongs >= n + 3, pongs);
+    const s = await stats();
+    assert.equal(s.sessionId, sessionId, "same session throughout");
+    assert.equal(s.closes.length, 0);
+    const m = await herald.metrics();
+    assert.equal(metric(m, "herald_gateway_sessions_opened_total"), 1);
+    assert.equal(metric(m, "herald_gateway_sessions_closed_total"), 0);
+    assert.equal(metric(m, "herald_gateway_sessions_active"), 1);
+  });
+
   test("a duplicate (herald re-sends after a withheld ack) is acked and shown once", async () => {
     // The test hook drops the page's ack of the next frame. herald waits ack_timeout, finds
     // no fallback route for this live-only target, schedules a retry (retry.base_delay) and
