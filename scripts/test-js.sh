@@ -19,7 +19,9 @@ if [ ! -x "$CHROMIUM" ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium
 fi
-command -v node >/dev/null || { echo "node (>= 20) is required" >&2; exit 1; }
+# node:test's spec reporter and the test runner's describe/before/after as used here: 20+.
+node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+if [ "$node_major" -lt 20 ]; then echo "node >= 20 is required (found: ${node_major})" >&2; exit 1; fi
 command -v python3 >/dev/null || { echo "python3 is required (the demo's static server)" >&2; exit 1; }
 
 if [ ! -x "$HERALD_BIN" ]; then

@@ -551,7 +551,7 @@ describe("HeraldClient: page events", () => {
 });
 
 describe("HeraldClient: options", () => {
-  test("refuses a non-WebSocket WS_URL and a missing token", () => {
+  test("refuses a non-WebSocket URL and a missing token", () => {
     const { FakeWebSocket } = fakeWebSocketClass();
     assert.throws(() => new HeraldClient({ url: "http://x/v1/connect", token: "t", WebSocket: FakeWebSocket }), TypeError);
     assert.throws(() => new HeraldClient({ url: WS_URL, WebSocket: FakeWebSocket }), TypeError);
