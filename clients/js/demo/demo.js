@@ -22,6 +22,8 @@ const stats = {
   closes: [],
   /** When each connection attempt started (performance.now()). */
   attempts: [],
+  /** Why the client stopped, once it has. */
+  stopped: null,
   /** Answers to the client's application-level pings. */
   pongs: 0,
 };
@@ -90,6 +92,7 @@ function start() {
     if (state === "connecting") stats.attempts.push(performance.now());
     if (state !== "connected") stats.sessionId = null;
     if (state === "stopped") {
+      stats.stopped = detail.reason;
       log(`stopped (${detail.reason})`);
       client = null;
     }

@@ -9,7 +9,8 @@ import { describe, test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { once } from "node:events";
-import { createServer } from "node:net";
+import { createServer, connect as tcpConnect } from "node:net";
+import { createServer as createHttpServer, request as httpRequest } from "node:http";
 import { mkdirSync, openSync, writeFileSync, existsSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -89,6 +90,37 @@ function metric(text, name, labels = {}) {
   return sum;
 }
 
+/**
+ * One origin for the demo and herald, as a reverse proxy in front of both gives in
+ * production: /v1/* (HTTP and the WebSocket upgrade) goes to herald, the rest to the static
+ * server. Only there can a page read the 401 of a refused handshake.
+ */
+async function sameOriginProxy(staticPort, heraldPort) {
+  const server = createHttpServer((req, res) => {
+    const port = req.url.startsWith("/v1/") ? heraldPort : staticPort;
+    const up = httpRequest({ host: "127.0.0.1", port, method: req.method, path: req.url, headers: req.headers }, (r) => {
+      res.writeHead(r.statusCode, r.headers);
+      r.pipe(res);
+    });
+    up.on("error", () => res.destroy());
+    req.pipe(up);
+  });
+  server.on("upgrade", (req, socket, head) => {
+    const up = tcpConnect(heraldPort, "127.0.0.1", () => {
+      let lines = `${req.method} ${req.url} HTTP/1.1\r\n`;
+      for (let i = 0; i < req.rawHeaders.length; i += 2) lines += `${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}\r\n`;
+      up.write(`${lines}\r\n`);
+      up.write(head);
+      socket.pipe(up).pipe(socket);
+    });
+    up.on("error", () => socket.destroy());
+    socket.on("error", () => up.destroy());
+  });
+  server.listen(0, "127.0.0.1");
+  await once(server, "listening");
+  return server;
+}
+
 class Herald {
   constructor(port, n) {
     this.port = port;
@@ -135,8 +167,8 @@ class Herald {
     return JSON.parse(text).id;
   }
 
-  async deviceToken() {
-    const res = await fetch(`${this.base}/v1/devices/${DEVICE}/token`, {
+  async deviceToken(device = DEVICE) {
+    const res = await fetch(`${this.base}/v1/devices/${device}/token`, {
       method: "POST",
       headers: { authorization: `Bearer ${API_KEY}` },
     });
@@ -149,6 +181,7 @@ class Herald {
 describe("demo page against a real herald in headless Chromium", { timeout: 5 * 60_000 }, () => {
   let herald;
   let staticServer;
+  let staticPort;
   let browser;
   let page;
   const pageErrors = [];
@@ -166,7 +199,7 @@ describe("demo page against a real herald in headless Chromium", { timeout: 5 * 
     await herald.start();
 
     // The demo's documented one-line static server, verbatim.
-    const staticPort = await freePort();
+    staticPort = await freePort();
     staticServer = spawn("python3", ["-m", "http.server", String(staticPort), "--bind", "127.0.0.1"], {
       cwd: clientDir,
       stdio: "ignore",
@@ -335,6 +368,43 @@ describe("demo page against a real herald in headless Chromium", { timeout: 5 * 
       assert.equal(metric(await herald.metrics(), "herald_gateway_sessions_active"), 1, "only the good page's session");
     } finally {
       await bad.close();
+    }
+  });
+
+  test("same origin as herald: a refused token is refetched once, then the client stops with `unauthorized`", async () => {
+    const proxy = await sameOriginProxy(staticPort, herald.port);
+    const origin = `http://127.0.0.1:${proxy.address().port}`;
+    const refusedBefore = metric(await herald.metrics(), "herald_gateway_sessions_refused_total", { reason: "unauthorized" });
+    const p = await browser.newPage();
+    try {
+      // First a good token through the proxy, so a refusal below is herald's word, not the proxy's.
+      await p.goto(`${origin}/demo/?url=${encodeURIComponent(`ws://127.0.0.1:${proxy.address().port}/v1/connect`)}`);
+      // Another device id: the main page's session must not be replaced (4001).
+      await p.fill("#token", await herald.deviceToken("web-e2e-2"));
+      await p.click("#connect");
+      await p.waitForFunction(() => window.heraldDemo.stats.state === "connected", null, { timeout: DEADLINE_MS, polling: "raf" });
+      await p.click("#disconnect");
+      await p.waitForFunction(() => window.heraldDemo.stats.stopped === "closed", null, { timeout: DEADLINE_MS, polling: "raf" });
+
+      await p.fill("#token", "not-a-valid-token");
+      await p.evaluate(() => {
+        window.heraldDemo.stats.attempts.length = 0;
+      });
+      await p.click("#connect");
+      await p.waitForFunction(() => window.heraldDemo.stats.stopped === "unauthorized", null, { timeout: DEADLINE_MS, polling: "raf" });
+      const s = await p.evaluate(() => JSON.parse(JSON.stringify(window.heraldDemo.stats)));
+      assert.equal(s.attempts.length, 2, "the token was asked for again once, then no more");
+      assert.deepEqual(s.reconnects.slice(-1).map((r) => [r.reason, r.delayMs]), [["unauthorized", 0]]);
+      const refused = metric(await herald.metrics(), "herald_gateway_sessions_refused_total", { reason: "unauthorized" });
+      // Two handshakes and the two probes that read their 401.
+      assert.equal(refused - refusedBefore, 4);
+      assert.match(await p.textContent("#log"), /the token was refused twice/);
+      assert.equal(await p.textContent("#state"), "stopped");
+      assert.equal((await stats()).state, "connected", "the main page's session (another device) is untouched");
+    } finally {
+      await p.close();
+      proxy.closeAllConnections();
+      proxy.close();
     }
   });
 });
