@@ -39,7 +39,7 @@
 //! successor on the same node.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,10 +54,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::LiveOutcome;
 use crate::config::ClusterSettings;
 use crate::domain::{DeviceId, QueuedNotification};
-use crate::gateway::Gateway;
+use crate::gateway::registrar::{self, Command};
+use crate::gateway::{Gateway, LiveOutcome};
 use crate::queue::{RabbitQueue, backoff_with_jitter};
 
 /// RabbitMQ's pseudo-queue for direct reply-to: replies go straight to this channel's
@@ -89,85 +89,11 @@ struct Inner {
     reply_deadline: Duration,
     /// The `rpc` channel while it is up.
     rpc: watch::Sender<Option<Channel>>,
-    ready: Arc<AtomicBool>,
+    /// True while the channels are up (and a gateway node's sessions are registered).
+    ready: watch::Sender<bool>,
     pending: Mutex<HashMap<u64, oneshot::Sender<LiveOutcome>>>,
     next_correlation: AtomicU64,
     stop: CancellationToken,
-}
-
-/// The gateway's handle on the registrar: bind at connect, unbind at close.
-#[derive(Clone)]
-pub struct Registry {
-    tx: mpsc::UnboundedSender<Command>,
-    ready: Arc<AtomicBool>,
-    timeout: Duration,
-}
-
-enum Command {
-    Bind {
-        device: DeviceId,
-        session: uuid::Uuid,
-        done: Option<oneshot::Sender<bool>>,
-    },
-    Unbind {
-        device: DeviceId,
-    },
-    /// Answered once every command sent before it was applied.
-    Flush(oneshot::Sender<()>),
-}
-
-impl Registry {
-    /// Asks for `device` to be routed to this node; the receiver says whether the bind was
-    /// applied. Called with the gateway's session lock held, so commands follow the table.
-    pub(crate) fn bind(&self, device: DeviceId, session: uuid::Uuid) -> oneshot::Receiver<bool> {
-        let (done, rx) = oneshot::channel();
-        let _ = self.tx.send(Command::Bind {
-            device,
-            session,
-            done: Some(done),
-        });
-        rx
-    }
-
-    pub(crate) fn unbind(&self, device: DeviceId) {
-        let _ = self.tx.send(Command::Unbind { device });
-    }
-
-    /// Waits (at most `within`) until every bind/unbind asked for so far was applied.
-    pub(crate) async fn flush(&self, within: Duration) {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Command::Flush(tx)).is_ok() {
-            let _ = tokio::time::timeout(within, rx).await;
-        }
-    }
-
-    /// True while the node queue is declared and consumed: new sessions can be routed.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
-    }
-
-    /// Waits (at most `within`) for [`Registry::is_ready`].
-    pub async fn wait_ready(&self, within: Duration) -> bool {
-        wait_flag(&self.ready, within).await
-    }
-
-    /// `cluster.register_timeout`: how long a new session waits for its bind.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-}
-
-/// Waits (at most `within`) for the directory's readiness flag. Polling: only connects
-/// during start-up or a broker outage get past the first check.
-async fn wait_flag(flag: &AtomicBool, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while !flag.load(Ordering::Acquire) {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    true
 }
 
 impl ClusterDirectory {
@@ -185,14 +111,11 @@ impl ClusterDirectory {
         } else {
             settings.node_id.clone()
         };
-        let ready = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = mpsc::unbounded_channel();
+        let ready = watch::channel(false).0;
+        // Without a gateway the registrar handle is dropped here: no commands ever come.
+        let (registrar, rx) = registrar::channel(ready.subscribe(), settings.register_timeout);
         if let Some(g) = &gateway {
-            g.set_registry(Registry {
-                tx,
-                ready: ready.clone(),
-                timeout: settings.register_timeout,
-            });
+            g.set_registrar(registrar);
         }
         let dir = ClusterDirectory(Arc::new(Inner {
             queue,
@@ -214,12 +137,16 @@ impl ClusterDirectory {
     /// True while the directory's channels are up (and, on a gateway node, its sessions
     /// are registered and its queue consumed).
     pub fn is_ready(&self) -> bool {
-        self.0.ready.load(Ordering::Acquire)
+        *self.0.ready.borrow()
     }
 
     /// Waits until ready (or the timeout passes); true if ready.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
-        wait_flag(&self.0.ready, timeout).await
+        let mut ready = self.0.ready.subscribe();
+        matches!(
+            tokio::time::timeout(timeout, ready.wait_for(|r| *r)).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Stops the supervisor (the queue's `close` ends its channels anyway).
@@ -320,7 +247,7 @@ impl ClusterDirectory {
             match self.setup(&generation).await {
                 Ok(node) => {
                     failures = 0;
-                    inner.ready.store(true, Ordering::Release);
+                    inner.ready.send_replace(true);
                     if connected_before {
                         tracing::info!(node = %inner.node_id, "cluster directory re-registered");
                     }
@@ -334,7 +261,7 @@ impl ClusterDirectory {
                 }
             }
             generation.cancel();
-            inner.ready.store(false, Ordering::Release);
+            inner.ready.send_replace(false);
             inner.rpc.send_replace(None);
             // Replies to lookups in flight would have come over the dead channel.
             for (_, waiter) in inner.pending().drain() {

@@ -11,18 +11,9 @@ pub mod cluster;
 use crate::domain::{DeviceId, QueuedNotification};
 use crate::gateway::Gateway;
 pub use cluster::ClusterDirectory;
-
-/// The result of one live delivery attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LiveOutcome {
-    /// The device acked the notification: delivered.
-    Acked,
-    /// The frame went out but no ack came within `gateway.ack_timeout`: fall back (the
-    /// device may still have it; it dedupes by id).
-    NotAcked,
-    /// No session, the session died before acking, or the node is draining: fall back.
-    Offline,
-}
+/// The gateway owns the outcome (it produces it); re-exported here, where the dispatcher
+/// asks for live deliveries.
+pub use crate::gateway::LiveOutcome;
 
 #[derive(Clone)]
 pub enum Directory {

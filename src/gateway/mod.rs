@@ -20,6 +20,7 @@
 //! docs/protocol.md is the client-facing specification.
 
 pub mod protocol;
+pub mod registrar;
 mod session;
 pub mod token;
 pub mod upgrade;
@@ -37,8 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::GatewaySettings;
-use crate::directory::LiveOutcome;
-use crate::directory::cluster::Registry;
+use registrar::Registrar;
 use crate::domain::{DeviceId, NotificationId, QueuedNotification};
 use crate::metrics::Metrics;
 pub use protocol::CloseKind;
@@ -79,6 +79,18 @@ impl From<&GatewaySettings> for GatewayConfig {
     }
 }
 
+/// The result of one live delivery attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveOutcome {
+    /// The device acked the notification: delivered.
+    Acked,
+    /// The frame went out but no ack came within `gateway.ack_timeout`: fall back (the
+    /// device may still have it; it dedupes by id).
+    NotAcked,
+    /// No session, the session died before acking, or the node is draining: fall back.
+    Offline,
+}
+
 /// This node's live sessions. Cheap to clone (one `Arc`).
 #[derive(Clone)]
 pub struct Gateway(Arc<Inner>);
@@ -100,7 +112,7 @@ struct Inner {
     live: AtomicUsize,
     /// The cluster directory's registrar (cluster mode only): bind at connect, unbind at
     /// close, in the order this table changes.
-    registry: OnceLock<Registry>,
+    registry: OnceLock<Registrar>,
     admission: Admission,
 }
 
@@ -205,7 +217,7 @@ impl Gateway {
     }
 
     /// Cluster mode: register sessions with the cluster directory from now on.
-    pub(crate) fn set_registry(&self, registry: Registry) {
+    pub(crate) fn set_registrar(&self, registry: Registrar) {
         let _ = self.0.registry.set(registry);
     }
 
