@@ -5,16 +5,16 @@
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
-use actix_web::{App, middleware, web};
 use anyhow::Context;
 
-use crate::api::{self, ApiKeys, AppState};
+use crate::api::{ApiKeys, AppState};
 use crate::config::{Role, Settings};
 use crate::directory::{ClusterDirectory, Directory};
 use crate::dispatch::{Dispatcher, DispatcherHandle};
 use crate::domain::NotifyLimits;
 use crate::events::Events;
-use crate::gateway::{DeviceTokens, Gateway, GatewayConfig};
+use crate::gateway::{DeviceTokens, Gateway};
+use crate::http_server::{self, Routes};
 use crate::metrics::Metrics;
 use crate::providers::Providers;
 use crate::queue::Queue;
@@ -42,23 +42,15 @@ impl Application {
         let shutdown = Shutdown::new();
         let queue = Queue::from_settings(&settings, &metrics)?;
 
-        let mut digests = settings.api_keys()?;
-        let mut generated_api_key = None;
-        if digests.is_empty() && settings.has_role(Role::Api) {
-            // Never a silently open API: with no key configured, mint one for this run.
-            let key = hex::encode(rand::random::<[u8; 24]>());
-            use sha2::Digest;
-            digests.push(sha2::Sha256::digest(key.as_bytes()).into());
-            generated_api_key = Some(key);
-        }
-        let keys = ApiKeys::new(digests);
+        let (keys, generated_api_key) =
+            ApiKeys::or_minted(settings.api_keys()?, settings.has_role(Role::Api));
         let device_tokens = DeviceTokens::new(
             settings.device_token_secret()?.as_ref(),
             settings.auth.device_token_ttl,
         );
         let gateway = settings.has_role(Role::Gateway).then(|| {
             Gateway::new(
-                GatewayConfig::from(&settings.gateway),
+                settings.gateway.clone(),
                 device_tokens.clone(),
                 metrics.clone(),
             )
@@ -81,11 +73,7 @@ impl Application {
             }
             _ => None,
         };
-        let directory = match (&cluster, &gateway) {
-            (Some(c), _) => Some(Directory::Cluster(c.clone())),
-            (None, Some(g)) => Some(Directory::Local(g.clone())),
-            (None, None) => None,
-        };
+        let directory = Directory::for_node(cluster.as_ref(), gateway.as_ref());
 
         let dispatcher = if settings.has_role(Role::Dispatcher) {
             let events = Events::start(&settings.events, &queue, &metrics, &shutdown)?;
@@ -107,7 +95,7 @@ impl Application {
             None
         };
 
-        let state = web::Data::new(AppState {
+        let state = AppState {
             require_consumer: dispatcher.is_some(),
             cluster: cluster.clone(),
             queue: queue.clone(),
@@ -120,71 +108,18 @@ impl Application {
             max_body_bytes: settings.http.max_body_bytes,
             retry_after: settings.queue.retry_after,
             shutdown: shutdown.clone(),
-        });
-        let keys = web::Data::new(keys);
-        let device_tokens = web::Data::new(device_tokens);
-        let gateway_data = gateway.clone().map(web::Data::new);
-        let api_role = settings.has_role(Role::Api);
-        // actix-web's HttpServer, spelled out, to install one thing it does not expose:
-        // the upgrade service. WebSocket upgrades (and any other `Connection: Upgrade`
-        // request) go to `gateway::upgrade::handle` with the raw TCP stream, so a device
-        // session does not keep actix's per-connection HTTP buffers for its whole life.
-        let upgrade_gateway = gateway.clone();
-        let grace = settings.http.shutdown_grace.as_secs().max(1);
-        let mut builder = actix_server::Server::build()
-            // herald handles SIGTERM itself (shutdown.rs) so the drain covers every role.
-            .disable_signals()
-            .shutdown_timeout(grace);
-        if settings.http.workers > 0 {
-            builder = builder.workers(settings.http.workers);
-        }
-        // Tells idle keep-alive connections to close when a graceful stop begins, as
-        // actix-web's HttpServer does; without it a stop waits out the whole timeout.
-        let graceful_stop = builder.graceful_shutdown_signal();
-        let server = builder
-            .listen("herald-http", listener, move || {
-                let gateway_data = gateway_data.clone();
-                let (state, keys, device_tokens) =
-                    (state.clone(), keys.clone(), device_tokens.clone());
-                let app = move || {
-                    let gateway_data = gateway_data.clone();
-                    App::new()
-                        .app_data(state.clone())
-                        .app_data(keys.clone())
-                        .app_data(device_tokens.clone())
-                        .wrap(middleware::from_fn(api::record_metrics))
-                        .configure(|cfg| api::configure(cfg, api_role))
-                        .configure(|cfg| {
-                            if let Some(gateway) = gateway_data {
-                                cfg.app_data(gateway);
-                                api::configure_gateway(cfg);
-                            }
-                        })
-                        .default_service(web::to(api::not_found))
-                };
-                let upgrade_gateway = upgrade_gateway.clone();
-                let graceful_stop = graceful_stop.clone();
-                actix_http::HttpService::build()
-                    .graceful_shutdown_signal(move || {
-                        let signal = graceful_stop.clone();
-                        async move { signal.notified().await }
-                    })
-                    .local_addr(addr)
-                    .upgrade(actix_service::fn_service(
-                        move |(req, framed): (
-                            actix_http::Request,
-                            actix_codec::Framed<tokio::net::TcpStream, actix_http::h1::Codec>,
-                        )| {
-                            crate::gateway::upgrade::handle(upgrade_gateway.clone(), req, framed)
-                        },
-                    ))
-                    .finish(actix_service::map_config(
-                        actix_service::IntoServiceFactory::into_factory(app()),
-                        |_| actix_web::dev::AppConfig::default(),
-                    ))
-                    .tcp()
-            })?
-            .run();
+        };
+        let server = http_server::start(
+            listener,
+            &settings.http,
+            Routes {
+                state,
+                keys,
+                device_tokens,
+                api_role: settings.has_role(Role::Api),
+                gateway: gateway.clone(),
+            },
+        )?;
 
         Ok(Application {
             addr,
@@ -203,11 +138,7 @@ impl Application {
     /// Live delivery as this node's dispatcher does it: the cluster directory in cluster
     /// mode, else this node's own sessions; `None` when neither exists here.
     pub fn directory(&self) -> Option<Directory> {
-        match (&self.cluster, &self.gateway) {
-            (Some(c), _) => Some(Directory::Cluster(c.clone())),
-            (None, Some(g)) => Some(Directory::Local(g.clone())),
-            (None, None) => None,
-        }
+        Directory::for_node(self.cluster.as_ref(), self.gateway.as_ref())
     }
 
     /// The cluster directory (RabbitMQ backend with the gateway or dispatcher role).

@@ -10,10 +10,10 @@ pub mod cluster;
 
 use crate::domain::{DeviceId, QueuedNotification};
 use crate::gateway::Gateway;
-pub use cluster::ClusterDirectory;
 /// The gateway owns the outcome (it produces it); re-exported here, where the dispatcher
 /// asks for live deliveries.
 pub use crate::gateway::LiveOutcome;
+pub use cluster::ClusterDirectory;
 
 #[derive(Clone)]
 pub enum Directory {
@@ -22,6 +22,19 @@ pub enum Directory {
 }
 
 impl Directory {
+    /// The directory a node delivers through: the cluster directory in cluster mode, else
+    /// this node's own sessions; `None` on a node with neither.
+    pub fn for_node(
+        cluster: Option<&ClusterDirectory>,
+        gateway: Option<&Gateway>,
+    ) -> Option<Directory> {
+        match (cluster, gateway) {
+            (Some(c), _) => Some(Directory::Cluster(c.clone())),
+            (None, Some(g)) => Some(Directory::Local(g.clone())),
+            (None, None) => None,
+        }
+    }
+
     /// Sends `n` to `device`'s live session and waits (at most `gateway.ack_timeout`) for
     /// its ack.
     pub async fn deliver(&self, device: &DeviceId, n: &QueuedNotification) -> LiveOutcome {
