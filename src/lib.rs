@@ -5,7 +5,7 @@
 //! - [`config`]: the settings tree, layering, validation, typed secrets.
 //! - [`startup`]: binds the listener, builds the queue, starts the enabled roles; the drain.
 //! - [`http_server`]: actix-web's app on actix-http, with the gateway's raw-socket upgrade.
-//! - [`shutdown`]: one cancellation signal that reaches every loop; SIGTERM/SIGINT.
+//! - [`shutdown`]: the shutdown signal, the ordered tree of stop tokens; SIGTERM/SIGINT.
 //! - [`api`]: the HTTP edge: `POST /v1/notify`, health, metrics, errors → HTTP.
 //! - [`http_error`]: the one `{"error": {"code", "message"}}` body (API and gateway).
 //! - [`domain`]: parsed types: notification, targets, device ids, tokens, priority, ttl.

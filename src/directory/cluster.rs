@@ -26,7 +26,8 @@
 //!   ordered); every node bound for the device gets it, and one holding an older session
 //!   closes it ("replaced") and unbinds. Deliveries racing the kick may reach either
 //!   session, which at-least-once allows.
-//! - **Broker cuts.** One supervisor per process owns two channels on the queue backend's
+//! - **Broker cuts.** One supervisor per process (the shared [`crate::queue::reconnect`]
+//!   loop) owns two channels on the queue backend's
 //!   connection: `rpc` (publish + confirms + the reply-to consumer) and `node` (the session
 //!   queue, binds, replies, kicks). When either dies it waits for the next connection,
 //!   re-declares the node queue, re-binds every live session from the gateway's table, and
@@ -58,7 +59,8 @@ use crate::config::ClusterSettings;
 use crate::domain::{DeviceId, QueuedNotification};
 use crate::gateway::registrar::{self, Command};
 use crate::gateway::{Gateway, LiveOutcome};
-use crate::queue::{RabbitQueue, backoff_with_jitter};
+use crate::queue::RabbitQueue;
+use crate::queue::reconnect::{self, Backoff};
 
 /// RabbitMQ's pseudo-queue for direct reply-to: replies go straight to this channel's
 /// consumer without a reply queue per request (or per node) to declare and clean up.
@@ -93,6 +95,7 @@ struct Inner {
     ready: watch::Sender<bool>,
     pending: Mutex<HashMap<u64, oneshot::Sender<LiveOutcome>>>,
     next_correlation: AtomicU64,
+    /// The directory's node in the shutdown tree (a child of the queue's).
     stop: CancellationToken,
 }
 
@@ -105,6 +108,7 @@ impl ClusterDirectory {
         settings: &ClusterSettings,
         ack_timeout: Duration,
         gateway: Option<Gateway>,
+        stop: CancellationToken,
     ) -> ClusterDirectory {
         let node_id = if settings.node_id.is_empty() {
             uuid::Uuid::now_v7().simple().to_string()
@@ -128,7 +132,7 @@ impl ClusterDirectory {
             ready,
             pending: Mutex::new(HashMap::new()),
             next_correlation: AtomicU64::new(1),
-            stop: CancellationToken::new(),
+            stop,
         }));
         tokio::spawn(dir.clone().supervise(rx));
         dir
@@ -147,11 +151,6 @@ impl ClusterDirectory {
             tokio::time::timeout(timeout, ready.wait_for(|r| *r)).await,
             Ok(Ok(_))
         )
-    }
-
-    /// Stops the supervisor (the queue's `close` ends its channels anyway).
-    pub fn stop(&self) {
-        self.0.stop.cancel();
     }
 
     /// Whether `device` holds a session on *this* node.
@@ -232,53 +231,51 @@ impl ClusterDirectory {
         }
     }
 
-    /// The supervisor: open channels, declare, register, serve; on any failure fail
-    /// waiting lookups, mark not ready and start again with backoff.
-    async fn supervise(self, mut commands: mpsc::UnboundedReceiver<Command>) {
+    /// The supervisor (the shared reconnect loop): open channels, declare, register,
+    /// serve; on any failure fail waiting lookups, mark not ready and start again.
+    async fn supervise(self, commands: mpsc::UnboundedReceiver<Command>) {
+        let settings = self.0.queue.settings();
+        let backoff = Backoff {
+            min: settings.reconnect_min,
+            max: settings.reconnect_max,
+        };
+        // Each round borrows the command stream while it serves; rounds never overlap.
+        let commands = tokio::sync::Mutex::new(commands);
+        reconnect::supervise("cluster directory", &self.0.stop, backoff, |reconnecting| {
+            self.round(reconnecting, &commands)
+        })
+        .await
+    }
+
+    /// One registration's life: up until a channel dies (`Ok`), or an error setting up.
+    async fn round(
+        &self,
+        reconnecting: bool,
+        commands: &tokio::sync::Mutex<mpsc::UnboundedReceiver<Command>>,
+    ) -> anyhow::Result<()> {
         let inner = &self.0;
-        let settings = inner.queue.settings().clone();
-        let mut failures = 0u32;
-        let mut connected_before = false;
-        loop {
-            if inner.stop.is_cancelled() || inner.queue.is_closed() {
-                return;
-            }
-            let generation = CancellationToken::new();
-            match self.setup(&generation).await {
-                Ok(node) => {
-                    failures = 0;
-                    inner.ready.send_replace(true);
-                    if connected_before {
-                        tracing::info!(node = %inner.node_id, "cluster directory re-registered");
-                    }
-                    connected_before = true;
-                    self.serve(&node, &mut commands, &generation).await;
+        // This round's consumers stop with it, or with the directory.
+        let generation = inner.stop.child_token();
+        let result = match self.setup(&generation).await {
+            Ok(node) => {
+                inner.ready.send_replace(true);
+                if reconnecting {
+                    tracing::info!(node = %inner.node_id, "cluster directory re-registered");
                 }
-                Err(e) => {
-                    if !inner.queue.is_closed() {
-                        tracing::warn!(error = %e, node = %inner.node_id, "cluster directory setup failed");
-                    }
-                }
+                self.serve(&node, &mut *commands.lock().await, &generation)
+                    .await;
+                Ok(())
             }
-            generation.cancel();
-            inner.ready.send_replace(false);
-            inner.rpc.send_replace(None);
-            // Replies to lookups in flight would have come over the dead channel.
-            for (_, waiter) in inner.pending().drain() {
-                let _ = waiter.send(LiveOutcome::NotAcked);
-            }
-            if inner.stop.is_cancelled() || inner.queue.is_closed() {
-                return;
-            }
-            failures += 1;
-            let delay =
-                backoff_with_jitter(failures, settings.reconnect_min, settings.reconnect_max);
-            tracing::warn!(node = %inner.node_id, retry_in = ?delay, "cluster directory down; re-registering");
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = inner.stop.cancelled() => return,
-            }
+            Err(e) => Err(e.context(format!("node {}", inner.node_id))),
+        };
+        generation.cancel();
+        inner.ready.send_replace(false);
+        inner.rpc.send_replace(None);
+        // Replies to lookups in flight would have come over the dead channel.
+        for (_, waiter) in inner.pending().drain() {
+            let _ = waiter.send(LiveOutcome::NotAcked);
         }
+        result
     }
 
     /// Opens both channels, declares the exchange and (gateway nodes) the node queue,

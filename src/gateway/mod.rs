@@ -29,12 +29,14 @@ mod table;
 pub mod token;
 pub mod upgrade;
 
+use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use prometheus::IntCounter;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::GatewaySettings;
 use crate::domain::{DeviceId, QueuedNotification};
@@ -44,7 +46,7 @@ pub use handler::connect;
 pub use protocol::CloseKind;
 pub(crate) use refusal::Refusal;
 use registrar::Registrar;
-use table::{Outbound, SessionHandle, SessionTable};
+use table::{Control, Outbound, SessionHandle, SessionTable};
 pub use token::{DeviceTokens, TokenError};
 
 /// The result of one live delivery attempt.
@@ -70,12 +72,15 @@ struct Inner {
     frames_in: IntCounter,
     frames_out: IntCounter,
     table: SessionTable,
-    /// False once shutdown began: no new sessions, no new deliveries.
-    accepting: AtomicBool,
+    /// The gateway's node in the shutdown tree. Every session's kill token is a child:
+    /// cancelling it closes them all with "reconnect elsewhere".
+    stop: CancellationToken,
+    /// A child of `stop`, cancelled first: no new sessions, no new deliveries.
+    refusing: CancellationToken,
     /// Deliveries waiting for an ack; shutdown lets them finish before closing sessions.
-    in_flight: AtomicUsize,
-    /// Session tasks still running (they decrement after sending their close frame).
-    live: AtomicUsize,
+    in_flight: TaskTracker,
+    /// Session tasks still running (until their close frame went out).
+    sessions: TaskTracker,
     admission: Admission,
 }
 
@@ -89,24 +94,15 @@ pub(crate) enum Admitted {
     },
 }
 
-/// Decrements a count however the holder returns.
-struct Counted<'a>(&'a AtomicUsize);
-
-impl<'a> Counted<'a> {
-    fn new(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        Counted(count)
-    }
-}
-
-impl Drop for Counted<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 impl Gateway {
-    pub fn new(settings: GatewaySettings, tokens: DeviceTokens, metrics: Metrics) -> Self {
+    /// A gateway whose sessions all close when `stop` (its node of the shutdown tree) is
+    /// cancelled; [`Gateway::shutdown`] does that in order.
+    pub fn new(
+        settings: GatewaySettings,
+        tokens: DeviceTokens,
+        metrics: Metrics,
+        stop: CancellationToken,
+    ) -> Self {
         Gateway(Arc::new(Inner {
             admission: Admission::new(settings.max_session_rate, settings.session_burst),
             frames_in: metrics.frames.with_label_values(&["in"]),
@@ -115,9 +111,10 @@ impl Gateway {
             tokens,
             metrics,
             table: SessionTable::default(),
-            accepting: AtomicBool::new(true),
-            in_flight: AtomicUsize::new(0),
-            live: AtomicUsize::new(0),
+            refusing: stop.child_token(),
+            stop,
+            in_flight: TaskTracker::new(),
+            sessions: TaskTracker::new(),
         }))
     }
 
@@ -156,7 +153,7 @@ impl Gateway {
     }
 
     fn is_accepting(&self) -> bool {
-        self.0.accepting.load(Ordering::Acquire)
+        !self.0.refusing.is_cancelled()
     }
 
     /// Sends `n` down `device`'s session and waits up to `ack_timeout` for the ack.
@@ -167,7 +164,7 @@ impl Gateway {
         let Some(handle) = self.0.table.get(device) else {
             return LiveOutcome::Offline;
         };
-        let _in_flight = Counted::new(&self.0.in_flight);
+        let _in_flight = self.0.in_flight.token();
         let (acked, ack) = oneshot::channel();
         let out = Box::new(Outbound {
             id: n.id,
@@ -201,21 +198,18 @@ impl Gateway {
     /// with the "reconnect elsewhere" code and wait for their close frames to go out.
     /// Bounded by `within`.
     pub async fn shutdown(&self, within: Duration) {
-        self.0.accepting.store(false, Ordering::Release);
+        self.0.refusing.cancel();
         let deadline = tokio::time::Instant::now() + within;
-        // Polling: this runs once per process lifetime and ends within ack_timeout.
-        while self.0.in_flight.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        self.0.in_flight.close();
+        let _ = tokio::time::timeout_at(deadline, self.0.in_flight.wait()).await;
         let sessions = self.0.table.drain();
         tracing::info!(
             sessions = sessions.len(),
             "closing sessions: reconnect elsewhere"
         );
-        for s in &sessions {
-            s.close(CloseKind::Shutdown);
-        }
+        // Every session's kill token is a child of this one; none has a reason set, so
+        // each closes as `Shutdown`.
+        self.0.stop.cancel();
         // Deregistered from the cluster directory: lookups now get "offline" from the
         // broker instead of waiting on this node.
         if let Some(registrar) = self.0.table.registrar() {
@@ -223,9 +217,18 @@ impl Gateway {
                 .flush(deadline.saturating_duration_since(tokio::time::Instant::now()))
                 .await;
         }
-        while self.0.live.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        self.0.sessions.close();
+        let _ = tokio::time::timeout_at(deadline, self.0.sessions.wait()).await;
+    }
+
+    /// Runs a session task, counted until it ends (after its close frame went out).
+    fn track_session<F: Future>(&self, session: F) -> impl Future<Output = F::Output> + use<F> {
+        self.0.sessions.track_future(session)
+    }
+
+    /// A new session's control, closed with the gateway's `stop` or on its own.
+    fn new_control(&self) -> Control {
+        Control::under(&self.0.stop)
     }
 
     /// Puts a new session in the table; an older session of the same device is closed.
@@ -251,11 +254,6 @@ impl Gateway {
             .registrar()
             .map(|r| r.timeout())
             .unwrap_or_default()
-    }
-
-    /// Counts a session task as running until the guard drops (after its close frame).
-    fn session_running(&self) -> Counted<'_> {
-        Counted::new(&self.0.live)
     }
 
     fn metrics(&self) -> &Metrics {

@@ -33,9 +33,8 @@ pub(super) async fn run(gateway: Gateway, device: DeviceId, ws: WebSocketStream<
     let (ws, mut stream) = ws.split();
     let settings = gateway.settings();
     let (tx, mut rx) = mpsc::channel(settings.send_buffer);
-    let control = Arc::new(Control::default());
+    let control = Arc::new(gateway.new_control());
     let id = uuid::Uuid::now_v7();
-    let running = gateway.session_running();
     let metrics = gateway.metrics();
     metrics.sessions_opened.inc();
     metrics.sessions_active.inc();
@@ -115,7 +114,6 @@ pub(super) async fn run(gateway: Gateway, device: DeviceId, ws: WebSocketStream<
         // read the close; flushing and closing sends it).
         let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, session.ws.close()).await;
     }
-    drop(running);
     tracing::debug!(device = %device, session = %id, reason = kind.label(), "session closed");
 }
 

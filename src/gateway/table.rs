@@ -20,13 +20,20 @@ pub(super) struct Outbound {
 }
 
 /// Closes a session from outside its task, with a reason. The first reason wins.
-#[derive(Default)]
 pub(super) struct Control {
     kill: CancellationToken,
     reason: OnceLock<CloseKind>,
 }
 
 impl Control {
+    /// A control whose session also closes when `parent` (the gateway's stop) is cancelled.
+    pub(super) fn under(parent: &CancellationToken) -> Control {
+        Control {
+            kill: parent.child_token(),
+            reason: OnceLock::new(),
+        }
+    }
+
     pub(super) fn close(&self, kind: CloseKind) {
         let _ = self.reason.set(kind);
         self.kill.cancel();

@@ -100,6 +100,6 @@ async fn upgrade(
         .max_frame_size(Some(max))
         .max_message_size(Some(max));
     let ws = WebSocketStream::from_partially_read(io, early, Role::Server, Some(config)).await;
-    actix_web::rt::spawn(session::run(gateway, device, ws));
+    actix_web::rt::spawn(gateway.track_session(session::run(gateway.clone(), device, ws)));
     Ok(())
 }
