@@ -85,7 +85,12 @@ impl DispatcherHandle {
 
 impl Dispatcher {
     pub fn spawn(self) -> DispatcherHandle {
-        let stop = CancellationToken::new();
+        self.spawn_under(CancellationToken::new())
+    }
+
+    /// Runs until `stop` (the dispatcher's node of the shutdown tree) is cancelled, by
+    /// [`DispatcherHandle::drain`] or by a parent.
+    pub fn spawn_under(self, stop: CancellationToken) -> DispatcherHandle {
         let task = tokio::spawn(Arc::new(self).run(stop.clone()));
         DispatcherHandle { stop, task }
     }

@@ -15,9 +15,12 @@
 
 mod memory;
 mod rabbitmq;
+pub mod reconnect;
 
 use std::sync::Arc;
+
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::domain::QueuedNotification;
@@ -87,6 +90,16 @@ impl Queue {
     /// background (with backoff), so a process starts, reports not-ready and answers 503
     /// while the broker is away, instead of failing to start.
     pub fn from_settings(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Queue> {
+        Self::from_settings_under(settings, metrics, CancellationToken::new())
+    }
+
+    /// As [`Queue::from_settings`], with the RabbitMQ backend's supervisor stopping when
+    /// `stop` (the root of the process's shutdown tree) is cancelled; `close` cancels it.
+    pub fn from_settings_under(
+        settings: &Settings,
+        metrics: &Metrics,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Queue> {
         Ok(match settings.queue_url()? {
             None => Queue::Memory(Arc::new(MemoryQueue::new(
                 settings.queue.memory_capacity,
@@ -97,6 +110,7 @@ impl Queue {
                 Topology::new(&settings.queue.prefix, &settings.retry),
                 settings.queue.clone(),
                 metrics.clone(),
+                stop,
             )),
         })
     }

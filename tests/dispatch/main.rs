@@ -14,5 +14,6 @@ mod harness;
 
 mod broker_restart;
 mod delivery;
+mod drain;
 mod events;
 mod outcomes;
