@@ -15,6 +15,7 @@
 
 mod memory;
 mod rabbitmq;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;

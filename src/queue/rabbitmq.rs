@@ -374,7 +374,7 @@ impl RabbitQueue {
             )
             .into(),
         );
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, props))
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, super::tls::connect(uri, props, &self.settings.ca_file))
             .await
             .map_err(|_| anyhow::anyhow!("connection timed out after {CONNECT_TIMEOUT:?}"))??;
         let publish = conn.create_channel().await?;
