@@ -85,6 +85,9 @@ for overlay in deploy/k8s/overlays/*/; do
     run "validate $name" "$py" deploy/checks.py validate "$rendered"
     run "invariants $name" "$py" deploy/checks.py invariants "$rendered"
     run "security $name" "$py" deploy/checks.py security "$rendered"
+    if [[ $name == production ]]; then
+        run "security checks fail on each undone lock-down" "$py" deploy/test_checks.py "$rendered"
+    fi
     run "checkov $name" "$venv/bin/checkov" --config-file deploy/checkov.yaml \
         --framework kubernetes -f "$rendered"
 done

@@ -348,7 +348,18 @@ def role_resources(prefix, retry_queues):
 
 def cmd_security(path):
     docs = load_docs(path)
-    overlay_dir = DEPLOY / "k8s/overlays" / Path(path).stem
+    problems = security_problems(docs, DEPLOY / "k8s/overlays" / Path(path).stem)
+    count = {k: sum(1 for d in docs if d.get("kind") == k) for k in ("NetworkPolicy", "Deployment", "RabbitmqCluster")}
+    return fail(
+        problems,
+        f"security: {count['NetworkPolicy']} NetworkPolicies over {count['Deployment']} Deployment(s) "
+        f"and {count['RabbitmqCluster']} RabbitmqCluster(s); amqps, per-role broker users and "
+        f"permission regexes in {Path(path).name}",
+    )
+
+
+def security_problems(docs, overlay_dir):
+    """Every lock-down problem of one rendered overlay (see `security` in the module doc)."""
     problems = []
     kinds = {}
     for d in docs:
@@ -420,13 +431,7 @@ def cmd_security(path):
 
     if clusters:
         problems += broker_client_problems(docs, kinds, deployments, clusters, overlay_dir)
-
-    return fail(
-        problems,
-        f"security: {len(policies)} NetworkPolicies over {len(deployments)} Deployment(s) and "
-        f"{len(clusters)} RabbitmqCluster(s); amqps, per-role broker users and permission regexes "
-        f"in {Path(path).name}",
-    )
+    return problems
 
 
 def broker_client_problems(docs, kinds, deployments, clusters, overlay_dir):
