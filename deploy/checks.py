@@ -512,14 +512,15 @@ def broker_client_problems(docs, kinds, deployments, clusters, overlay_dir):
                 continue
             role_of_user[uname] = roles[0]
             example = overlay_dir / f"secrets.example/url-{roles[0]}.example"
+            shown = example.relative_to(REPO) if example.is_relative_to(REPO) else example
             if not example.exists():
-                problems.append(f"{rid}: no {example.relative_to(REPO)} showing its broker URL")
+                problems.append(f"{rid}: no {shown} showing its broker URL")
             else:
                 url = example.read_text().strip()
                 if not url.startswith("amqps://"):
-                    problems.append(f"{example.relative_to(REPO)}: the queue URL is not amqps://")
+                    problems.append(f"{shown}: the queue URL is not amqps://")
                 if url.split("://", 1)[-1].split(":", 1)[0] != uname:
-                    problems.append(f"{example.relative_to(REPO)}: the URL's user is not {uname}")
+                    problems.append(f"{shown}: the URL's user is not {uname}")
 
     needed, refused = role_resources(prefix, retry_queue_names(prefix, retry))
     for uname, role in sorted(role_of_user.items()):
