@@ -41,7 +41,9 @@ pub fn check_ca_file(url: Option<&str>, ca_file: &str) -> Result<(), String> {
         return Ok(());
     }
     match url {
-        None => return Err("is set, but queue.url is empty (the embedded queue has no broker)".into()),
+        None => {
+            return Err("is set, but queue.url is empty (the embedded queue has no broker)".into());
+        }
         Some(u) if !u.starts_with("amqps://") => {
             return Err("is set, but queue.url is not amqps:// (the CA would be ignored and AMQP sent in the clear)".into());
         }
@@ -59,7 +61,8 @@ pub async fn connect(
 ) -> anyhow::Result<Connection> {
     let mut tls = OwnedTLSConfig::default();
     if uri.scheme == AMQPScheme::AMQPS && !ca_file.is_empty() {
-        tls.cert_chain = Some(read_ca_bundle(ca_file).map_err(|e| anyhow::anyhow!("queue.ca_file: {e}"))?);
+        tls.cert_chain =
+            Some(read_ca_bundle(ca_file).map_err(|e| anyhow::anyhow!("queue.ca_file: {e}"))?);
     }
     let runtime = lapin::runtime::default_runtime()?;
     Ok(uri.connect_with_config(props, tls, runtime).await?)
@@ -100,7 +103,10 @@ mod tests {
     #[test]
     fn a_missing_file_says_it_cannot_be_read() {
         let err = check_ca_file(TLS_URL, "/nonexistent/herald-ca.pem").unwrap_err();
-        assert!(err.starts_with("cannot read /nonexistent/herald-ca.pem"), "{err}");
+        assert!(
+            err.starts_with("cannot read /nonexistent/herald-ca.pem"),
+            "{err}"
+        );
     }
 
     #[test]

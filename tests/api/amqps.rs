@@ -51,7 +51,10 @@ fn ca_and_acceptor() -> (tokio_rustls::TlsAcceptor, String) {
             rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
         )
         .unwrap();
-    (tokio_rustls::TlsAcceptor::from(Arc::new(config)), ca_cert.pem())
+    (
+        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        ca_cert.pem(),
+    )
 }
 
 async fn tls_front() -> TlsFront {
@@ -105,7 +108,9 @@ async fn notify_is_queued_over_amqps_with_the_configured_ca() {
         front.port, vhost.name
     ));
     settings.queue.ca_file = ca.path().to_str().unwrap().to_owned();
-    settings.validate().expect("amqps:// with a CA file is a valid config");
+    settings
+        .validate()
+        .expect("amqps:// with a CA file is a valid config");
     let app = support::spawn_app(settings).await;
 
     let Some(Handshake::Ok) = front.handshakes.recv().await else {
@@ -113,9 +118,11 @@ async fn notify_is_queued_over_amqps_with_the_configured_ca() {
     };
     let resp = app.post_notify(&support::notify_body(&["dev-tls"])).await;
     assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
-    support::wait_for(Duration::from_secs(5), "the message in herald.work", || async {
-        (vhost.queue_len("herald.work") == Some(1)).then_some(())
-    })
+    support::wait_for(
+        Duration::from_secs(5),
+        "the message in herald.work",
+        || async { (vhost.queue_len("herald.work") == Some(1)).then_some(()) },
+    )
     .await;
     app.stop().await;
 }
@@ -161,11 +168,17 @@ async fn a_bad_ca_file_is_a_config_error() {
 
     settings.queue.ca_file = "/nonexistent/ca.crt".into();
     let err = settings.validate().unwrap_err().to_string();
-    assert!(err.contains("queue.ca_file") && err.contains("cannot read"), "{err}");
+    assert!(
+        err.contains("queue.ca_file") && err.contains("cannot read"),
+        "{err}"
+    );
 
     let ca = write_pem(&ca_and_acceptor().1);
     settings.queue.ca_file = ca.path().to_str().unwrap().to_owned();
     settings.queue.url = Secret::new("amqp://u:p@broker.example:5672/%2f");
     let err = settings.validate().unwrap_err().to_string();
-    assert!(err.contains("queue.ca_file") && err.contains("not amqps://"), "{err}");
+    assert!(
+        err.contains("queue.ca_file") && err.contains("not amqps://"),
+        "{err}"
+    );
 }

@@ -45,10 +45,7 @@ fn shipped_permissions() -> HashMap<String, [String; 3]> {
             .and_then(|r| r.lines().map(str::trim).find(|l| l.starts_with("name: ")))
             .expect("userReference.name")["name: herald-".len()..]
             .to_owned();
-        out.insert(
-            user,
-            [field("configure"), field("write"), field("read")],
-        );
+        out.insert(user, [field("configure"), field("write"), field("read")]);
     }
     out
 }
@@ -206,9 +203,11 @@ async fn each_role_runs_with_only_its_shipped_broker_permissions() {
     apns.reply_next(1, Reply::reason(503, "ServiceUnavailable"));
     let before = apns.request_count();
     let id = notify(&http, &api.base, "phone-away").await.expect("202");
-    wait_for(Duration::from_secs(20), "the retried APNs attempt", || async {
-        (apns.request_count() >= before + 2).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(20),
+        "the retried APNs attempt",
+        || async { (apns.request_count() >= before + 2).then_some(()) },
+    )
     .await;
 
     // Offline, APNs refuses herald's credentials: a dead letter to herald.dead.
@@ -238,7 +237,10 @@ async fn each_role_runs_with_only_its_shipped_broker_permissions() {
     // What a role does not need, it cannot do.
     let refused = |r: Result<(), String>, what: &str| {
         let e = r.expect_err(what);
-        assert!(e.contains("ACCESS_REFUSED") || e.contains("403"), "{what}: {e}");
+        assert!(
+            e.contains("ACCESS_REFUSED") || e.contains("403"),
+            "{what}: {e}"
+        );
     };
     let (api_url, gw_url) = (users.url("api"), users.url("gateway"));
     refused(
@@ -262,4 +264,27 @@ async fn each_role_runs_with_only_its_shipped_broker_permissions() {
         .expect("the dispatcher publishes events");
 
     let _ = guest.close(200, "done".into()).await;
+}
+
+/// Whichever role connects first creates the topology, and RabbitMQ checks more on
+/// creation than on a re-declaration (read on a queue with a dead-letter exchange): so
+/// each role, alone on a fresh vhost, must be able to create everything it declares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_alone_creates_its_topology_on_a_fresh_vhost() {
+    let apns = ApnsDouble::start().await;
+    for role in ["api", "dispatcher", "gateway"] {
+        let vhost = TestVhost::new();
+        let users = RoleUsers::create(&vhost);
+        let env = env_for(&node_env(&vhost.url, &apns), users.url(role));
+        // Node::start waits for /readyz 200: connected, topology declared, consumers up.
+        let node = Node::start(role, &env, role).await;
+        let queues = rabbitmqctl(&["list_queues", "-p", &vhost.name, "name"]);
+        for q in ["herald.work", "herald.dead", "herald.retry.100ms"] {
+            assert!(
+                queues.lines().any(|l| l == q),
+                "{role} did not create {q}: {queues}"
+            );
+        }
+        drop(node);
+    }
 }
