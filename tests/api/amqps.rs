@@ -127,8 +127,8 @@ async fn notify_is_queued_over_amqps_with_the_configured_ca() {
     app.stop().await;
 }
 
-/// A broker certificate from another CA is refused: the handshake fails on herald's side
-/// (unknown issuer), herald never connects, and /readyz stays 503.
+/// A broker certificate from another CA is refused: herald aborts the TLS handshake (unknown
+/// issuer) on every attempt, never connects, and /readyz stays 503.
 #[tokio::test]
 async fn a_broker_certificate_from_another_ca_is_refused() {
     let vhost = TestVhost::new();
@@ -143,9 +143,14 @@ async fn a_broker_certificate_from_another_ca_is_refused() {
     settings.queue.ca_file = ca.path().to_str().unwrap().to_owned();
     let app = support::spawn_app(settings).await;
 
-    match front.handshakes.recv().await {
-        Some(Handshake::Failed(e)) => assert!(e.to_lowercase().contains("certificate"), "{e}"),
-        other => panic!("want a refused handshake, got {other:?}"),
+    // herald aborts the handshake (the terminator sees it end early); it keeps retrying
+    // and keeps refusing. The same terminator with the right CA works (the test above), so
+    // the CA is the only difference.
+    for attempt in 1..=2 {
+        match front.handshakes.recv().await {
+            Some(Handshake::Failed(_)) => {}
+            other => panic!("attempt {attempt}: want a refused handshake, got {other:?}"),
+        }
     }
     assert!(!app.queue.is_connected());
     assert_eq!(app.get("/readyz").await.status(), 503);
