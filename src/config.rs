@@ -136,6 +136,7 @@ pub struct NotifySettings {
 pub struct QueueSettings {
     pub url: Secret,
     pub url_file: String,
+    pub ca_file: String,
     pub prefix: String,
     #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
@@ -401,6 +402,9 @@ impl Settings {
                 .parse::<lapin::uri::AMQPUri>()
                 .map_err(|e| invalid("queue.url", format!("not a valid AMQP URI: {e}")))?;
         }
+        let url = self.queue_url()?;
+        crate::queue::tls::check_ca_file(url.as_ref().map(Secret::expose), &self.queue.ca_file)
+            .map_err(|e| invalid("queue.ca_file", e))?;
         if self.retry.base_delay.is_zero() || self.retry.base_delay > self.retry.max_delay {
             return Err(invalid(
                 "retry.base_delay",

@@ -16,6 +16,7 @@
 mod memory;
 mod rabbitmq;
 pub mod reconnect;
+pub mod tls;
 
 use std::sync::Arc;
 

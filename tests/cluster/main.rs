@@ -14,6 +14,7 @@ mod support;
 #[allow(dead_code)]
 mod gw;
 
+mod broker_users;
 mod in_process;
 mod nodes;
 mod processes;
