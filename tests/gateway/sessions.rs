@@ -8,6 +8,7 @@ use herald::gateway::protocol::close;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::helpers::*;
+use crate::support::fixtures::notification_with_data;
 use crate::support::wait_for;
 
 #[tokio::test]
@@ -42,7 +43,7 @@ async fn a_client_that_stops_answering_pings_is_declared_dead() {
     );
     assert!(!app.directory.is_connected(&d));
     assert_eq!(
-        app.directory.deliver(&d, &notification(10)).await,
+        app.directory.deliver(&d, &notification_with_data(10)).await,
         LiveOutcome::Offline
     );
     assert_eq!(app.metric("herald_gateway_sessions_active"), 0.0);
@@ -73,7 +74,7 @@ async fn acked_and_not_acked() {
     let (ws, _) = connect(&app, "silent").await;
     let mut silent_rx = spawn_reader(ws);
 
-    let n = notification(10);
+    let n = notification_with_data(10);
     assert_eq!(
         app.directory.deliver(&device("acker"), &n).await,
         LiveOutcome::Acked
@@ -88,7 +89,7 @@ async fn acked_and_not_acked() {
         "provider routes never go to devices"
     );
 
-    let n = notification(10);
+    let n = notification_with_data(10);
     let started = Instant::now();
     assert_eq!(
         app.directory.deliver(&device("silent"), &n).await,
@@ -114,7 +115,7 @@ async fn a_newer_session_replaces_the_older() {
     let (code, _) = expect_close(&mut old).await;
     assert_eq!(code, close::REPLACED);
     let mut rx = spawn_acker(new);
-    let n = notification(10);
+    let n = notification_with_data(10);
     assert_eq!(
         app.directory.deliver(&device("phone-1"), &n).await,
         LiveOutcome::Acked
@@ -145,7 +146,7 @@ async fn a_slow_reader_is_closed_without_stalling_others() {
             let dir = app.directory.clone();
             let d = d.clone();
             tasks.push(tokio::spawn(async move {
-                dir.deliver(&d, &notification(60_000)).await
+                dir.deliver(&d, &notification_with_data(60_000)).await
             }));
         }
         let closed = app.closed("slow_consumer") == 1.0;
@@ -154,7 +155,7 @@ async fn a_slow_reader_is_closed_without_stalling_others() {
     .await;
     assert!(!app.directory.is_connected(&d));
     // The other session is unaffected.
-    let n = notification(10);
+    let n = notification_with_data(10);
     assert_eq!(
         app.directory.deliver(&device("fast"), &n).await,
         LiveOutcome::Acked
@@ -249,7 +250,7 @@ async fn shutdown_finishes_in_flight_acks_then_says_reconnect_elsewhere() {
     let app = spawn(s).await;
     let (mut ws, _) = connect(&app, "phone-1").await;
     let dir = app.directory.clone();
-    let n = notification(10);
+    let n = notification_with_data(10);
     let id = n.id.to_string();
     let delivery = tokio::spawn(async move { dir.deliver(&device("phone-1"), &n).await });
     let frame = next_json(&mut ws).await;
