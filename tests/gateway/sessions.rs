@@ -185,6 +185,47 @@ async fn a_slow_reader_is_closed_without_stalling_others() {
     app.stop().await;
 }
 
+/// A burst of deliveries larger than the send buffer, to a device that reads and acks
+/// everything: the buffer fills for a moment (every deliverer runs before the session task
+/// writes a frame), which is not a slow device. Several dispatchers with `queue.prefetch`
+/// in flight each do this to one busy device; closing it with 4004 moved a healthy device
+/// off its node (`tests/cluster/processes.rs::sigterm_to_each_role_during_a_stream_…`).
+#[tokio::test]
+async fn a_burst_larger_than_the_send_buffer_to_a_reading_device_is_all_acked() {
+    let mut s = settings();
+    s.gateway.send_buffer = 4;
+    // The burst is what is under test, not the heartbeat or the ack round trip on a loaded
+    // machine.
+    s.gateway.ping_interval = Duration::from_secs(30);
+    s.gateway.pong_timeout = Duration::from_secs(10);
+    s.gateway.ack_timeout = Duration::from_secs(5);
+    let app = spawn(s).await;
+    let (ws, _) = connect(&app, "busy").await;
+    let mut frames = spawn_acker(ws);
+    let d = device("busy");
+    let burst: Vec<_> = (0..40)
+        .map(|_| {
+            let (dir, d) = (app.directory.clone(), d.clone());
+            tokio::spawn(async move { dir.deliver(&d, &notification_with_data(10)).await })
+        })
+        .collect();
+    for t in burst {
+        let outcome = t.await.unwrap();
+        let closes = ["slow_consumer", "pong_timeout", "client_closed"].map(|r| app.closed(r));
+        assert_eq!(
+            outcome,
+            LiveOutcome::Acked,
+            "sessions closed (slow consumer, pong timeout, client): {closes:?}"
+        );
+    }
+    for _ in 0..40 {
+        assert_eq!(frames.recv().await.expect("frame")["type"], "notification");
+    }
+    assert_eq!(app.closed("slow_consumer"), 0.0);
+    assert!(app.directory.is_connected(&d));
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn garbage_frames_get_errors_then_a_close() {
     let app = spawn(settings()).await;
