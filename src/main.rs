@@ -83,11 +83,11 @@ fn main() -> ExitCode {
         // `serve` reads the provider key files (and checks apns.key_id, team_id, topic,
         // endpoints, CA files) when it builds the providers, on a node with the dispatcher
         // role: the same build runs here, so check-config refuses what serve would.
-        if settings.has_role(Role::Dispatcher) {
-            if let Err(e) = Providers::from_settings(&settings, &Metrics::new()) {
-                eprintln!("herald: {e:#}");
-                return ExitCode::from(2);
-            }
+        if settings.has_role(Role::Dispatcher)
+            && let Err(e) = Providers::from_settings(&settings, &Metrics::new())
+        {
+            eprintln!("herald: {e:#}");
+            return ExitCode::from(2);
         }
         println!("{settings:#?}");
         return ExitCode::SUCCESS;
