@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use herald::config::{Settings, Sources};
+use herald::config::{Role, Settings, Sources};
+use herald::metrics::Metrics;
+use herald::providers::Providers;
 use herald::startup::Application;
 
 #[derive(Parser)]
@@ -26,8 +28,9 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Load and validate the configuration, print the effective settings (secrets
-    /// redacted), and exit: non-zero with the offending key if anything is wrong.
+    /// Load and validate the configuration (with the provider key files `serve` would
+    /// load), print the effective settings (secrets redacted), and exit: 2 with the
+    /// offending key if anything is wrong.
     CheckConfig {
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -77,6 +80,15 @@ fn main() -> ExitCode {
         }
     };
     if check_only {
+        // `serve` reads the provider key files (and checks apns.key_id, team_id, topic,
+        // endpoints, CA files) when it builds the providers, on a node with the dispatcher
+        // role: the same build runs here, so check-config refuses what serve would.
+        if settings.has_role(Role::Dispatcher)
+            && let Err(e) = Providers::from_settings(&settings, &Metrics::new())
+        {
+            eprintln!("herald: {e:#}");
+            return ExitCode::from(2);
+        }
         println!("{settings:#?}");
         return ExitCode::SUCCESS;
     }

@@ -89,9 +89,6 @@ pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Durati
     )
 }
 
-/// A transport error as an outcome. Every one of them is transient (timeouts, refused or
-/// reset connections, a stream reset mid-answer) except a request reqwest could not even
-/// build. The URL is stripped: it holds the device token.
 /// A provider's answer, read whole: status, Retry-After, body.
 pub(crate) struct Reply {
     pub status: u16,
@@ -126,6 +123,9 @@ pub(crate) async fn send_timed(
     result
 }
 
+/// A transport error as an outcome. Every one of them is transient (timeouts, refused or
+/// reset connections, a stream reset mid-answer) except a request reqwest could not even
+/// build. The URL is stripped: it holds the device token.
 pub(crate) fn transport_error(provider: &str, e: reqwest::Error) -> ProviderOutcome {
     let kind = if e.is_timeout() {
         "timeout"

@@ -77,3 +77,56 @@ fn secrets_are_redacted_when_settings_are_printed() {
     assert!(!printed.contains("hunter2"), "{printed}");
     assert!(printed.contains("redacted"));
 }
+
+/// What `serve` loads only when it builds the providers (the .p8 key with its key id, the
+/// FCM service-account file) is checked by `check-config` too, by the same loader: exit 2
+/// naming the key, and never the file's contents.
+#[test]
+fn check_config_loads_the_provider_keys_serve_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("AuthKey_ABC123DEFG.p8");
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    std::fs::write(&good, key.serialize_pem()).unwrap();
+    let bad = dir.path().join("not-a-key.p8");
+    std::fs::write(&bad, "secret-garbage-0123456789").unwrap();
+    let (good, bad) = (good.to_str().unwrap(), bad.to_str().unwrap());
+    fn apns(file: &str, key_id: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("HERALD__APNS__KEY_FILE", file.to_owned()),
+            ("HERALD__APNS__KEY_ID", key_id.to_owned()),
+            ("HERALD__APNS__TEAM_ID", "TEAM123456".to_owned()),
+            ("HERALD__APNS__TOPIC", "com.example.app".to_owned()),
+        ]
+    }
+    let run = |env: &[(&str, String)]| {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        herald(&["check-config"], &env)
+    };
+
+    let out = run(&apns(good, "ABC123DEFG"));
+    assert!(
+        out.status.success(),
+        "a good key passes: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    for (env, key) in [
+        (apns(bad, "ABC123DEFG"), "apns.key_file"),
+        (apns(good, ""), "apns.key_id"),
+        (
+            vec![("HERALD__FCM__SERVICE_ACCOUNT_FILE", bad.to_owned())],
+            "fcm.service_account_file",
+        ),
+    ] {
+        let out = run(&env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{key}: {stderr}");
+        assert!(stderr.contains(key), "names {key}: {stderr}");
+        assert!(!stderr.contains("secret-garbage"), "{stderr}");
+    }
+
+    // A node without the dispatcher role never loads the providers, in serve or here.
+    let mut env = apns(bad, "ABC123DEFG");
+    env.push(("HERALD__ROLES", "api".to_owned()));
+    assert!(run(&env).status.success());
+}

@@ -1,4 +1,6 @@
-//! The notify API and the queue, over real HTTP on port 0 and the real RabbitMQ broker.
+//! The notify API over real HTTP on port 0, with the embedded queue and the real RabbitMQ
+//! broker behind it, and the binary's command line. The queue contract itself is its own
+//! binary, `tests/queue`.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -8,5 +10,4 @@ mod cli;
 mod errors;
 mod health;
 mod notify;
-mod queue_contract;
 mod rabbitmq;

@@ -8,6 +8,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::helpers::*;
+use crate::support::fixtures::notification_with_data;
 use crate::support::wait_for;
 
 fn herald_connect(url: &str, token: &str) -> Child {
@@ -43,11 +44,11 @@ async fn receives_acks_dedupes_and_reconnects_after_a_restart() {
     })
     .await;
 
-    let first = notification(10);
+    let first = notification_with_data(10);
     assert_eq!(app.directory.deliver(&d, &first).await, LiveOutcome::Acked);
     // The same notification again (a redelivery): acked, but not printed twice.
     assert_eq!(app.directory.deliver(&d, &first).await, LiveOutcome::Acked);
-    let second = notification(10);
+    let second = notification_with_data(10);
     assert_eq!(app.directory.deliver(&d, &second).await, LiveOutcome::Acked);
     for expected in [&first, &second] {
         let line = tokio::time::timeout(WAIT, lines.next_line())
@@ -69,7 +70,7 @@ async fn receives_acks_dedupes_and_reconnects_after_a_restart() {
         || async { app.directory.is_connected(&d).then_some(()) },
     )
     .await;
-    let third = notification(10);
+    let third = notification_with_data(10);
     assert_eq!(app.directory.deliver(&d, &third).await, LiveOutcome::Acked);
     let line = tokio::time::timeout(WAIT, lines.next_line())
         .await

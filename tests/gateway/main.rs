@@ -7,7 +7,8 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+use support::gateway as helpers;
+
 mod client_cli;
-mod helpers;
 mod sessions;
 mod tokens;

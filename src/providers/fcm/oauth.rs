@@ -5,8 +5,11 @@
 //! gcp_auth builds its own hyper client with only the system roots (so a private token
 //! endpoint behind `fcm.ca_file` cannot be reached), keeps its cache private with no way to
 //! drop a token FCM just refused with 401, and returns one opaque error type, where herald
-//! must tell "token endpoint down" (transient) from "key revoked" (configuration). yup-oauth2
-//! has the same client and cache shape. The exchange itself is one signed POST.
+//! must tell "token endpoint down" (transient) from "key revoked" (configuration).
+//! yup-oauth2 12 can take a client with a custom CA (`with_client`), but it reads the token
+//! endpoint's answer by its body alone, ignoring the HTTP status and `Retry-After`: herald
+//! could not tell an overloaded endpoint (503, try later) from a refused key, nor wait as
+//! long as Google asks. The exchange itself is one signed POST.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
