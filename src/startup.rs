@@ -58,7 +58,7 @@ impl Application {
         );
         let gateway = settings.has_role(Role::Gateway).then(|| {
             Gateway::new(
-                GatewayConfig::from(&settings.gateway),
+                GatewayConfig::from(&settings),
                 device_tokens.clone(),
                 metrics.clone(),
             )
@@ -118,6 +118,7 @@ impl Application {
                 max_ttl: settings.notify.max_ttl,
             },
             max_body_bytes: settings.http.max_body_bytes,
+            max_frame_bytes: settings.notify.max_frame_bytes,
             retry_after: settings.queue.retry_after,
             shutdown: shutdown.clone(),
         });

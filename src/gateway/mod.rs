@@ -36,7 +36,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::GatewaySettings;
+use crate::config::{GatewaySettings, Settings};
 use crate::directory::LiveOutcome;
 use crate::directory::cluster::Registry;
 use crate::domain::{DeviceId, NotificationId, QueuedNotification};
@@ -56,6 +56,9 @@ pub struct GatewayConfig {
     pub pong_timeout: Duration,
     pub ack_timeout: Duration,
     pub max_frame_bytes: usize,
+    /// `notify.max_frame_bytes`: the largest notification frame this node writes; sizes the
+    /// outgoing WebSocket buffer, apart from the inbound `max_frame_bytes`.
+    pub max_notification_frame_bytes: usize,
     pub send_buffer: usize,
     pub max_bad_frames: u32,
     pub reconnect_spread: Duration,
@@ -63,9 +66,11 @@ pub struct GatewayConfig {
     pub session_burst: u32,
 }
 
-impl From<&GatewaySettings> for GatewayConfig {
-    fn from(s: &GatewaySettings) -> Self {
+impl From<&Settings> for GatewayConfig {
+    fn from(settings: &Settings) -> Self {
+        let s: &GatewaySettings = &settings.gateway;
         GatewayConfig {
+            max_notification_frame_bytes: settings.notify.max_frame_bytes,
             ping_interval: s.ping_interval,
             pong_timeout: s.pong_timeout,
             ack_timeout: s.ack_timeout,

@@ -35,6 +35,8 @@ pub enum QueueError {
     Timeout(Duration),
     #[error("the embedded queue is full ({0} messages)")]
     Full(usize),
+    #[error("the embedded queue is full ({0} bytes, queue.memory_max_bytes)")]
+    FullBytes(usize),
     #[error("the broker refused the message: {0}")]
     Refused(String),
     #[error("the queue is shut down")]
@@ -47,7 +49,7 @@ impl QueueError {
         match self {
             QueueError::Unavailable(_) | QueueError::Closed => "unavailable",
             QueueError::Timeout(_) => "timeout",
-            QueueError::Full(_) => "full",
+            QueueError::Full(_) | QueueError::FullBytes(_) => "full",
             QueueError::Refused(_) => "nacked",
         }
     }
@@ -76,6 +78,7 @@ impl Queue {
         Ok(match settings.queue_url()? {
             None => Queue::Memory(Arc::new(MemoryQueue::new(
                 settings.queue.memory_capacity,
+                settings.queue.memory_max_bytes,
                 metrics.clone(),
             ))),
             Some(url) => Queue::Rabbit(RabbitQueue::start(

@@ -5,6 +5,7 @@ mod support;
 
 mod cli;
 mod errors;
+mod hardening;
 mod health;
 mod notify;
 mod queue_contract;

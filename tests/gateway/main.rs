@@ -9,5 +9,6 @@ mod support;
 
 mod client_cli;
 mod helpers;
+mod outbound;
 mod sessions;
 mod tokens;
