@@ -728,6 +728,22 @@ mod tests {
                 "0s",
                 "fcm.breaker_cooldown",
             ),
+            (
+                "HERALD__NOTIFY__MAX_FRAME_BYTES",
+                "1000",
+                "notify.max_frame_bytes",
+            ),
+            (
+                "HERALD__QUEUE__MEMORY_MAX_BYTES",
+                "1000",
+                "queue.memory_max_bytes",
+            ),
+            ("HERALD__APNS__TOPIC", "com.example\u{7}app", "apns.topic"),
+            (
+                "HERALD__FCM__ENDPOINT",
+                "http://fcm.example.com",
+                "fcm.endpoint",
+            ),
         ];
         for (var, value, key) in cases {
             let err = load_env(&[(var, value)]).unwrap_err().to_string();

@@ -137,7 +137,8 @@ fn connect(opts: herald::client::ConnectOptions) -> ExitCode {
             ExitCode::from(match e {
                 herald::client::ClientError::Unauthorized(_) => 3,
                 herald::client::ClientError::Replaced => 4,
-                herald::client::ClientError::BadUrl(_) | herald::client::ClientError::BadCaFile(_) => 2,
+                herald::client::ClientError::BadUrl(_)
+                | herald::client::ClientError::BadCaFile(_) => 2,
             })
         }
     }

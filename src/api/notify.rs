@@ -87,10 +87,7 @@ pub async fn notify(
 /// A target with only a `device_id` has no provider payload limit behind it, so without
 /// this the only bound would be the request body (1 MiB): too big for a session's outgoing
 /// buffer, and refused here rather than failing on every delivery attempt.
-fn check_live_frame(
-    n: &crate::domain::QueuedNotification,
-    limit: usize,
-) -> Result<(), ApiError> {
+fn check_live_frame(n: &crate::domain::QueuedNotification, limit: usize) -> Result<(), ApiError> {
     let size = crate::gateway::protocol::notification_json(n).len();
     if size > limit {
         return Err(ApiError::InvalidRequest(format!(

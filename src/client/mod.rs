@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
+use tokio_tungstenite::Connector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::Connector;
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::protocol::close;
@@ -143,9 +143,8 @@ fn tls_connector(opts: &ConnectOptions) -> Result<Option<Connector>, ClientError
         tracing::debug!(ignored, "system root certificates rustls could not use");
     }
     if let Some(path) = &opts.ca_file {
-        let bad = |e: &dyn std::fmt::Display| {
-            ClientError::BadCaFile(format!("{}: {e}", path.display()))
-        };
+        let bad =
+            |e: &dyn std::fmt::Display| ClientError::BadCaFile(format!("{}: {e}", path.display()));
         let mut added = 0;
         for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))? {
             roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;

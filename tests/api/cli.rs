@@ -117,14 +117,22 @@ fn an_api_keys_file_without_a_key_is_a_start_up_error() {
     assert!(stderr.contains("auth.api_keys_file"), "{stderr}");
     assert!(stderr.contains("no API key"), "{stderr}");
     // Nothing generated, nothing printed to the log stream.
-    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // The same file with one key starts fine (check-config: same load, no serving).
     std::fs::write(&file, "# keys go here\nfile-api-key-0123456789\n").unwrap();
     let out = herald(
         &["check-config"],
         &[("HERALD__AUTH__API_KEYS_FILE", file.to_str().unwrap())],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -135,15 +143,30 @@ fn apns_topic_with_control_characters_is_a_config_error() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("apns.topic"), "{topic:?}: {stderr}");
     }
-    let out = herald(&["check-config"], &[("HERALD__APNS__TOPIC", "com.example.app")]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = herald(
+        &["check-config"],
+        &[("HERALD__APNS__TOPIC", "com.example.app")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn cleartext_provider_endpoints_only_to_loopback_unless_allowed() {
     for (var, url, key) in [
-        ("HERALD__APNS__ENDPOINT", "http://apns.example.com", "apns.endpoint"),
-        ("HERALD__FCM__ENDPOINT", "http://10.1.2.3:8080", "fcm.endpoint"),
+        (
+            "HERALD__APNS__ENDPOINT",
+            "http://apns.example.com",
+            "apns.endpoint",
+        ),
+        (
+            "HERALD__FCM__ENDPOINT",
+            "http://10.1.2.3:8080",
+            "fcm.endpoint",
+        ),
     ] {
         let out = herald(&["check-config"], &[(var, url)]);
         assert_eq!(out.status.code(), Some(2), "{var}={url}");
@@ -151,9 +174,16 @@ fn cleartext_provider_endpoints_only_to_loopback_unless_allowed() {
         assert!(stderr.contains(key), "{stderr}");
         assert!(stderr.contains("allow_insecure_endpoints"), "{stderr}");
         // Allowed explicitly, per provider section.
-        let allow = format!("HERALD__{}__ALLOW_INSECURE_ENDPOINTS", &key[..key.find('.').unwrap()].to_uppercase());
+        let allow = format!(
+            "HERALD__{}__ALLOW_INSECURE_ENDPOINTS",
+            &key[..key.find('.').unwrap()].to_uppercase()
+        );
         let out = herald(&["check-config"], &[(var, url), (&allow, "true")]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     // Loopback (a local double) and https need no opt-in.
     for (var, url) in [
@@ -162,6 +192,10 @@ fn cleartext_provider_endpoints_only_to_loopback_unless_allowed() {
         ("HERALD__FCM__ENDPOINT", "https://fcm.example.com"),
     ] {
         let out = herald(&["check-config"], &[(var, url)]);
-        assert!(out.status.success(), "{var}={url}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{var}={url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -66,9 +66,15 @@ async fn control_characters_in_header_fields_are_refused() {
     let app = spawn_app(api_only(test_settings())).await;
     let cases = [
         ("collapse_key", json!({"collapse_key": "in\u{7}box"})),
-        ("collapse_key", json!({"collapse_key": "inbox\r\nx-evil: 1"})),
+        (
+            "collapse_key",
+            json!({"collapse_key": "inbox\r\nx-evil: 1"}),
+        ),
         ("apns.topic", json!({"apns": {"topic": "com.example\napp"}})),
-        ("apns.topic", json!({"apns": {"topic": "com.example\u{0}app"}})),
+        (
+            "apns.topic",
+            json!({"apns": {"topic": "com.example\u{0}app"}}),
+        ),
     ];
     for (field, extra) in cases {
         let mut body = live_only(1);

@@ -142,7 +142,10 @@ async fn tls_front(
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     let leaf_key = KeyPair::generate().unwrap();
@@ -211,7 +214,11 @@ async fn connects_over_wss_with_a_ca_file() {
     }
     untrusting.kill().await.expect("killed");
     assert!(!app.directory.is_connected(&device("phone-tls")));
-    assert_eq!(handshakes.load(Ordering::SeqCst), 0, "no TLS handshake completed");
+    assert_eq!(
+        handshakes.load(Ordering::SeqCst),
+        0,
+        "no TLS handshake completed"
+    );
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["connect", "--url", &url, "--token", &token("phone-tls")])
