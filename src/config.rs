@@ -129,6 +129,7 @@ pub struct NotifySettings {
     pub default_ttl: Duration,
     #[serde(with = "humantime_serde")]
     pub max_ttl: Duration,
+    pub max_frame_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -143,6 +144,7 @@ pub struct QueueSettings {
     #[serde(with = "humantime_serde")]
     pub retry_after: Duration,
     pub memory_capacity: usize,
+    pub memory_max_bytes: usize,
     pub prefetch: u16,
     #[serde(with = "humantime_serde")]
     pub reconnect_min: Duration,
@@ -218,6 +220,7 @@ pub struct ApnsSettings {
     pub topic: String,
     pub endpoint: String,
     pub ca_file: String,
+    pub allow_insecure_endpoints: bool,
     pub concurrency: usize,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
@@ -232,6 +235,7 @@ pub struct FcmSettings {
     pub service_account_file: String,
     pub endpoint: String,
     pub ca_file: String,
+    pub allow_insecure_endpoints: bool,
     pub concurrency: usize,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
@@ -359,6 +363,12 @@ impl Settings {
         if self.auth.device_token_ttl.is_zero() {
             return Err(invalid("auth.device_token_ttl", "must be positive"));
         }
+        // The live frame must fit whatever a provider-routed notification already may carry
+        // (a 4 KiB payload plus the frame's own fields), and stays under the 16 MiB a
+        // WebSocket frame is allowed to be here (gateway.max_frame_bytes has the same cap).
+        if !(8 * 1024..=16 * 1024 * 1024).contains(&self.notify.max_frame_bytes) {
+            return Err(invalid("notify.max_frame_bytes", "must be 8 KiB to 16 MiB"));
+        }
         if self.notify.max_targets == 0 {
             return Err(invalid("notify.max_targets", "must be at least 1"));
         }
@@ -379,6 +389,13 @@ impl Settings {
         }
         if self.queue.memory_capacity == 0 {
             return Err(invalid("queue.memory_capacity", "must be at least 1"));
+        }
+        // At least one body of the largest size accepted, or the queue could take nothing.
+        if self.queue.memory_max_bytes < self.http.max_body_bytes {
+            return Err(invalid(
+                "queue.memory_max_bytes",
+                "must be at least http.max_body_bytes",
+            ));
         }
         if self.queue.prefetch == 0 {
             return Err(invalid("queue.prefetch", "must be at least 1"));
@@ -475,6 +492,29 @@ impl Settings {
         for (section, limits) in [("apns", self.apns.limits()), ("fcm", self.fcm.limits())] {
             limits.validate(section)?;
         }
+        // apns.topic becomes the apns-topic header: a control character there would be
+        // refused by the HTTP client on every send, dead-lettering everything as a
+        // provider configuration error. Refused here instead, at start-up.
+        if !header_safe(&self.apns.topic) {
+            return Err(invalid(
+                "apns.topic",
+                "must not contain control characters or spaces (it is the apns-topic header)",
+            ));
+        }
+        if !matches!(self.apns.endpoint.as_str(), "production" | "sandbox") {
+            crate::providers::check_url(
+                "apns.endpoint",
+                &self.apns.endpoint,
+                self.apns.allow_insecure_endpoints,
+            )
+            .map_err(|e| invalid("apns.endpoint", format!("{e:#}")))?;
+        }
+        crate::providers::check_url(
+            "fcm.endpoint",
+            &self.fcm.endpoint,
+            self.fcm.allow_insecure_endpoints,
+        )
+        .map_err(|e| invalid("fcm.endpoint", format!("{e:#}")))?;
         self.api_keys()?;
         self.device_token_secret()?;
         Ok(())
@@ -512,11 +552,24 @@ impl Settings {
         }
         if !self.auth.api_keys_file.is_empty() {
             let text = read_secret_file("auth.api_keys_file", &self.auth.api_keys_file)?;
+            let before = keys.len();
             for line in text.lines().map(str::trim) {
                 if line.is_empty() || line.starts_with('#') {
                     continue;
                 }
                 keys.push(parse_api_key("auth.api_keys_file", line)?);
+            }
+            // A configured key source that holds no key is a mistake (an unmounted Secret,
+            // a template never filled in), not a request for a generated key: that would
+            // start an API whose only key went to stdout, i.e. the log stream.
+            if keys.len() == before {
+                return Err(invalid(
+                    "auth.api_keys_file",
+                    format!(
+                        "{} holds no API key (only blank lines or comments)",
+                        self.auth.api_keys_file
+                    ),
+                ));
             }
         }
         Ok(keys)
@@ -579,6 +632,12 @@ impl ProviderLimits {
         }
         Ok(())
     }
+}
+
+/// Fit for an HTTP header value that names something (a topic, a collapse id): no control
+/// characters, no whitespace.
+pub fn header_safe(s: &str) -> bool {
+    !s.chars().any(|c| c.is_control() || c.is_whitespace())
 }
 
 /// Up to 100 characters of `[A-Za-z0-9-_.]`: safe inside AMQP exchange and queue names
@@ -672,6 +731,22 @@ mod tests {
                 "HERALD__FCM__BREAKER_COOLDOWN",
                 "0s",
                 "fcm.breaker_cooldown",
+            ),
+            (
+                "HERALD__NOTIFY__MAX_FRAME_BYTES",
+                "1000",
+                "notify.max_frame_bytes",
+            ),
+            (
+                "HERALD__QUEUE__MEMORY_MAX_BYTES",
+                "1000",
+                "queue.memory_max_bytes",
+            ),
+            ("HERALD__APNS__TOPIC", "com.example\u{7}app", "apns.topic"),
+            (
+                "HERALD__FCM__ENDPOINT",
+                "http://fcm.example.com",
+                "fcm.endpoint",
             ),
         ];
         for (var, value, key) in cases {

@@ -38,7 +38,7 @@ enum Command {
     /// The reference device client: hold a session, print each notification as one JSON
     /// line on stdout, ack it, reconnect with backoff. Exits 3 if the token is refused.
     Connect {
-        /// e.g. ws://localhost:8080/v1/connect
+        /// e.g. ws://localhost:8080/v1/connect, or wss://... through a TLS front
         #[arg(long)]
         url: String,
         /// A device token (POST /v1/devices/{device_id}/token).
@@ -50,6 +50,9 @@ enum Command {
         /// Largest reconnect delay.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         backoff_max: std::time::Duration,
+        /// Extra CA bundle (PEM) trusted for wss:// on top of the system roots.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -63,12 +66,14 @@ fn main() -> ExitCode {
             token,
             backoff_min,
             backoff_max,
+            ca_file,
         } => {
             return connect(herald::client::ConnectOptions {
                 url,
                 token,
                 backoff_min,
                 backoff_max: backoff_max.max(backoff_min),
+                ca_file,
             });
         }
     };
@@ -144,7 +149,8 @@ fn connect(opts: herald::client::ConnectOptions) -> ExitCode {
             ExitCode::from(match e {
                 herald::client::ClientError::Unauthorized(_) => 3,
                 herald::client::ClientError::Replaced => 4,
-                herald::client::ClientError::BadUrl(_) => 2,
+                herald::client::ClientError::BadUrl(_)
+                | herald::client::ClientError::BadCaFile(_) => 2,
             })
         }
     }

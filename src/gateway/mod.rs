@@ -67,6 +67,9 @@ pub struct Gateway(Arc<Inner>);
 
 struct Inner {
     settings: GatewaySettings,
+    /// `notify.max_frame_bytes`: the largest notification frame this node writes; sizes the
+    /// outgoing WebSocket buffer, apart from the inbound `gateway.max_frame_bytes`.
+    max_notification_frame_bytes: usize,
     tokens: DeviceTokens,
     metrics: Metrics,
     frames_in: IntCounter,
@@ -99,11 +102,13 @@ impl Gateway {
     /// cancelled; [`Gateway::shutdown`] does that in order.
     pub fn new(
         settings: GatewaySettings,
+        max_notification_frame_bytes: usize,
         tokens: DeviceTokens,
         metrics: Metrics,
         stop: CancellationToken,
     ) -> Self {
         Gateway(Arc::new(Inner {
+            max_notification_frame_bytes,
             admission: Admission::new(settings.max_session_rate, settings.session_burst),
             frames_in: metrics.frames.with_label_values(&["in"]),
             frames_out: metrics.frames.with_label_values(&["out"]),

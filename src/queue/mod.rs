@@ -39,6 +39,8 @@ pub enum QueueError {
     Timeout(Duration),
     #[error("the embedded queue is full ({0} messages)")]
     Full(usize),
+    #[error("the embedded queue is full ({0} bytes, queue.memory_max_bytes)")]
+    FullBytes(usize),
     #[error("the broker refused the message: {0}")]
     Refused(String),
     #[error("the queue is shut down")]
@@ -51,7 +53,7 @@ impl QueueError {
         match self {
             QueueError::Unavailable(_) | QueueError::Closed => "unavailable",
             QueueError::Timeout(_) => "timeout",
-            QueueError::Full(_) => "full",
+            QueueError::Full(_) | QueueError::FullBytes(_) => "full",
             QueueError::Refused(_) => "nacked",
         }
     }
@@ -104,6 +106,7 @@ impl Queue {
         Ok(match settings.queue_url()? {
             None => Queue::Memory(Arc::new(MemoryQueue::new(
                 settings.queue.memory_capacity,
+                settings.queue.memory_max_bytes,
                 metrics.clone(),
             ))),
             Some(url) => Queue::Rabbit(RabbitQueue::start(

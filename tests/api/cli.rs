@@ -130,3 +130,125 @@ fn check_config_loads_the_provider_keys_serve_would() {
     env.push(("HERALD__ROLES", "api".to_owned()));
     assert!(run(&env).status.success());
 }
+
+/// Runs `herald serve` and waits (bounded) for it to exit: a start-up error must end the
+/// process, so one that starts serving instead fails the test rather than hanging it.
+fn serve_until_exit(env: &[(&str, &str)]) -> std::process::Output {
+    use std::time::{Duration, Instant};
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+    cmd.arg("serve")
+        .env("HERALD__HTTP__ADDR", "127.0.0.1:0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("herald runs");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("status").is_none() {
+        if Instant::now() > deadline {
+            child.kill().expect("kill");
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "herald serve started instead of refusing; stdout: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+#[test]
+fn an_api_keys_file_without_a_key_is_a_start_up_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("api-keys");
+    std::fs::write(&file, "# keys go here\n\n   \n# sha256:...\n").unwrap();
+    let out = serve_until_exit(&[("HERALD__AUTH__API_KEYS_FILE", file.to_str().unwrap())]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("auth.api_keys_file"), "{stderr}");
+    assert!(stderr.contains("no API key"), "{stderr}");
+    // Nothing generated, nothing printed to the log stream.
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The same file with one key starts fine (check-config: same load, no serving).
+    std::fs::write(&file, "# keys go here\nfile-api-key-0123456789\n").unwrap();
+    let out = herald(
+        &["check-config"],
+        &[("HERALD__AUTH__API_KEYS_FILE", file.to_str().unwrap())],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn apns_topic_with_control_characters_is_a_config_error() {
+    for topic in ["com.example\u{1}app", "com.example\tapp", "com.example app"] {
+        let out = herald(&["check-config"], &[("HERALD__APNS__TOPIC", topic)]);
+        assert_eq!(out.status.code(), Some(2), "{topic:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("apns.topic"), "{topic:?}: {stderr}");
+    }
+    let out = herald(
+        &["check-config"],
+        &[("HERALD__APNS__TOPIC", "com.example.app")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn cleartext_provider_endpoints_only_to_loopback_unless_allowed() {
+    for (var, url, key) in [
+        (
+            "HERALD__APNS__ENDPOINT",
+            "http://apns.example.com",
+            "apns.endpoint",
+        ),
+        (
+            "HERALD__FCM__ENDPOINT",
+            "http://10.1.2.3:8080",
+            "fcm.endpoint",
+        ),
+    ] {
+        let out = herald(&["check-config"], &[(var, url)]);
+        assert_eq!(out.status.code(), Some(2), "{var}={url}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(key), "{stderr}");
+        assert!(stderr.contains("allow_insecure_endpoints"), "{stderr}");
+        // Allowed explicitly, per provider section.
+        let allow = format!(
+            "HERALD__{}__ALLOW_INSECURE_ENDPOINTS",
+            &key[..key.find('.').unwrap()].to_uppercase()
+        );
+        let out = herald(&["check-config"], &[(var, url), (&allow, "true")]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Loopback (a local double) and https need no opt-in.
+    for (var, url) in [
+        ("HERALD__APNS__ENDPOINT", "http://127.0.0.1:9443"),
+        ("HERALD__FCM__ENDPOINT", "http://localhost:9443"),
+        ("HERALD__FCM__ENDPOINT", "https://fcm.example.com"),
+    ] {
+        let out = herald(&["check-config"], &[(var, url)]);
+        assert!(
+            out.status.success(),
+            "{var}={url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -8,6 +8,7 @@ mod support;
 mod amqps;
 mod cli;
 mod errors;
+mod hardening;
 mod health;
 mod notify;
 mod rabbitmq;

@@ -10,5 +10,6 @@ mod support;
 use support::gateway as helpers;
 
 mod client_cli;
+mod outbound;
 mod sessions;
 mod tokens;

@@ -6,6 +6,7 @@
 mod support;
 
 mod apns;
+mod endpoints;
 mod fcm;
 mod resilience;
 

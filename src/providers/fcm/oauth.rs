@@ -99,11 +99,15 @@ impl ServiceAccount {
 }
 
 impl AccessTokens {
-    pub(crate) fn new(sa: &ServiceAccount, http: reqwest::Client) -> anyhow::Result<Self> {
+    pub(crate) fn new(
+        sa: &ServiceAccount,
+        http: reqwest::Client,
+        allow_insecure: bool,
+    ) -> anyhow::Result<Self> {
         const KEY: &str = "fcm.service_account_file";
         let key = EncodingKey::from_rsa_pem(sa.private_key.as_bytes())
             .map_err(|e| anyhow::anyhow!("{KEY}: private_key is not an RSA PEM key: {e}"))?;
-        let token_uri = check_url(&format!("{KEY}: token_uri"), &sa.token_uri)?;
+        let token_uri = check_url(&format!("{KEY}: token_uri"), &sa.token_uri, allow_insecure)?;
         let tokens = AccessTokens {
             http,
             key,
