@@ -637,7 +637,10 @@ impl InboxSettings {
 
     fn validate(&self) -> Result<(), SettingsError> {
         if !(1..=10_000).contains(&self.max_per_device) {
-            return Err(invalid("inbox.max_per_device", "must be between 1 and 10000"));
+            return Err(invalid(
+                "inbox.max_per_device",
+                "must be between 1 and 10000",
+            ));
         }
         // At least one frame of any size the gateway may send; at most what an i32 column
         // of sizes sums to safely.
@@ -734,15 +737,25 @@ mod inbox_settings_tests {
         let err = load(&[("HERALD__INBOX__URL", "mysql://u:hunter2@x/db")])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("inbox.url") && !err.contains("hunter2"), "{err}");
+        assert!(
+            err.contains("inbox.url") && !err.contains("hunter2"),
+            "{err}"
+        );
         for (var, value, key) in [
             ("HERALD__INBOX__MAX_PER_DEVICE", "0", "inbox.max_per_device"),
-            ("HERALD__INBOX__MAX_BYTES_PER_DEVICE", "10", "inbox.max_bytes_per_device"),
+            (
+                "HERALD__INBOX__MAX_BYTES_PER_DEVICE",
+                "10",
+                "inbox.max_bytes_per_device",
+            ),
             ("HERALD__INBOX__REAP_INTERVAL", "0s", "inbox.reap_interval"),
             ("HERALD__INBOX__POOL_SIZE", "0", "inbox.pool_size"),
         ] {
             let err = load(&[(var, value)]).unwrap_err().to_string();
-            assert!(err.contains(key), "{var}={value}: `{err}` does not name {key}");
+            assert!(
+                err.contains(key),
+                "{var}={value}: `{err}` does not name {key}"
+            );
         }
     }
 }

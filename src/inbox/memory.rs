@@ -10,15 +10,15 @@
 //! One mutex over everything: an embedded install is one process with modest rates, and
 //! every operation touches at most one device's ≤ `max_per_device` entries plus an index.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
 use bytes::Bytes;
 
 use super::{
-    Cursor, DropReason, Dropped, ExpiredEntry, InboxError, InboxLimits, InboxWrite,
-    PendingEntry, StoreReport,
+    Cursor, DropReason, Dropped, ExpiredEntry, InboxError, InboxLimits, InboxWrite, PendingEntry,
+    StoreReport,
 };
 use crate::domain::{NotificationId, unix_millis};
 
@@ -115,10 +115,56 @@ impl MemoryInbox {
         // is defined as too. Stable, so equal timestamps keep the caller's order.
         writes.sort_by_key(|w| w.entry.accepted_at_ms);
         let mut report = StoreReport::default();
-        for w in writes {
+        for w in self.collapse_batch(writes, now, &mut report) {
             self.store_one(&mut state, w, now, &mut report);
         }
         Ok(report)
+    }
+
+    /// Within one batch (sorted in accepted order), as the PostgreSQL function does it: a
+    /// repeated (device, id) is kept once, then per (device, collapse key) only the latest
+    /// entry goes on; the others are reported replaced by it. Entries that will be refused
+    /// on arrival (expired, oversized) take no part: `store_one` reports them.
+    fn collapse_batch(
+        &self,
+        writes: Vec<InboxWrite>,
+        now: u64,
+        report: &mut StoreReport,
+    ) -> Vec<InboxWrite> {
+        let live = |w: &InboxWrite| {
+            w.entry.expires_at_ms > now && w.entry.size_bytes() <= self.limits.max_bytes_per_device
+        };
+        let mut seen = HashSet::new();
+        let writes: Vec<InboxWrite> = writes
+            .into_iter()
+            .filter(|w| !live(w) || seen.insert((w.app.clone(), w.device_id.clone(), w.entry.id)))
+            .collect();
+        // The last entry per key in accepted order is the winner.
+        let mut winners = HashMap::new();
+        for w in writes.iter().filter(|w| live(w)) {
+            if let Some(ck) = &w.entry.collapse_key {
+                winners.insert((&w.app, &w.device_id, ck), w.entry.id);
+            }
+        }
+        let mut losers = HashSet::new();
+        for w in writes.iter().filter(|w| live(w)) {
+            if let Some(ck) = &w.entry.collapse_key {
+                let by = winners[&(&w.app, &w.device_id, ck)];
+                if by != w.entry.id {
+                    losers.insert((w.app.clone(), w.device_id.clone(), w.entry.id));
+                    report.dropped.push(Dropped {
+                        app: w.app.clone(),
+                        device_id: w.device_id.clone(),
+                        id: w.entry.id,
+                        reason: DropReason::Replaced { by },
+                    });
+                }
+            }
+        }
+        writes
+            .into_iter()
+            .filter(|w| !losers.contains(&(w.app.clone(), w.device_id.clone(), w.entry.id)))
+            .collect()
     }
 
     fn store_one(&self, state: &mut State, w: InboxWrite, now: u64, report: &mut StoreReport) {
@@ -148,8 +194,8 @@ impl MemoryInbox {
             report_drop(report, e.id, DropReason::Overflow);
         } else if b.items.iter().any(|i| i.id == e.id) {
             // A redelivery of an entry already kept: keep one.
-        } else if let Some(newer) = same_key(b, &e.collapse_key)
-            .filter(|&i| b.items[i].accepted_at_ms > e.accepted_at_ms)
+        } else if let Some(newer) =
+            same_key(b, &e.collapse_key).filter(|&i| b.items[i].accepted_at_ms > e.accepted_at_ms)
         {
             // A later notification with this collapse key is already waiting: it wins.
             let by = b.items[newer].id;

@@ -41,7 +41,7 @@ use crate::config::Settings;
 use crate::domain::NotificationId;
 
 pub use memory::MemoryInbox;
-pub use postgres::PostgresInbox;
+pub use postgres::{PoolSettings, PostgresInbox};
 
 /// The app every device belongs to until apps exist.
 pub const DEFAULT_APP: &str = "default";
@@ -129,6 +129,7 @@ pub struct Dropped {
 /// What a store call did besides keeping the new entries. An entry that was not kept (its
 /// own id is in `dropped`) is done as far as the inbox is concerned: the caller reports it
 /// like any other drop and still acks the queue message.
+/// `dropped` is in no particular order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreReport {
     pub dropped: Vec<Dropped>,
@@ -204,7 +205,7 @@ impl Inbox {
         if let Some(url) = settings.inbox_url()? {
             let pg = PostgresInbox::connect(
                 url.expose(),
-                postgres::PoolSettings::from_settings(&settings.inbox),
+                PoolSettings::from_settings(&settings.inbox),
                 limits,
             )
             .await?;

@@ -37,8 +37,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Row, SqlSafeStr};
 
 use super::{
-    Cursor, DropReason, Dropped, ExpiredEntry, InboxError, InboxLimits, InboxWrite,
-    PendingEntry, StoreReport, id_from_uuid, id_to_uuid,
+    Cursor, DropReason, Dropped, ExpiredEntry, InboxError, InboxLimits, InboxWrite, PendingEntry,
+    StoreReport, id_from_uuid, id_to_uuid,
 };
 use crate::config::InboxSettings;
 use crate::domain::NotificationId;
