@@ -94,43 +94,38 @@ BEGIN
     RETURNING n.app, n.device_id, n.id,
               CASE WHEN n.expires_at_ms <= now_ms THEN 'expired' ELSE 'overflow' END, NULL::uuid;
 
-    -- Duplicate ids within the batch (or already stored): keep one, report nothing.
-    UPDATE herald_inbox_input n SET keep = false
-    WHERE n.keep AND (
-        EXISTS (SELECT 1 FROM herald_inbox_input m
-                WHERE m.keep AND m.app = n.app AND m.device_id = n.device_id
-                  AND m.id = n.id AND m.ord < n.ord)
-        OR EXISTS (SELECT 1 FROM herald_inbox i
-                   WHERE i.app = n.app AND i.device_id = n.device_id AND i.id = n.id));
+    -- Collapse keys (skipped, with their statements, when the batch has none).
+    IF EXISTS (SELECT 1 FROM unnest(p_collapse) AS c WHERE c IS NOT NULL) THEN
+        -- Collapse within the batch: per (device, key) the latest accepted entry wins.
+        RETURN QUERY
+        WITH ranked AS (
+            SELECT n.ord, n.app, n.device_id, n.id,
+                   first_value(n.id) OVER (PARTITION BY n.app, n.device_id, n.collapse_key
+                                           ORDER BY n.accepted_at_ms DESC, n.ord DESC) AS winner
+            FROM herald_inbox_input n
+            WHERE n.keep AND n.collapse_key IS NOT NULL)
+        UPDATE herald_inbox_input n SET keep = false
+        FROM ranked r
+        WHERE n.ord = r.ord AND r.winner <> r.id
+        RETURNING n.app, n.device_id, n.id, 'replaced'::text, r.winner;
 
-    -- Collapse within the batch: per (device, key) the latest accepted entry wins.
-    RETURN QUERY
-    WITH ranked AS (
-        SELECT n.ord, n.app, n.device_id, n.id,
-               first_value(n.id) OVER (PARTITION BY n.app, n.device_id, n.collapse_key
-                                       ORDER BY n.accepted_at_ms DESC, n.ord DESC) AS winner
-        FROM herald_inbox_input n
-        WHERE n.keep AND n.collapse_key IS NOT NULL)
-    UPDATE herald_inbox_input n SET keep = false
-    FROM ranked r
-    WHERE n.ord = r.ord AND r.winner <> r.id
-    RETURNING n.app, n.device_id, n.id, 'replaced'::text, r.winner;
+        -- Collapse against stored rows: the later accepted one stays.
+        RETURN QUERY
+        DELETE FROM herald_inbox i
+        USING herald_inbox_input n
+        WHERE n.keep AND n.collapse_key IS NOT NULL
+          AND i.app = n.app AND i.device_id = n.device_id AND i.collapse_key = n.collapse_key
+          AND i.accepted_at_ms <= n.accepted_at_ms AND i.id <> n.id
+        RETURNING i.app, i.device_id, i.id, 'replaced'::text, n.id;
 
-    -- Collapse against stored rows: the later accepted one stays.
-    RETURN QUERY
-    DELETE FROM herald_inbox i
-    USING herald_inbox_input n
-    WHERE n.keep AND n.collapse_key IS NOT NULL
-      AND i.app = n.app AND i.device_id = n.device_id AND i.collapse_key = n.collapse_key
-      AND i.accepted_at_ms <= n.accepted_at_ms
-    RETURNING i.app, i.device_id, i.id, 'replaced'::text, n.id;
-
-    RETURN QUERY
-    UPDATE herald_inbox_input n SET keep = false
-    FROM herald_inbox i
-    WHERE n.keep AND n.collapse_key IS NOT NULL
-      AND i.app = n.app AND i.device_id = n.device_id AND i.collapse_key = n.collapse_key
-    RETURNING n.app, n.device_id, n.id, 'replaced'::text, i.id;
+        RETURN QUERY
+        UPDATE herald_inbox_input n SET keep = false
+        FROM herald_inbox i
+        WHERE n.keep AND n.collapse_key IS NOT NULL
+          AND i.app = n.app AND i.device_id = n.device_id AND i.collapse_key = n.collapse_key
+          AND i.id <> n.id
+        RETURNING n.app, n.device_id, n.id, 'replaced'::text, i.id;
+    END IF;
 
     INSERT INTO herald_inbox
         (app, device_id, id, accepted_at_ms, expires_at_ms, collapse_key, size_bytes, frame)
@@ -138,7 +133,10 @@ BEGIN
            octet_length(n.frame), n.frame
     FROM herald_inbox_input n
     WHERE n.keep
-    ORDER BY n.accepted_at_ms, n.ord;
+    ORDER BY n.accepted_at_ms, n.ord
+    -- A repeated (device, id), within the batch or already stored (a redelivered queue
+    -- message), is kept once and reported as nothing.
+    ON CONFLICT (app, device_id, id) DO NOTHING;
 
     -- The bounds, newest first: everything past p_max_rows rows or p_max_bytes bytes goes.
     RETURN QUERY
