@@ -94,19 +94,18 @@ where
 }
 
 async fn raw_insert(pool: PgPool, batch: Vec<InboxWrite>) {
-    let mut cols: (Vec<&str>, Vec<&str>, Vec<uuid::Uuid>, Vec<i64>, Vec<i64>) = Default::default();
-    let (mut collapse, mut sizes, mut frames): (Vec<Option<&str>>, Vec<i32>, Vec<&[u8]>) =
-        Default::default();
+    let (mut apps, mut devices, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut accepted, mut expires) = (Vec::new(), Vec::new());
+    let (mut collapse, mut sizes, mut frames) = (Vec::new(), Vec::new(), Vec::<&[u8]>::new());
     for w in &batch {
-        cols.0.push(&w.app);
-        cols.1.push(&w.device_id);
-        cols.2
-            .push(uuid::Uuid::parse_str(&w.entry.id.to_string()).unwrap());
-        cols.3.push(w.entry.accepted_at_ms as i64);
-        cols.4.push(w.entry.expires_at_ms as i64);
+        apps.push(w.app.as_str());
+        devices.push(w.device_id.as_str());
+        ids.push(uuid::Uuid::parse_str(&w.entry.id.to_string()).unwrap());
+        accepted.push(w.entry.accepted_at_ms as i64);
+        expires.push(w.entry.expires_at_ms as i64);
         collapse.push(w.entry.collapse_key.as_deref());
         sizes.push(w.entry.frame.len() as i32);
-        frames.push(&w.entry.frame);
+        frames.push(w.entry.frame.as_ref());
     }
     sqlx::query(
         "INSERT INTO bench_raw \
@@ -114,11 +113,11 @@ async fn raw_insert(pool: PgPool, batch: Vec<InboxWrite>) {
          SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::bigint[], $5::bigint[], \
                               $6::text[], $7::int[], $8::bytea[])",
     )
-    .bind(cols.0)
-    .bind(cols.1)
-    .bind(cols.2)
-    .bind(cols.3)
-    .bind(cols.4)
+    .bind(apps)
+    .bind(devices)
+    .bind(ids)
+    .bind(accepted)
+    .bind(expires)
     .bind(collapse)
     .bind(sizes)
     .bind(frames)
