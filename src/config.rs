@@ -84,6 +84,7 @@ pub struct Settings {
     pub cluster: ClusterSettings,
     pub apns: ApnsSettings,
     pub fcm: FcmSettings,
+    pub inbox: InboxSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -517,6 +518,7 @@ impl Settings {
         .map_err(|e| invalid("fcm.endpoint", format!("{e:#}")))?;
         self.api_keys()?;
         self.device_token_secret()?;
+        self.inbox.validate()?;
         Ok(())
     }
 
@@ -668,6 +670,157 @@ fn parse_api_key(key: &'static str, entry: &str) -> Result<[u8; 32], SettingsErr
         return Err(invalid(key, "an API key must be at least 16 characters"));
     }
     Ok(sha2::Sha256::digest(entry.as_bytes()).into())
+}
+
+/// `[inbox]`: the offline inbox (src/inbox/); config/default.toml says why each default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboxSettings {
+    pub url: Secret,
+    pub url_file: String,
+    pub max_per_device: usize,
+    pub max_bytes_per_device: usize,
+    #[serde(with = "humantime_serde")]
+    pub reap_interval: Duration,
+    pub reap_batch: usize,
+    pub memory_max_bytes: usize,
+    pub pool_size: u32,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl InboxSettings {
+    /// The per-device bounds the store enforces.
+    pub fn limits(&self) -> crate::inbox::InboxLimits {
+        crate::inbox::InboxLimits {
+            max_per_device: self.max_per_device,
+            max_bytes_per_device: self.max_bytes_per_device,
+        }
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        if !(1..=10_000).contains(&self.max_per_device) {
+            return Err(invalid(
+                "inbox.max_per_device",
+                "must be between 1 and 10000",
+            ));
+        }
+        // At least one frame of any size the gateway may send; at most what an i32 column
+        // of sizes sums to safely.
+        if !(1024..=i32::MAX as usize).contains(&self.max_bytes_per_device) {
+            return Err(invalid(
+                "inbox.max_bytes_per_device",
+                "must be between 1 KiB and 2 GiB",
+            ));
+        }
+        if self.reap_interval.is_zero() {
+            return Err(invalid("inbox.reap_interval", "must be positive"));
+        }
+        if self.reap_batch == 0 {
+            return Err(invalid("inbox.reap_batch", "must be at least 1"));
+        }
+        if self.memory_max_bytes < self.max_bytes_per_device {
+            return Err(invalid(
+                "inbox.memory_max_bytes",
+                "must be at least inbox.max_bytes_per_device",
+            ));
+        }
+        if self.pool_size == 0 {
+            return Err(invalid("inbox.pool_size", "must be at least 1"));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(invalid("inbox.connect_timeout", "must be positive"));
+        }
+        if let Some(url) = self.url()? {
+            let u = url.expose();
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                // The message never repeats the URL: it may hold a password.
+                return Err(invalid(
+                    "inbox.url",
+                    "must start with postgres:// or postgresql:// (or be empty)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The inbox database URL (`inbox.url`, else the contents of `inbox.url_file`);
+    /// `None` means no PostgreSQL inbox.
+    pub fn url(&self) -> Result<Option<Secret>, SettingsError> {
+        if !self.url.is_empty() {
+            return Ok(Some(self.url.clone()));
+        }
+        if self.url_file.is_empty() {
+            return Ok(None);
+        }
+        let text = read_secret_file("inbox.url_file", &self.url_file)?;
+        Ok(Some(Secret::new(text.trim())).filter(|s| !s.is_empty()))
+    }
+}
+
+impl Settings {
+    /// The PostgreSQL inbox URL, if one is configured (see [`InboxSettings::url`]).
+    pub fn inbox_url(&self) -> Result<Option<Secret>, SettingsError> {
+        self.inbox.url()
+    }
+}
+
+#[cfg(test)]
+mod inbox_settings_tests {
+    use super::*;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        Settings::load(Sources {
+            env_vars: Some(
+                vars.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Sources::default()
+        })
+    }
+
+    #[test]
+    fn inbox_defaults_and_url_file() {
+        let s = Settings::defaults();
+        assert_eq!(s.inbox.max_per_device, 100);
+        assert!(s.inbox_url().unwrap().is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("url");
+        std::fs::write(&file, "postgres://herald:pw@db/herald\n").unwrap();
+        let s = load(&[("HERALD__INBOX__URL_FILE", file.to_str().unwrap())]).unwrap();
+        assert_eq!(
+            s.inbox_url().unwrap().unwrap().expose(),
+            "postgres://herald:pw@db/herald"
+        );
+    }
+
+    #[test]
+    fn bad_inbox_values_name_their_key_and_hide_the_url() {
+        let err = load(&[("HERALD__INBOX__URL", "mysql://u:hunter2@x/db")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("inbox.url") && !err.contains("hunter2"),
+            "{err}"
+        );
+        for (var, value, key) in [
+            ("HERALD__INBOX__MAX_PER_DEVICE", "0", "inbox.max_per_device"),
+            (
+                "HERALD__INBOX__MAX_BYTES_PER_DEVICE",
+                "10",
+                "inbox.max_bytes_per_device",
+            ),
+            ("HERALD__INBOX__REAP_INTERVAL", "0s", "inbox.reap_interval"),
+            ("HERALD__INBOX__POOL_SIZE", "0", "inbox.pool_size"),
+        ] {
+            let err = load(&[(var, value)]).unwrap_err().to_string();
+            assert!(
+                err.contains(key),
+                "{var}={value}: `{err}` does not name {key}"
+            );
+        }
+    }
 }
 
 #[cfg(test)]
