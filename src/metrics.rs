@@ -15,6 +15,9 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// The `channel` label values: `dispatch::Channel::as_str` of each channel (a unit test
+/// there keeps the two equal; this module depends on nothing of herald's, so it does not
+/// name the enum).
 pub const CHANNELS: &[&str] = &["live", "apns", "fcm"];
 pub const OUTCOMES: &[&str] = &[
     "delivered",
@@ -43,6 +46,7 @@ pub struct Metrics {
     pub sessions_refused: IntCounterVec,
     pub ping_rtt: Histogram,
     pub frames: IntCounterVec,
+    pub frames_unwritable: IntCounter,
     pub acks: IntCounter,
     pub ack_timeouts: IntCounter,
     pub deliveries: IntCounterVec,
@@ -186,6 +190,11 @@ impl Metrics {
                 "WebSocket frames by direction (in, out).",
                 &["direction"],
             ),
+            frames_unwritable: counter(
+                &r,
+                "herald_gateway_frames_unwritable_total",
+                "Notification frames this node could not write (larger than its outgoing buffer); dropped, session kept, delivery falls back.",
+            ),
             acks: counter(
                 &r,
                 "herald_gateway_acks_total",
@@ -324,6 +333,7 @@ impl Metrics {
             "shutdown",
             "protocol_error",
             "slow_consumer",
+            "server_error",
         ] {
             m.sessions_closed.with_label_values(&[r]);
         }

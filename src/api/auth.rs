@@ -20,6 +20,18 @@ impl ApiKeys {
         ApiKeys(Arc::new(digests))
     }
 
+    /// The configured keys; with none configured and `mint_if_none`, one random key minted
+    /// for this run, returned in the clear (once, to be printed) beside the digests. Never
+    /// a silently open API.
+    pub fn or_minted(digests: Vec<[u8; 32]>, mint_if_none: bool) -> (Self, Option<String>) {
+        if !digests.is_empty() || !mint_if_none {
+            return (ApiKeys::new(digests), None);
+        }
+        let key = hex::encode(rand::random::<[u8; 24]>());
+        let digest = sha2::Sha256::digest(key.as_bytes()).into();
+        (ApiKeys::new(vec![digest]), Some(key))
+    }
+
     /// Hashes the presented key and compares it with every accepted digest in constant
     /// time, without stopping at a match, so timing reveals neither which key matched nor
     /// how much of a guess was right.
@@ -69,6 +81,23 @@ mod tests {
         assert!(keys.accepts("key-one-0123456789"));
         assert!(keys.accepts("key-two-0123456789"));
         assert!(!keys.accepts("key-one-012345678"));
+        assert!(!keys.accepts(""));
+    }
+
+    #[test]
+    fn mints_a_key_only_when_none_is_configured() {
+        let configured: [u8; 32] = sha2::Sha256::digest(b"key-one-0123456789").into();
+        let (keys, minted) = ApiKeys::or_minted(vec![configured], true);
+        assert!(minted.is_none());
+        assert!(keys.accepts("key-one-0123456789"));
+
+        let (keys, minted) = ApiKeys::or_minted(Vec::new(), true);
+        let minted = minted.expect("a key is minted");
+        assert!(keys.accepts(&minted));
+        assert!(!keys.accepts("key-one-0123456789"));
+
+        let (keys, minted) = ApiKeys::or_minted(Vec::new(), false);
+        assert!(minted.is_none());
         assert!(!keys.accepts(""));
     }
 }

@@ -25,6 +25,19 @@ pub enum Directory {
 }
 
 impl Directory {
+    /// The directory a node delivers through: the cluster directory in cluster mode, else
+    /// this node's own sessions; `None` on a node with neither.
+    pub fn for_node(
+        cluster: Option<&ClusterDirectory>,
+        gateway: Option<&Gateway>,
+    ) -> Option<Directory> {
+        match (cluster, gateway) {
+            (Some(c), _) => Some(Directory::Cluster(c.clone())),
+            (None, Some(g)) => Some(Directory::Local(g.clone())),
+            (None, None) => None,
+        }
+    }
+
     /// Sends `n` to `device`'s live session and waits (at most `gateway.ack_timeout`, plus
     /// the broker hop in cluster mode) for its ack.
     pub async fn deliver(&self, device: &DeviceId, n: &QueuedNotification) -> LiveOutcome {

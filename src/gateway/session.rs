@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
@@ -19,7 +18,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 
 use super::protocol::{ClientFrame, CloseKind, ServerFrame, error_code};
-use super::{Admitted, Control, Gateway, Outbound, SessionHandle};
+use super::table::{Control, Outbound, SessionHandle};
+use super::{Admitted, Gateway};
 use crate::domain::{DeviceId, NotificationId};
 
 /// How long the server tries to get its close frame out before dropping the connection
@@ -31,21 +31,14 @@ type Stream = SplitStream<WebSocketStream<TcpStream>>;
 
 pub(super) async fn run(gateway: Gateway, device: DeviceId, ws: WebSocketStream<TcpStream>) {
     let (ws, mut stream) = ws.split();
-    let inner = &gateway.0;
-    let (tx, mut rx) = mpsc::channel(inner.config.send_buffer);
-    let control = Arc::new(Control::default());
+    let settings = gateway.settings();
+    let (tx, mut rx) = mpsc::channel(settings.send_buffer);
+    let control = Arc::new(gateway.new_control());
     let id = uuid::Uuid::now_v7();
-    inner.live.fetch_add(1, Ordering::AcqRel);
-    inner.metrics.sessions_opened.inc();
-    inner.metrics.sessions_active.inc();
-    let registered = gateway.register(
-        device.clone(),
-        SessionHandle {
-            id,
-            tx,
-            control: control.clone(),
-        },
-    );
+    let metrics = gateway.metrics();
+    metrics.sessions_opened.inc();
+    metrics.sessions_active.inc();
+    let registered = gateway.register(device.clone(), SessionHandle::new(id, tx, control.clone()));
     let started = Instant::now();
     let mut session = Session {
         gateway: &gateway,
@@ -54,7 +47,7 @@ pub(super) async fn run(gateway: Gateway, device: DeviceId, ws: WebSocketStream<
         pending: HashMap::new(),
         bad_frames: 0,
         started,
-        next_ping: started + inner.config.ping_interval,
+        next_ping: started + settings.ping_interval,
         pong_deadline: None,
         last_ping: None,
     };
@@ -65,13 +58,7 @@ pub(super) async fn run(gateway: Gateway, device: DeviceId, ws: WebSocketStream<
         // Cluster mode: `hello` only once other nodes can route to this session. A bind
         // that fails or takes too long (broker away) closes with "reconnect elsewhere".
         Admitted::Yes { bound: Some(bound) } => {
-            let timeout = gateway
-                .0
-                .registry
-                .get()
-                .map(|r| r.timeout())
-                .unwrap_or_default();
-            match tokio::time::timeout(timeout, bound).await {
+            match tokio::time::timeout(gateway.register_timeout(), bound).await {
                 Ok(Ok(true)) => session.serve(&id, &device, &mut stream, &mut rx).await,
                 _ => {
                     tracing::info!(device = %device, "cluster registration failed: closing the new session");
@@ -87,16 +74,15 @@ pub(super) async fn run(gateway: Gateway, device: DeviceId, ws: WebSocketStream<
     drop(session.pending);
     // Counted as closed now: the session is gone from the table and takes no deliveries;
     // what follows is only the goodbye on the wire.
-    inner
-        .metrics
+    metrics
         .sessions_closed
         .with_label_values(&[kind.label()])
         .inc();
-    inner.metrics.sessions_active.dec();
+    metrics.sessions_active.dec();
     if let Some(code) = kind.code() {
         let description = match kind {
             CloseKind::Shutdown => {
-                let spread = inner.config.reconnect_spread.as_millis().max(1) as u64;
+                let spread = settings.reconnect_spread.as_millis().max(1) as u64;
                 format!("reconnect_after_ms={}", rand::random_range(0..spread))
             }
             CloseKind::PongTimeout => "pong timeout".into(),
@@ -104,6 +90,7 @@ pub(super) async fn run(gateway: Gateway, device: DeviceId, ws: WebSocketStream<
             CloseKind::ProtocolError => "protocol violation".into(),
             CloseKind::TooBig => "frame too big".into(),
             CloseKind::SlowConsumer => "slow consumer".into(),
+            CloseKind::ServerError => "server error".into(),
             CloseKind::ClientClosed => String::new(),
         };
         let frame = CloseFrame {
@@ -128,7 +115,6 @@ pub(super) async fn run(gateway: Gateway, device: DeviceId, ws: WebSocketStream<
         // read the close; flushing and closing sends it).
         let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, session.ws.close()).await;
     }
-    inner.live.fetch_sub(1, Ordering::AcqRel);
     tracing::debug!(device = %device, session = %id, reason = kind.label(), "session closed");
 }
 
@@ -155,7 +141,7 @@ impl Session<'_> {
         stream: &mut Stream,
         rx: &mut mpsc::Receiver<Box<Outbound>>,
     ) -> CloseKind {
-        let cfg = &self.gateway.0.config;
+        let cfg = self.gateway.settings();
         let session_id = id.to_string();
         let hello = ServerFrame::Hello {
             session_id: &session_id,
@@ -174,11 +160,11 @@ impl Session<'_> {
                 None => self.next_ping,
             };
             let step = tokio::select! {
-                _ = self.control.kill.cancelled() => Err(self.killed()),
+                _ = self.control.killed() => Err(self.killed()),
                 msg = stream.next() => match msg {
                     None => Err(CloseKind::ClientClosed),
                     Some(Ok(msg)) => {
-                        self.gateway.0.frames_in.inc();
+                        self.gateway.frame_in();
                         self.on_message(msg).await
                     }
                     Some(Err(e)) => Err(protocol_error(e)),
@@ -187,7 +173,20 @@ impl Session<'_> {
                     Some(out) => {
                         let Outbound { id, frame, acked } = *out;
                         self.pending.insert(id, acked);
-                        self.send(Message::text(frame)).await
+                        match self.write(Message::text(frame)).await {
+                            // This node could not write the frame (bigger than its outgoing
+                            // buffer: accepted under a larger notify.max_frame_bytes, say).
+                            // Not the device's doing, so its session stays: the frame is
+                            // dropped, its deliverer sees `Offline` and falls back.
+                            Err(Failed::Unwritable(e)) => {
+                                self.pending.remove(&id);
+                                self.gateway.0.metrics.frames_unwritable.inc();
+                                tracing::warn!(device = %device, notification = %id, error = %e,
+                                    "notification frame could not be written (server side): dropped, session kept");
+                                Ok(())
+                            }
+                            r => r.map_err(Failed::close_kind),
+                        }
                     }
                     // The table dropped our handle, which happens only after a kill
                     // (replaced, shutdown) whose reason is already set.
@@ -202,16 +201,17 @@ impl Session<'_> {
     }
 
     fn killed(&self) -> CloseKind {
-        self.control
-            .reason
-            .get()
-            .copied()
-            .unwrap_or(CloseKind::Shutdown)
+        self.control.reason()
+    }
+
+    /// Writes one frame; a failure closes the session (see [`Failed::close_kind`]).
+    async fn send(&mut self, msg: Message) -> Result<(), CloseKind> {
+        self.write(msg).await.map_err(Failed::close_kind)
     }
 
     /// Writes one frame. A device that does not read makes this wait; the wait still ends
     /// on a kill (e.g. slow consumer, shutdown) or on the pong deadline.
-    async fn send(&mut self, msg: Message) -> Result<(), CloseKind> {
+    async fn write(&mut self, msg: Message) -> Result<(), Failed> {
         let deadline = self.pong_deadline;
         let pong_missed = async move {
             match deadline {
@@ -222,13 +222,13 @@ impl Session<'_> {
         tokio::select! {
             r = self.ws.send(msg) => match r {
                 Ok(()) => {
-                    self.gateway.0.frames_out.inc();
+                    self.gateway.frame_out();
                     Ok(())
                 }
-                Err(_) => Err(CloseKind::ClientClosed),
+                Err(e) => Err(Failed::classify(e)),
             },
-            _ = self.control.kill.cancelled() => Err(self.killed()),
-            _ = pong_missed => Err(CloseKind::PongTimeout),
+            _ = self.control.killed() => Err(Failed::Closed(self.killed())),
+            _ = pong_missed => Err(Failed::Closed(CloseKind::PongTimeout)),
         }
     }
 
@@ -240,7 +240,7 @@ impl Session<'_> {
         if now < self.next_ping {
             return Ok(());
         }
-        let cfg = &self.gateway.0.config;
+        let cfg = self.gateway.settings();
         self.next_ping = now + cfg.ping_interval;
         if self.pong_deadline.is_none() {
             self.pong_deadline = Some(now + cfg.pong_timeout);
@@ -262,7 +262,7 @@ impl Session<'_> {
                 Ok(ClientFrame::Ack { id }) => match NotificationId::parse(&id) {
                     Some(id) => {
                         if let Some(acked) = self.pending.remove(&id) {
-                            self.gateway.0.metrics.acks.inc();
+                            self.gateway.metrics().acks.inc();
                             let _ = acked.send(());
                         }
                         // An unknown id is a late ack (after ack_timeout) or a duplicate:
@@ -300,8 +300,7 @@ impl Session<'_> {
                     && u64::from_be_bytes(bytes) == stamp
                 {
                     self.gateway
-                        .0
-                        .metrics
+                        .metrics()
                         .ping_rtt
                         .observe(sent.elapsed().as_secs_f64());
                     self.last_ping = None;
@@ -319,10 +318,46 @@ impl Session<'_> {
         self.bad_frames += 1;
         let frame = ServerFrame::Error { code, message };
         self.send(Message::text(frame.to_json())).await?;
-        if self.bad_frames >= self.gateway.0.config.max_bad_frames {
+        if self.bad_frames >= self.gateway.settings().max_bad_frames {
             return Err(CloseKind::ProtocolError);
         }
         Ok(())
+    }
+}
+
+/// Why a write did not happen: whose fault decides what the session does next.
+enum Failed {
+    /// The session is over, for this reason (the device went away, a kill, a pong timeout).
+    Closed(CloseKind),
+    /// The frame does not fit the outgoing buffer; nothing was written and the socket is
+    /// still good. This node's sizing, never the device's doing.
+    Unwritable(WsError),
+    /// Any other write error: the server's side failed (a state or protocol bug).
+    Server(WsError),
+}
+
+impl Failed {
+    fn classify(e: WsError) -> Failed {
+        match e {
+            // The socket or the peer is gone: the device's side (or its network).
+            WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => {
+                Failed::Closed(CloseKind::ClientClosed)
+            }
+            e @ (WsError::WriteBufferFull(_) | WsError::Capacity(_)) => Failed::Unwritable(e),
+            e => Failed::Server(e),
+        }
+    }
+
+    /// When the frame was not a notification (hello, pong, error), the session closes; a
+    /// server-side failure with 1011, counted as `server_error`, never as `client_closed`.
+    fn close_kind(self) -> CloseKind {
+        match self {
+            Failed::Closed(kind) => kind,
+            Failed::Unwritable(e) | Failed::Server(e) => {
+                tracing::warn!(error = %e, "websocket write failed on the server side: closing the session");
+                CloseKind::ServerError
+            }
+        }
     }
 }
 

@@ -14,6 +14,8 @@ mod breaker;
 pub mod fcm;
 mod transport;
 
+pub use transport::check_url;
+
 use std::time::Duration;
 
 pub use apns::ApnsClient;

@@ -235,7 +235,7 @@ async fn offline_comes_from_the_replica_and_a_silent_node_falls_back_at_the_hop_
     s.gateway.ack_timeout = Duration::from_secs(30);
     s.cluster.hop_timeout = Duration::from_millis(300);
     let d = dispatch_node_with(s).await;
-    let n = gw::notification(10);
+    let n = crate::support::fixtures::notification_with_data(10);
 
     // Nobody has this device: offline, answered locally, nothing published.
     assert_eq!(
@@ -300,8 +300,11 @@ async fn a_node_dying_mid_delivery_fails_its_pending_deliveries_at_its_lease() {
     wait_known(&d, 1).await;
     let dir = d.dir.clone();
     let attempt = tokio::spawn(async move {
-        dir.deliver(&gw::device("doomed"), &gw::notification(10))
-            .await
+        dir.deliver(
+            &gw::device("doomed"),
+            &crate::support::fixtures::notification_with_data(10),
+        )
+        .await
     });
     // The frame reached the node; then it "dies" without answering.
     let (_, kind) = ghost.frames.recv().await.unwrap();
@@ -369,7 +372,7 @@ async fn a_restarted_dispatcher_converges_by_snapshot_and_delivers_live() {
     let first = dispatch_node(&vhost, &apns).await;
     let (ws, _) = gw::connect(&g, "steady-dev").await;
     let mut frames = gw::spawn_acker(ws);
-    let n = gw::notification(10);
+    let n = crate::support::fixtures::notification_with_data(10);
     wait_for(
         Duration::from_secs(10),
         "first replica knows it",

@@ -6,13 +6,12 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-#[path = "../gateway/helpers.rs"]
-#[allow(dead_code)]
-mod gw;
+use support::gateway as gw;
 
 mod harness;
 
 mod broker_restart;
 mod delivery;
+mod drain;
 mod events;
 mod outcomes;

@@ -53,7 +53,8 @@ use crate::config::ClusterSettings;
 use crate::domain::{DeviceId, QueuedNotification};
 use crate::gateway::{Gateway, LiveOutcome, registrar};
 use crate::metrics::Metrics;
-use crate::queue::{RabbitQueue, backoff_with_jitter};
+use crate::queue::RabbitQueue;
+use crate::queue::reconnect::{self, Backoff};
 use presence::{NodeId, Replica};
 
 /// How often the supervisor checks its channels are alive (belt and braces: a dead channel
@@ -85,6 +86,8 @@ struct Inner {
     /// Every channel of the current generation is up.
     up: AtomicBool,
     metrics: Metrics,
+    /// The directory's node in the shutdown tree (a child of the queue's): stops the
+    /// supervisor, the publisher and the lease clock.
     stop: CancellationToken,
 }
 
@@ -100,6 +103,7 @@ impl ClusterDirectory {
         gateway: Option<Gateway>,
         lookups: bool,
         metrics: Metrics,
+        stop: CancellationToken,
     ) -> ClusterDirectory {
         let node_id = if settings.node_id.is_empty() {
             uuid::Uuid::now_v7().simple().to_string()
@@ -126,7 +130,7 @@ impl ClusterDirectory {
             registrar_ready,
             up: AtomicBool::new(false),
             metrics: metrics.clone(),
-            stop: CancellationToken::new(),
+            stop,
         }));
         let (snap_tx, snap_rx) = mpsc::unbounded_channel();
         if let Some(g) = &gateway {
@@ -174,11 +178,6 @@ impl ClusterDirectory {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         true
-    }
-
-    /// Stops the supervisor and the publisher (the queue's `close` ends the channels anyway).
-    pub fn stop(&self) {
-        self.0.stop.cancel();
     }
 
     /// Whether `device` holds a session on *this* node.
@@ -247,55 +246,51 @@ impl ClusterDirectory {
         r.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The supervisor: set up a generation of channels, serve, and on any failure mark not
-    /// ready, fail what waits on the dead channels, and start again with backoff.
+    /// The supervisor (the shared reconnect loop): each round sets up a generation of
+    /// channels and serves until one dies; then it marks not ready, fails what waits on
+    /// the dead channels, and the loop starts the next round.
     async fn supervise(self, snapshots: mpsc::UnboundedSender<ShortString>) {
+        let settings = self.0.queue.settings();
+        let backoff = Backoff {
+            min: settings.reconnect_min,
+            max: settings.reconnect_max,
+        };
+        reconnect::supervise("cluster directory", &self.0.stop, backoff, |reconnecting| {
+            self.round(reconnecting, &snapshots)
+        })
+        .await
+    }
+
+    /// One generation's life: up until a channel dies (`Ok`), or an error setting up.
+    async fn round(
+        &self,
+        reconnecting: bool,
+        snapshots: &mpsc::UnboundedSender<ShortString>,
+    ) -> anyhow::Result<()> {
         let inner = &self.0;
-        let settings = inner.queue.settings().clone();
-        let mut failures = 0u32;
-        let mut connected_before = false;
-        loop {
-            if inner.stop.is_cancelled() || inner.queue.is_closed() {
-                return;
-            }
-            let generation = CancellationToken::new();
-            match self.setup(&generation, &snapshots).await {
-                Ok(channels) => {
-                    failures = 0;
-                    inner.up.store(true, Ordering::Release);
-                    inner.registrar_ready.send_replace(true);
-                    if connected_before {
-                        tracing::info!("cluster directory back on the broker");
-                    }
-                    connected_before = true;
-                    self.serve(&channels, &generation).await;
+        // This generation's tasks stop with it, or with the directory.
+        let generation = inner.stop.child_token();
+        let result = match self.setup(&generation, snapshots).await {
+            Ok(channels) => {
+                inner.up.store(true, Ordering::Release);
+                inner.registrar_ready.send_replace(true);
+                if reconnecting {
+                    tracing::info!("cluster directory back on the broker");
                 }
-                Err(e) => {
-                    if !inner.queue.is_closed() {
-                        tracing::warn!(error = %e, "cluster directory setup failed");
-                    }
-                }
+                self.serve(&channels, &generation).await;
+                Ok(())
             }
-            generation.cancel();
-            inner.up.store(false, Ordering::Release);
-            inner.registrar_ready.send_replace(false);
-            inner.publink.send_replace(None);
-            inner.rpc.set_channel(None);
-            if let Some(r) = &inner.replica {
-                self.replica_write(r).stopped_listening();
-            }
-            if inner.stop.is_cancelled() || inner.queue.is_closed() {
-                return;
-            }
-            failures += 1;
-            let delay =
-                backoff_with_jitter(failures, settings.reconnect_min, settings.reconnect_max);
-            tracing::warn!(retry_in = ?delay, "cluster directory down; setting up again");
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = inner.stop.cancelled() => return,
-            }
+            Err(e) => Err(e.context("cluster directory setup")),
+        };
+        generation.cancel();
+        inner.up.store(false, Ordering::Release);
+        inner.registrar_ready.send_replace(false);
+        inner.publink.send_replace(None);
+        inner.rpc.set_channel(None);
+        if let Some(r) = &inner.replica {
+            self.replica_write(r).stopped_listening();
         }
+        result
     }
 
     /// Opens this generation's channels, declares what they need and starts their tasks.
@@ -323,9 +318,13 @@ impl ClusterDirectory {
             FieldTable::default(),
         )
         .await?;
+        // Named (not server-named) so the per-role broker permissions can name it; a fresh
+        // name per generation, so a re-declare never races the broker deleting the last
+        // generation's queue.
+        let own = wire::presence_queue(&inner.prefix);
         let q = pch
             .queue_declare(
-                "".into(),
+                own.as_str().into(),
                 // exclusive: dies with this connection, so a dead process leaves nothing.
                 QueueDeclareOptions {
                     exclusive: true,

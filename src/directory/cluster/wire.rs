@@ -25,6 +25,11 @@ pub fn presence_exchange(prefix: &str) -> String {
     format!("{prefix}.presence")
 }
 
+/// One process's presence subscription (exclusive; a fresh name per broker generation).
+pub fn presence_queue(prefix: &str) -> String {
+    format!("{prefix}.presence.{}", Uuid::now_v7().simple())
+}
+
 /// A gateway node's queue: deliveries for its sessions and snapshot requests.
 pub fn node_queue(prefix: &str, node: &str) -> String {
     format!("{prefix}.node.{node}")

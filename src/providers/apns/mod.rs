@@ -59,7 +59,7 @@ impl ApnsClient {
         let base = match s.endpoint.as_str() {
             "production" => PRODUCTION.to_owned(),
             "sandbox" => SANDBOX.to_owned(),
-            url => check_url("apns.endpoint", url)?,
+            url => check_url("apns.endpoint", url, s.allow_insecure_endpoints)?,
         };
         let limits = s.limits();
         Ok(Some(ApnsClient {

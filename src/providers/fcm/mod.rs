@@ -35,12 +35,12 @@ impl FcmClient {
             return Ok(None);
         }
         let sa = oauth::ServiceAccount::load(&s.service_account_file)?;
-        let base = check_url("fcm.endpoint", &s.endpoint)?;
+        let base = check_url("fcm.endpoint", &s.endpoint, s.allow_insecure_endpoints)?;
         let limits = s.limits();
         let http = http_client("fcm.ca_file", &s.ca_file, limits.timeout)?;
         Ok(Some(FcmClient {
             send_url: format!("{base}/v1/projects/{}/messages:send", sa.project_id),
-            tokens: oauth::AccessTokens::new(&sa, http.clone())?,
+            tokens: oauth::AccessTokens::new(&sa, http.clone(), s.allow_insecure_endpoints)?,
             http,
             bulkhead: Bulkhead::new("fcm", limits),
             metrics: metrics.clone(),
