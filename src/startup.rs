@@ -9,7 +9,7 @@ use anyhow::Context;
 
 use crate::api::{ApiKeys, AppState};
 use crate::config::{Role, Settings};
-use crate::directory::{ClusterDirectory, Directory};
+use crate::directory::{ClusterDirectory, Directory, cluster};
 use crate::dispatch::{Dispatcher, DispatcherHandle};
 use crate::domain::NotifyLimits;
 use crate::events::Events;
@@ -73,8 +73,10 @@ impl Application {
                     &settings.queue.prefix,
                     &settings.cluster,
                     settings.gateway.ack_timeout,
-                    gateway.clone(),
-                    settings.has_role(Role::Dispatcher),
+                    cluster::Roles {
+                        gateway: gateway.clone(),
+                        lookups: settings.has_role(Role::Dispatcher),
+                    },
                     metrics.clone(),
                     stop.directory.clone(),
                 ))

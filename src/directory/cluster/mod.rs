@@ -61,6 +61,14 @@ use presence::{NodeId, Replica};
 /// also ends its consumers' streams, which is noticed at once).
 const HEALTH_CHECK: Duration = Duration::from_millis(250);
 
+/// What this process does in the cluster.
+pub struct Roles {
+    /// This node's sessions (the gateway role): announced to the cluster.
+    pub gateway: Option<Gateway>,
+    /// The dispatcher role: keep a replica and deliver across nodes.
+    pub lookups: bool,
+}
+
 /// The cluster directory. Cheap to clone (one `Arc`).
 #[derive(Clone)]
 pub struct ClusterDirectory(Arc<Inner>);
@@ -100,11 +108,11 @@ impl ClusterDirectory {
         prefix: &str,
         settings: &ClusterSettings,
         ack_timeout: Duration,
-        gateway: Option<Gateway>,
-        lookups: bool,
+        roles: Roles,
         metrics: Metrics,
         stop: CancellationToken,
     ) -> ClusterDirectory {
+        let Roles { gateway, lookups } = roles;
         let node_id = if settings.node_id.is_empty() {
             uuid::Uuid::now_v7().simple().to_string()
         } else {
