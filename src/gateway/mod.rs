@@ -9,7 +9,7 @@
 //! 2. The upgrade spawns one task per session ([`session`]) on the HTTP worker that
 //!    accepted it. The task registers the session in the gateway's table (replacing, and
 //!    closing, an older session of the same device; [`table`]) and, in cluster mode, with
-//!    its [`registrar`] (the cluster directory) (a broker binding, awaited), sends `hello`, then loops over: frames from
+//!    its [`registrar`] (the cluster directory: the open event, broker-confirmed, awaited), sends `hello`, then loops over: frames from
 //!    the device, notifications queued for it, and one timer for the heartbeat.
 //! 3. [`Gateway::deliver`] (behind [`crate::directory::Directory`]) queues a notification
 //!    frame into the session's bounded send buffer and waits for the device's ack.
@@ -91,7 +91,7 @@ struct Inner {
 pub(crate) enum Admitted {
     /// The node is shutting down.
     No,
-    /// In the table; in cluster mode, `bound` says when the broker binding is in place.
+    /// In the table; in cluster mode, `bound` says when the cluster was told (broker-confirmed).
     Yes {
         bound: Option<oneshot::Receiver<bool>>,
     },
