@@ -9,8 +9,9 @@
 //! 2. The upgrade spawns one task per session ([`session`]) on the HTTP worker that
 //!    accepted it. The task registers the session in the gateway's table (replacing, and
 //!    closing, an older session of the same device; [`table`]) and, in cluster mode, with
-//!    its [`registrar`] (the cluster directory: the open event, broker-confirmed, awaited), sends `hello`, then loops over: frames from
-//!    the device, notifications queued for it, and one timer for the heartbeat.
+//!    its [`registrar`] (the cluster directory: the open event, broker-confirmed,
+//!    awaited), sends `hello`, then loops over: frames from the device, notifications
+//!    queued for it, and one timer for the heartbeat.
 //! 3. [`Gateway::deliver`] (behind [`crate::directory::Directory`]) queues a notification
 //!    frame into the session's bounded send buffer and waits for the device's ack.
 //! 4. The session ends when the device closes, misses a pong, is replaced, overflows its
