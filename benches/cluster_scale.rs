@@ -596,7 +596,7 @@ async fn run() {
             .unwrap_or("-".into())
     );
     println!(
-        "| live to other nodes' devices during recovery (delivered / accepted) | {} / {sent} |",
+        "| live to other nodes' devices after the kill / accepted in the window (which starts 2 s before it) | {} / {sent} |",
         during.len()
     );
     println!(

@@ -218,10 +218,11 @@ impl ClusterDirectory {
         let Some(replica) = &self.0.replica else {
             return LiveOutcome::Offline;
         };
-        if !self.is_ready() {
+        if self.replica_read(replica).catching_up(Instant::now()) {
             // A replica still catching up (start, broker reconnect) may not know the device
             // yet; wait at most a lease (every live node heartbeats within it) rather than
-            // answer "offline" from a partial view.
+            // answer "offline" from a partial view. Only then: a replica that stays unsynced
+            // (a node not answering its snapshot request) must not slow every delivery.
             self.wait_ready(self.0.lease).await;
         }
         let mut tried: Option<NodeId> = None;

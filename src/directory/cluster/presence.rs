@@ -34,6 +34,10 @@ const FORGET_AFTER: Duration = Duration::from_secs(60);
 /// (it is newer than anything dropped).
 const MAX_BUFFERED: usize = 10_000;
 
+/// How long (in leases) after it starts listening a replica is considered to be catching up:
+/// one lease to hear every live node's heartbeat, one for their snapshots, one to spare.
+const CATCH_UP_LEASES: u32 = 3;
+
 pub type NodeId = Arc<str>;
 
 /// What applying a message asks of the caller.
@@ -118,6 +122,16 @@ impl Replica {
                     && self.nodes.values().all(|st| st.synced || !st.alive)
             }
         }
+    }
+
+    /// True while the replica is catching up after it (re)started listening: not synced,
+    /// and listening for less than `CATCH_UP_LEASES` leases. A lookup waits for the sync
+    /// then; past it (a node that never answers its snapshot request) lookups answer from
+    /// the last known state rather than make every delivery wait.
+    pub fn catching_up(&self, now: Instant) -> bool {
+        self.listening_since
+            .is_some_and(|t| now.duration_since(t) < self.lease * CATCH_UP_LEASES)
+            && !self.is_synced(now)
     }
 
     /// Where `device`'s newest session is, among live nodes.
