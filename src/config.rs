@@ -527,14 +527,14 @@ impl Settings {
             ));
         }
         if !matches!(self.apns.endpoint.as_str(), "production" | "sandbox") {
-            crate::providers::check_url(
+            check_url(
                 "apns.endpoint",
                 &self.apns.endpoint,
                 self.apns.allow_insecure_endpoints,
             )
             .map_err(|e| invalid("apns.endpoint", format!("{e:#}")))?;
         }
-        crate::providers::check_url(
+        check_url(
             "fcm.endpoint",
             &self.fcm.endpoint,
             self.fcm.allow_insecure_endpoints,
@@ -714,14 +714,6 @@ pub struct InboxSettings {
 }
 
 impl InboxSettings {
-    /// The per-device bounds the store enforces.
-    pub fn limits(&self) -> crate::inbox::InboxLimits {
-        crate::inbox::InboxLimits {
-            max_per_device: self.max_per_device,
-            max_bytes_per_device: self.max_bytes_per_device,
-        }
-    }
-
     fn validate(&self) -> Result<(), SettingsError> {
         if !(1..=10_000).contains(&self.max_per_device) {
             return Err(invalid(
@@ -787,6 +779,35 @@ impl Settings {
     pub fn inbox_url(&self) -> Result<Option<Secret>, SettingsError> {
         self.inbox.url()
     }
+}
+
+/// An endpoint URL as the design's scheme rules read it: `https://`, or cleartext `http://`
+/// only to a loopback host (a local double, a sidecar) unless `allow_insecure` (the
+/// provider's `allow_insecure_endpoints`) says the operator means it. Cleartext elsewhere
+/// would put provider JWTs, OAuth2 assertions and device tokens on the network.
+pub fn check_url(key: &str, url: &str, allow_insecure: bool) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let url = url.trim_end_matches('/');
+    let parsed =
+        reqwest::Url::parse(url).with_context(|| format!("{key}: `{url}` is not a URL"))?;
+    anyhow::ensure!(
+        matches!(parsed.scheme(), "https" | "http") && parsed.host().is_some(),
+        "{key}: `{url}` must be an https:// URL (or http:// to a loopback host)"
+    );
+    if parsed.scheme() == "http" {
+        let host = parsed.host_str().unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        anyhow::ensure!(
+            loopback || allow_insecure,
+            "{key}: `{url}` is cleartext http:// to a host that is not loopback; use https://, \
+             or set allow_insecure_endpoints = true in this provider's section if you mean it"
+        );
+    }
+    Ok(url.to_owned())
 }
 
 #[cfg(test)]
