@@ -21,6 +21,7 @@ use hmac::{KeyInit as _, Mac as _};
 use serde_json::{Value, json};
 
 use crate::harness::{APNS_TOKEN, Backend, WEBHOOK_SECRET, World};
+use crate::support::apns_double::{json_response, serve_h2};
 use crate::support::{API_KEY, wait_for};
 
 /// One request the receiver got.
@@ -277,6 +278,46 @@ async fn retry_after_on_429_and_503_is_honoured() {
         (w.metric("herald_events_published_total{sink=\"webhook\"}") == 1.0).then_some(())
     })
     .await;
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn an_https_receiver_behind_a_private_ca_is_trusted_through_ca_file() {
+    let got: Arc<Mutex<usize>> = Arc::default();
+    let server = serve_h2(true, {
+        let got = got.clone();
+        move |_req| {
+            *got.lock().unwrap() += 1;
+            async { json_response(200, &json!({}), &[]) }
+        }
+    })
+    .await;
+    let ca_file = server.ca_file.clone().unwrap();
+    let url = format!("{}/events", server.url);
+    let dropped = "herald_events_dropped_total{reason=\"failed\",sink=\"webhook\"}";
+    let published = "herald_events_published_total{sink=\"webhook\"}";
+
+    // Without the CA the receiver's certificate is refused: nothing arrives.
+    let w = world_posting_to(url.clone(), |s| s.events.webhook_attempts = 1).await;
+    w.notify(one_apns_target()).await;
+    wait_for(Duration::from_secs(10), "the batch dropped", || async {
+        (w.metric(dropped) == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(*got.lock().unwrap(), 0);
+    w.stop().await;
+
+    // With events.ca_file it is trusted.
+    let w = world_posting_to(url, |s| {
+        s.events.ca_file = ca_file.to_str().unwrap().to_owned()
+    })
+    .await;
+    w.notify(one_apns_target()).await;
+    wait_for(Duration::from_secs(10), "the batch published", || async {
+        (w.metric(published) == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(*got.lock().unwrap(), 1);
     w.stop().await;
 }
 
