@@ -237,8 +237,7 @@ impl EventsSettings {
         if self.webhook_timeout.is_zero() {
             return Err(invalid("events.webhook_timeout", "must be positive"));
         }
-        if self.webhook_backoff_min.is_zero()
-            || self.webhook_backoff_min > self.webhook_backoff_max
+        if self.webhook_backoff_min.is_zero() || self.webhook_backoff_min > self.webhook_backoff_max
         {
             return Err(invalid(
                 "events.webhook_backoff_min",

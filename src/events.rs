@@ -250,7 +250,6 @@ async fn rabbit_sink(
     }
 }
 
-
 /// A webhook signing key: the bytes behind a Standard Webhooks `whsec_<base64>` secret.
 /// `Debug` never shows them.
 #[derive(Clone)]
@@ -372,7 +371,11 @@ impl Webhook {
     /// A webhook to `url`, signed with `key`; batching, retry and TLS settings from
     /// `settings` (URL and key are arguments, not read from it, so a caller with several
     /// endpoints shares the rest).
-    pub fn new(url: &Secret, key: SigningKey, settings: &EventsSettings) -> anyhow::Result<Webhook> {
+    pub fn new(
+        url: &Secret,
+        key: SigningKey,
+        settings: &EventsSettings,
+    ) -> anyhow::Result<Webhook> {
         let url = check_webhook_url(url.expose())
             .map_err(|e| anyhow::anyhow!("events.webhook_url: {e}"))?;
         let mut builder = reqwest::Client::builder()
@@ -409,7 +412,12 @@ impl Webhook {
 
     /// The sink loop: batches events from `rx` and POSTs them. Once `stop` is cancelled it
     /// sends what the buffer still holds and returns.
-    pub async fn run(self, mut rx: mpsc::Receiver<Event>, metrics: Metrics, stop: CancellationToken) {
+    pub async fn run(
+        self,
+        mut rx: mpsc::Receiver<Event>,
+        metrics: Metrics,
+        stop: CancellationToken,
+    ) {
         loop {
             // Wait for the first event of a batch, then fill it for at most `flush`. Once
             // stopped, only what the buffer still holds: the dispatcher has finished, so
@@ -526,5 +534,8 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }

@@ -187,7 +187,10 @@ async fn every_post_is_signed_and_a_retry_keeps_its_id() {
             "{msg_id}"
         );
         // A receiver rejects timestamps outside its tolerance (the spec suggests 5 min).
-        assert!(now.abs_diff(ts.parse::<u64>().unwrap()) < 300, "{ts} vs {now}");
+        assert!(
+            now.abs_diff(ts.parse::<u64>().unwrap()) < 300,
+            "{ts} vs {now}"
+        );
         let expected = expected_signature(WEBHOOK_SECRET, msg_id, ts, &post.body);
         assert!(
             h["webhook-signature"].split(' ').any(|s| s == expected),
@@ -359,12 +362,19 @@ fn cleartext_to_a_remote_host_and_unsigned_webhooks_are_refused_at_config_time()
     }
     // A URL without a key, and keys that are not whsec_<base64 of 24..64 bytes>.
     let short = format!("whsec_{}", BASE64.encode([7u8; 16]));
-    for secret in [None, Some("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), Some(&*short)] {
+    for secret in [
+        None,
+        Some("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+        Some(&*short),
+    ] {
         let mut vars = vec![(URL_VAR, "https://hooks.example.com/in")];
         vars.extend(secret.map(|s| (SECRET_VAR, s)));
         let err = load(&vars).unwrap_err().to_string();
         assert!(err.contains("events.webhook_secret"), "{secret:?}: {err}");
-        assert!(!err.contains("MfKQ9r8G"), "the error repeats the key: {err}");
+        assert!(
+            !err.contains("MfKQ9r8G"),
+            "the error repeats the key: {err}"
+        );
     }
 }
 
@@ -483,20 +493,16 @@ async fn a_credential_in_the_url_is_never_printed_or_logged() {
         .await
         .unwrap();
     assert_eq!(res.status(), 202);
-    wait_for(
-        Duration::from_secs(20),
-        "both attempts logged",
-        || async {
-            (lines
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|l| l.contains("event webhook unreachable"))
-                .count()
-                >= 2)
-                .then_some(())
-        },
-    )
+    wait_for(Duration::from_secs(20), "both attempts logged", || async {
+        (lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("event webhook unreachable"))
+            .count()
+            >= 2)
+            .then_some(())
+    })
     .await;
     child.kill().unwrap();
     child.wait().unwrap();
