@@ -33,11 +33,14 @@ struct Seen {
     at: Instant,
 }
 
+/// A scripted answer: status and headers.
+type Answer = (u16, Vec<(&'static str, String)>);
+
 #[derive(Default)]
 struct SinkState {
     seen: Mutex<Vec<Seen>>,
     /// Answers for the next POSTs to /events (status, headers); 200 once empty.
-    script: Mutex<VecDeque<(u16, Vec<(&'static str, String)>)>>,
+    script: Mutex<VecDeque<Answer>>,
 }
 
 /// A webhook receiver: `/events` answers from the script, `/redirect` answers 307 to
