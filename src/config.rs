@@ -170,17 +170,100 @@ pub struct DispatcherSettings {
     pub target_concurrency: usize,
 }
 
+/// `[events]`: the outcome event sinks (src/events.rs); config/default.toml says why each
+/// default. The webhook URL may carry a credential (basic auth, a query token), so it is a
+/// [`Secret`] like the signing key: `check-config` and logs never show it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventsSettings {
-    pub webhook_url: String,
+    pub webhook_url: Secret,
+    pub webhook_url_file: String,
+    pub webhook_secret: Secret,
+    pub webhook_secret_file: String,
+    pub ca_file: String,
     pub webhook_batch: usize,
     #[serde(with = "humantime_serde")]
     pub webhook_flush: Duration,
     #[serde(with = "humantime_serde")]
     pub webhook_timeout: Duration,
     pub webhook_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub webhook_backoff_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub webhook_backoff_max: Duration,
+    #[serde(with = "humantime_serde")]
+    pub webhook_retry_after_max: Duration,
     pub buffer: usize,
+}
+
+impl EventsSettings {
+    /// The webhook URL (`events.webhook_url`, else the contents of
+    /// `events.webhook_url_file`); `None` means no webhook.
+    pub fn webhook_url(&self) -> Result<Option<Secret>, SettingsError> {
+        if !self.webhook_url.is_empty() {
+            return Ok(Some(self.webhook_url.clone()));
+        }
+        if self.webhook_url_file.is_empty() {
+            return Ok(None);
+        }
+        let text = read_secret_file("events.webhook_url_file", &self.webhook_url_file)?;
+        Ok(Some(Secret::new(text.trim())).filter(|s| !s.is_empty()))
+    }
+
+    /// The webhook signing key (`events.webhook_secret`, else the contents of
+    /// `events.webhook_secret_file`), parsed from its `whsec_<base64>` form.
+    pub fn webhook_key(&self) -> Result<Option<crate::events::SigningKey>, SettingsError> {
+        let text = if !self.webhook_secret.is_empty() {
+            self.webhook_secret.clone()
+        } else if !self.webhook_secret_file.is_empty() {
+            Secret::new(
+                read_secret_file("events.webhook_secret_file", &self.webhook_secret_file)?.trim(),
+            )
+        } else {
+            return Ok(None);
+        };
+        crate::events::SigningKey::parse(text.expose())
+            .map(Some)
+            .map_err(|e| invalid("events.webhook_secret", e))
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        if self.webhook_batch == 0 || self.buffer == 0 || self.webhook_attempts == 0 {
+            return Err(invalid(
+                "events",
+                "webhook_batch, webhook_attempts and buffer must be at least 1",
+            ));
+        }
+        if self.webhook_timeout.is_zero() {
+            return Err(invalid("events.webhook_timeout", "must be positive"));
+        }
+        if self.webhook_backoff_min.is_zero() || self.webhook_backoff_min > self.webhook_backoff_max
+        {
+            return Err(invalid(
+                "events.webhook_backoff_min",
+                "must be positive and at most events.webhook_backoff_max",
+            ));
+        }
+        if !self.ca_file.is_empty() {
+            crate::events::read_ca_file(&self.ca_file).map_err(|e| invalid("events.ca_file", e))?;
+        }
+        let key = self.webhook_key()?;
+        if let Some(url) = self.webhook_url()? {
+            // The messages never repeat the URL: it may hold a credential.
+            crate::events::check_webhook_url(url.expose())
+                .map_err(|e| invalid("events.webhook_url", e))?;
+            // No unsigned webhook: see config/default.toml, events.webhook_secret.
+            if key.is_none() {
+                return Err(invalid(
+                    "events.webhook_secret",
+                    "is required when events.webhook_url is set: every POST is signed \
+                     (Standard Webhooks); generate one with \
+                     `echo whsec_$(openssl rand -base64 32)`",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -441,22 +524,7 @@ impl Settings {
                 "must be at least 1",
             ));
         }
-        let hook = &self.events.webhook_url;
-        if !(hook.is_empty() || hook.starts_with("http://") || hook.starts_with("https://")) {
-            return Err(invalid(
-                "events.webhook_url",
-                "must be an http:// or https:// URL",
-            ));
-        }
-        if self.events.webhook_batch == 0
-            || self.events.buffer == 0
-            || self.events.webhook_attempts == 0
-        {
-            return Err(invalid(
-                "events",
-                "webhook_batch, webhook_attempts and buffer must be at least 1",
-            ));
-        }
+        self.events.validate()?;
         if !(1..=30).contains(&self.retry.max_attempts) {
             return Err(invalid("retry.max_attempts", "must be between 1 and 30"));
         }

@@ -15,3 +15,4 @@ mod delivery;
 mod drain;
 mod events;
 mod outcomes;
+mod webhook;
