@@ -233,7 +233,7 @@ impl ClusterDirectory {
 
     /// The supervisor (the shared reconnect loop): open channels, declare, register,
     /// serve; on any failure fail waiting lookups, mark not ready and start again.
-    async fn supervise(self, commands: mpsc::UnboundedReceiver<Command>) {
+    async fn supervise(self, commands: registrar::Receiver) {
         let settings = self.0.queue.settings();
         let backoff = Backoff {
             min: settings.reconnect_min,
@@ -251,7 +251,7 @@ impl ClusterDirectory {
     async fn round(
         &self,
         reconnecting: bool,
-        commands: &tokio::sync::Mutex<mpsc::UnboundedReceiver<Command>>,
+        commands: &tokio::sync::Mutex<registrar::Receiver>,
     ) -> anyhow::Result<()> {
         let inner = &self.0;
         // This round's consumers stop with it, or with the directory.
@@ -364,7 +364,7 @@ impl ClusterDirectory {
     async fn serve(
         &self,
         node: &Channel,
-        commands: &mut mpsc::UnboundedReceiver<Command>,
+        commands: &mut registrar::Receiver,
         generation: &CancellationToken,
     ) {
         let inner = &self.0;

@@ -9,6 +9,7 @@ mod support;
 
 use support::gateway as helpers;
 
+mod admission;
 mod client_cli;
 mod outbound;
 mod sessions;
