@@ -11,6 +11,7 @@ use support::gateway as helpers;
 
 mod admission;
 mod client_cli;
+mod fuzz;
 mod outbound;
 mod sessions;
 mod tokens;
