@@ -140,10 +140,11 @@ impl Shared {
 impl Receiver {
     /// The next command; `None` once every [`Registrar`] is gone and nothing is queued.
     pub async fn recv(&mut self) -> Option<Command> {
+        let shared = self.shared.clone();
         loop {
-            // Registered before the check, so a push between the check and the await
-            // still wakes this.
-            let woken = self.shared.wake.notified();
+            // Created before the check; and `notify_one` leaves a permit when nobody waits,
+            // so a push between the check and the await still wakes this.
+            let woken = shared.wake.notified();
             if let Ok(command) = self.try_recv() {
                 return Some(command);
             }

@@ -139,8 +139,8 @@ async fn per_address_limit_trusts_forwarded_for_only_from_configured_proxies() {
         "the address spent its burst"
     );
     // X-Forwarded-For from an untrusted peer is ignored: it cannot dodge the limit.
-    let forwarded = |device: &str, xff: &str| {
-        let mut req = app.ws_url().into_client_request().unwrap();
+    let forwarded = |url: String, device: &str, xff: &str| {
+        let mut req = url.into_client_request().unwrap();
         let h = req.headers_mut();
         h.insert(
             "authorization",
@@ -150,7 +150,7 @@ async fn per_address_limit_trusts_forwarded_for_only_from_configured_proxies() {
         req
     };
     assert!(
-        tokio_tungstenite::connect_async(forwarded("a-4", "203.0.113.7"))
+        tokio_tungstenite::connect_async(forwarded(app.ws_url(), "a-4", "203.0.113.7"))
             .await
             .is_err()
     );
@@ -164,13 +164,17 @@ async fn per_address_limit_trusts_forwarded_for_only_from_configured_proxies() {
         .enumerate()
     {
         for j in 0..2 {
-            let req = forwarded(&format!("b-{i}-{j}"), &format!("198.51.100.9, {client}"));
+            let req = forwarded(
+                app.ws_url(),
+                &format!("b-{i}-{j}"),
+                &format!("198.51.100.9, {client}"),
+            );
             tokio_tungstenite::connect_async(req)
                 .await
                 .unwrap_or_else(|e| panic!("{client} #{j}: {e}"));
         }
     }
-    let req = forwarded("b-x", "203.0.113.1");
+    let req = forwarded(app.ws_url(), "b-x", "203.0.113.1");
     assert!(
         tokio_tungstenite::connect_async(req).await.is_err(),
         "the third connect of one forwarded client is over its burst"

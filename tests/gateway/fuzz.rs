@@ -105,7 +105,10 @@ const MISTYPED: &[&str] = &[
 /// ends the session), and an oversized frame may be reset mid-write.
 fn step(rng: &mut Rng) -> (Vec<u8>, bool) {
     match rng.below(14) {
-        0 => (rng.bytes(1 + rng.below(64) as usize), true),
+        0 => {
+            let n = 1 + rng.below(64) as usize;
+            (rng.bytes(n), true)
+        }
         1 => {
             let v = rng.pick(VALID);
             let cut = rng.below(v.len() as u64) as usize;
@@ -120,7 +123,7 @@ fn step(rng: &mut Rng) -> (Vec<u8>, bool) {
             // can eat the close frame on the client's side.
             (text(&big), true)
         }
-        3 => (text(rng.pick(MISTYPED)), false),
+        3 => (text(*rng.pick(MISTYPED)), false),
         4 => {
             // A valid message in 2-4 fragments.
             let v = rng.pick(VALID).as_bytes();
