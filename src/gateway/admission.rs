@@ -54,8 +54,8 @@ impl Bucket {
     /// long until one is there.
     fn take(&self, state: &mut (f64, Instant), now: Instant) -> Result<(), Duration> {
         let (tokens, last) = state;
-        *tokens =
-            (*tokens + now.saturating_duration_since(*last).as_secs_f64() * self.rate).min(self.burst);
+        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * self.rate)
+            .min(self.burst);
         *last = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
@@ -209,11 +209,15 @@ impl IpNet {
         };
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -235,8 +239,16 @@ impl Gateway {
     /// The device the connect's token names: `Authorization: Bearer`, the
     /// `Sec-WebSocket-Protocol` bearer entry, or (with `gateway.allow_query_token`)
     /// `?token=`. Spends no limit: a bad token is refused here with 401.
-    pub(crate) fn authenticate(&self, headers: &HeaderMap, query: &str) -> Result<DeviceId, Refusal> {
-        let query = if self.0.settings.allow_query_token { query } else { "" };
+    pub(crate) fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        query: &str,
+    ) -> Result<DeviceId, Refusal> {
+        let query = if self.0.settings.allow_query_token {
+            query
+        } else {
+            ""
+        };
         match token::presented(headers, query).map(|t| self.0.tokens.verify(&t)) {
             Some(Ok(device)) => Ok(device),
             Some(Err(e)) => Err(self.refused(Refusal::unauthorized(&e))),
@@ -323,7 +335,11 @@ mod tests {
         let one = IpNet::parse("fd00::1").unwrap();
         assert!(one.contains(&"fd00::1".parse().unwrap()));
         assert!(!one.contains(&"fd00::2".parse().unwrap()));
-        assert!(IpNet::parse("0.0.0.0/0").unwrap().contains(&"8.8.8.8".parse().unwrap()));
+        assert!(
+            IpNet::parse("0.0.0.0/0")
+                .unwrap()
+                .contains(&"8.8.8.8".parse().unwrap())
+        );
         assert!(IpNet::parse("10.0.0.0/33").is_none());
         assert!(IpNet::parse("proxy.local").is_none());
     }

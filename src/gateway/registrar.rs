@@ -124,7 +124,9 @@ impl Shared {
                     // Superseded before it was applied. A bind's waiter (a session replaced
                     // by a newer one on this node) hears `true` when the device stays routed
                     // here, and `false` (its sender dropped) when it is being unbound.
-                    Some(Command::Bind { done: Some(done), .. }) if binds => {
+                    Some(Command::Bind {
+                        done: Some(done), ..
+                    }) if binds => {
                         let _ = done.send(true);
                     }
                     Some(_) => {}
@@ -245,19 +247,26 @@ mod tests {
         let (registrar, mut rx) = channel(ready, Duration::from_secs(1));
         let mut first = registrar.bind(device("phone-1"), uuid::Uuid::now_v7());
         for _ in 0..10_000 {
-            let _ = registrar.bind(device("phone-1"), uuid::Uuid::now_v7());
+            drop(registrar.bind(device("phone-1"), uuid::Uuid::now_v7()));
             registrar.unbind(device("phone-1"));
         }
-        let _ = registrar.bind(device("phone-2"), uuid::Uuid::now_v7());
+        drop(registrar.bind(device("phone-2"), uuid::Uuid::now_v7()));
         let (flushed, _flush) = oneshot::channel();
         registrar.shared.push(Command::Flush(flushed));
         assert_eq!(rx.len(), 3, "phone-1, phone-2, the flush");
-        assert!(matches!(rx.recv().await, Some(Command::Unbind { device }) if device.as_str() == "phone-1"));
-        assert!(matches!(rx.recv().await, Some(Command::Bind { device, .. }) if device.as_str() == "phone-2"));
+        assert!(
+            matches!(rx.recv().await, Some(Command::Unbind { device }) if device.as_str() == "phone-1")
+        );
+        assert!(
+            matches!(rx.recv().await, Some(Command::Bind { device, .. }) if device.as_str() == "phone-2")
+        );
         assert!(matches!(rx.recv().await, Some(Command::Flush(_))));
         // The first bind was superseded by a bind: its session hears it stays routed here.
         assert_eq!(first.try_recv(), Ok(true));
         drop(registrar);
-        assert!(rx.recv().await.is_none(), "the stream ends with the last sender");
+        assert!(
+            rx.recv().await.is_none(),
+            "the stream ends with the last sender"
+        );
     }
 }

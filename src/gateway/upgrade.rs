@@ -78,13 +78,16 @@ async fn upgrade(
     };
     // A browser that offered subprotocols (its token rides in one) fails the handshake
     // unless one comes back: select `herald.v1` when offered, never the bearer entry.
-    let protocol = headers
+    let offered = headers
         .get_all("sec-websocket-protocol")
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|p| p.trim() == token::PROTOCOL)
-        .then(|| format!("Sec-WebSocket-Protocol: {}\r\n", token::PROTOCOL))
-        .unwrap_or_default();
+        .any(|p| p.trim() == token::PROTOCOL);
+    let protocol = if offered {
+        format!("Sec-WebSocket-Protocol: {}\r\n", token::PROTOCOL)
+    } else {
+        String::new()
+    };
     let accept = derive_accept_key(key.as_bytes());
     io.write_all(
         format!(

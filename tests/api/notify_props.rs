@@ -22,10 +22,33 @@ const LIMITS: NotifyLimits = NotifyLimits {
 /// Field names and values the request uses, so generated objects reach deep into the
 /// parser instead of failing at the first unknown field.
 const KEYS: &[&str] = &[
-    "targets", "device_id", "apns", "fcm", "token", "notification", "title", "subtitle",
-    "body", "badge", "sound", "image", "category", "thread_id", "data", "priority", "ttl",
-    "collapse_key", "push_type", "topic", "android", "channel_id", "herald_id", "aps",
-    "google.x", "delivery", "unknown",
+    "targets",
+    "device_id",
+    "apns",
+    "fcm",
+    "token",
+    "notification",
+    "title",
+    "subtitle",
+    "body",
+    "badge",
+    "sound",
+    "image",
+    "category",
+    "thread_id",
+    "data",
+    "priority",
+    "ttl",
+    "collapse_key",
+    "push_type",
+    "topic",
+    "android",
+    "channel_id",
+    "herald_id",
+    "aps",
+    "google.x",
+    "delivery",
+    "unknown",
 ];
 
 fn scalar() -> impl Strategy<Value = Value> {
@@ -33,13 +56,26 @@ fn scalar() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(Value::from),
-        any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        any::<f64>()
+            .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
         Just(json!(u64::MAX)),
         // Any string, control characters and all.
         any::<String>().prop_map(Value::String),
         prop::sample::select(vec![
-            "high", "normal", "low", "alert", "background", "90s", "0s", "29d", "1h",
-            "phone-1", "", " ", "a\u{7}b", "x".repeat(300).leak(),
+            "high",
+            "normal",
+            "low",
+            "alert",
+            "background",
+            "90s",
+            "0s",
+            "29d",
+            "1h",
+            "phone-1",
+            "",
+            " ",
+            "a\u{7}b",
+            "x".repeat(300).leak(),
         ])
         .prop_map(|s: &str| Value::String(s.to_owned())),
     ]
@@ -49,9 +85,9 @@ fn value() -> impl Strategy<Value = Value> {
     scalar().prop_recursive(4, 64, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-            prop::collection::vec((prop::sample::select(KEYS), inner), 0..6).prop_map(
-                |fields| Value::Object(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
-            ),
+            prop::collection::vec((prop::sample::select(KEYS), inner), 0..6).prop_map(|fields| {
+                Value::Object(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+            }),
         ]
     })
 }
@@ -156,7 +192,9 @@ proptest! {
 #[test]
 fn generated_bodies_over_http_get_202_or_a_json_4xx() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let app = rt.block_on(support::spawn_app(support::api_only(support::test_settings())));
+    let app = rt.block_on(support::spawn_app(support::api_only(
+        support::test_settings(),
+    )));
     let url = format!("{}/v1/notify", app.base);
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
         cases: 150,
@@ -165,23 +203,31 @@ fn generated_bodies_over_http_get_202_or_a_json_4xx() {
     });
     let bodies = prop_oneof![
         mutations().prop_map(|ms| mutate(valid_body(), &ms)),
-        value().prop_map(|v| json!({"targets": [{"device_id": "p"}], "notification": v}).to_string().into_bytes()),
+        value().prop_map(
+            |v| json!({"targets": [{"device_id": "p"}], "notification": v})
+                .to_string()
+                .into_bytes()
+        ),
         prop::collection::vec(any::<u8>(), 0..256),
     ];
     runner
         .run(&bodies, |body| {
-            let res = rt.block_on(
-                app.http
-                    .post(&url)
-                    .bearer_auth(support::API_KEY)
-                    .header("content-type", "application/json")
-                    .body(body.clone())
-                    .send(),
-            )
-            .unwrap();
+            let res = rt
+                .block_on(
+                    app.http
+                        .post(&url)
+                        .bearer_auth(support::API_KEY)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send(),
+                )
+                .unwrap();
             let status = res.status().as_u16();
             let answer: Value = rt.block_on(res.json()).expect("a JSON answer");
-            prop_assert!(status == 202 || (400..500).contains(&status), "{status} {answer}");
+            prop_assert!(
+                status == 202 || (400..500).contains(&status),
+                "{status} {answer}"
+            );
             if status != 202 {
                 prop_assert!(answer["error"]["code"].is_string(), "{answer}");
                 prop_assert!(answer["error"]["message"].is_string(), "{answer}");

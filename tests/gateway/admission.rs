@@ -228,7 +228,12 @@ async fn handshake_headers_are_checked_per_rfc_6455() {
             .contains("\r\nsec-websocket-version: 13\r\n"),
         "{wrong_version}"
     );
-    for key in ["", "not base64!", "AAAAAAAAAAAAAAAAAAAA", "dGhlIHNhbXBsZSBub25j"] {
+    for key in [
+        "",
+        "not base64!",
+        "AAAAAAAAAAAAAAAAAAAA",
+        "dGhlIHNhbXBsZSBub25j",
+    ] {
         let answer = raw(
             &app,
             &upgrade_head(&format!(
@@ -272,10 +277,7 @@ async fn the_plain_refusal_is_readable_cross_origin() {
     );
     // The preflight for the probe's Authorization header.
     let res = http
-        .request(
-            reqwest::Method::OPTIONS,
-            format!("{}/v1/connect", app.base),
-        )
+        .request(reqwest::Method::OPTIONS, format!("{}/v1/connect", app.base))
         .header("origin", "https://app.example")
         .header("access-control-request-method", "GET")
         .header("access-control-request-headers", "authorization")

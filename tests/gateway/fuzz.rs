@@ -10,7 +10,6 @@
 //! and the node still takes sessions. A fixed seed list keeps it reproducible and bounded
 //! (~200 cases, a few seconds); a failure names its seed.
 
-
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -123,7 +122,7 @@ fn step(rng: &mut Rng) -> (Vec<u8>, bool) {
             // can eat the close frame on the client's side.
             (text(&big), true)
         }
-        3 => (text(*rng.pick(MISTYPED)), false),
+        3 => (text(rng.pick::<&str>(MISTYPED)), false),
         4 => {
             // A valid message in 2-4 fragments.
             let v = rng.pick(VALID).as_bytes();
@@ -160,7 +159,9 @@ fn step(rng: &mut Rng) -> (Vec<u8>, bool) {
             (frame(false, 0, PING, b"frag", false), false)
         }
         9 => {
-            let code: u16 = *rng.pick(&[0, 999, 1004, 1005, 1006, 1015, 2999, 5000, 65535, 1000, 4000]);
+            let code: u16 = *rng.pick(&[
+                0, 999, 1004, 1005, 1006, 1015, 2999, 5000, 65535, 1000, 4000,
+            ]);
             let mut payload = code.to_be_bytes().to_vec();
             match rng.below(3) {
                 0 => payload.truncate(1),
@@ -169,7 +170,10 @@ fn step(rng: &mut Rng) -> (Vec<u8>, bool) {
             }
             (frame(true, 0, CLOSE, &payload, false), false)
         }
-        10 => (frame(true, 0, TEXT, &[0xc3, 0x28, 0xa0, 0xa1], false), false),
+        10 => (
+            frame(true, 0, TEXT, &[0xc3, 0x28, 0xa0, 0xa1], false),
+            false,
+        ),
         11 => {
             let rsv = 1 + rng.below(7) as u8;
             (frame(true, rsv, TEXT, VALID[0].as_bytes(), false), false)
@@ -210,7 +214,10 @@ impl Raw {
             token(device)
         );
         tcp.write_all(head.as_bytes()).await.unwrap();
-        let mut raw = Raw { tcp, buf: Vec::new() };
+        let mut raw = Raw {
+            tcp,
+            buf: Vec::new(),
+        };
         let end = loop {
             if let Some(i) = raw.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break i + 4;
@@ -373,7 +380,10 @@ async fn generated_frames_never_hurt_the_node_or_other_sessions() {
         );
     }
     eprintln!("fuzz: {CASES} cases, {alive} alive, {closes} closed, {eofs} ended without close");
-    assert!(alive > 0 && closes > 0, "the generator reaches both outcomes");
+    assert!(
+        alive > 0 && closes > 0,
+        "the generator reaches both outcomes"
+    );
     // Every fuzzed session ended and counted itself closed: none died mid-task.
     wait_for(WAIT, "only the bystander left", || async {
         (app.metric("herald_gateway_sessions_active") == 1.0).then_some(())
