@@ -282,6 +282,13 @@ pub struct GatewaySettings {
     pub reconnect_spread: Duration,
     pub max_session_rate: u32,
     pub session_burst: u32,
+    pub max_sessions: usize,
+    pub device_connects_per_minute: u32,
+    pub device_connect_burst: u32,
+    pub ip_connects_per_second: u32,
+    pub ip_connect_burst: u32,
+    pub trusted_proxies: Vec<String>,
+    pub allow_query_token: bool,
 }
 
 /// `[cluster]`: the directory across nodes (used when `queue.url` is RabbitMQ).
@@ -542,6 +549,37 @@ impl Settings {
                 "gateway.max_session_rate",
                 "gateway.max_session_rate and gateway.session_burst must be at least 1",
             ));
+        }
+        for (key, v) in [
+            ("gateway.max_sessions", self.gateway.max_sessions as u64),
+            (
+                "gateway.device_connects_per_minute",
+                u64::from(self.gateway.device_connects_per_minute),
+            ),
+            (
+                "gateway.device_connect_burst",
+                u64::from(self.gateway.device_connect_burst),
+            ),
+            (
+                "gateway.ip_connects_per_second",
+                u64::from(self.gateway.ip_connects_per_second),
+            ),
+            (
+                "gateway.ip_connect_burst",
+                u64::from(self.gateway.ip_connect_burst),
+            ),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        for proxy in &self.gateway.trusted_proxies {
+            if crate::gateway::IpNet::parse(proxy).is_none() {
+                return Err(invalid(
+                    "gateway.trusted_proxies",
+                    "each entry is an IP address or a CIDR block (10.0.0.0/8, fd00::/8)",
+                ));
+            }
         }
         if !amqp_name_part(&self.cluster.node_id) {
             return Err(invalid(

@@ -4,8 +4,10 @@
 //!
 //! 1. [`connect`] ([`handler`]) and [`upgrade`] check the device token ([`token`]) *before* the upgrade: a bad token is a
 //!    401 and no session ever exists.
-//!    A node admits at most `gateway.max_session_rate` new sessions a second ([`admission`]):
-//!    over it, 503 `too_many_sessions`, so a reconnect storm cannot flatten it.
+//!    Then the limits ([`admission`]), each spent only by requests that passed the checks
+//!    before it: per device (429), per source address (429), `gateway.max_sessions` (503
+//!    `node_full`) and the node's `gateway.max_session_rate` (503 `too_many_sessions`), so
+//!    neither garbage, nor one looping client, nor a reconnect storm can flatten a node.
 //! 2. The upgrade spawns one task per session ([`session`]) on the HTTP worker that
 //!    accepted it. The task registers the session in the gateway's table (replacing, and
 //!    closing, an older session of the same device; [`table`]) and, in cluster mode, with
@@ -43,7 +45,8 @@ use crate::config::GatewaySettings;
 use crate::domain::{DeviceId, NotificationId, QueuedNotification};
 use crate::metrics::Metrics;
 use admission::Admission;
-pub use handler::connect;
+pub use admission::IpNet;
+pub use handler::{connect, connect_preflight};
 pub use protocol::CloseKind;
 pub(crate) use refusal::Refusal;
 use registrar::Registrar;
@@ -110,7 +113,7 @@ impl Gateway {
     ) -> Self {
         Gateway(Arc::new(Inner {
             max_notification_frame_bytes,
-            admission: Admission::new(settings.max_session_rate, settings.session_burst),
+            admission: Admission::new(&settings),
             frames_in: metrics.frames.with_label_values(&["in"]),
             frames_out: metrics.frames.with_label_values(&["out"]),
             settings,

@@ -499,15 +499,14 @@ async fn new_sessions_past_the_admission_rate_get_503_too_many_sessions() {
     let app = gw::spawn(s).await;
     let _a = gw::connect(&app, "r-1").await;
     let _b = gw::connect(&app, "r-2").await;
-    let res = reqwest::Client::new()
-        .get(format!("{}/v1/connect", app.base))
-        .bearer_auth(gw::token("r-3"))
-        .send()
-        .await
-        .unwrap();
+    // A real upgrade: a plain GET spends no admission (it can never become a session).
+    let res = match gw::try_connect(&app, Some(&gw::token("r-3"))).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => res,
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    };
     assert_eq!(res.status(), 503);
     assert!(res.headers().contains_key("retry-after"));
-    let body: serde_json::Value = res.json().await.unwrap();
+    let body: serde_json::Value = serde_json::from_slice(res.body().as_deref().unwrap()).unwrap();
     assert_eq!(body["error"]["code"], "too_many_sessions");
     assert_eq!(
         app.metric("herald_gateway_sessions_refused_total{reason=\"too_many_sessions\"}"),

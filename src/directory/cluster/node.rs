@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use super::wire::{self, Presence, Reply};
 use crate::domain::{DeviceId, NotificationId};
-use crate::gateway::registrar::Command;
+use crate::gateway::registrar::{self, Command};
 use crate::gateway::{Gateway, LiveOutcome};
 use crate::metrics::Metrics;
 
@@ -53,7 +53,7 @@ impl Publisher {
     pub async fn run(
         self,
         mut link: watch::Receiver<PubLink>,
-        mut commands: mpsc::UnboundedReceiver<Command>,
+        mut commands: registrar::Receiver,
         mut snapshots: mpsc::UnboundedReceiver<ShortString>,
         stop: CancellationToken,
     ) {
@@ -148,7 +148,7 @@ impl Publisher {
         &self,
         ch: &Channel,
         first: Command,
-        commands: &mut mpsc::UnboundedReceiver<Command>,
+        commands: &mut registrar::Receiver,
         sessions: &mut HashMap<DeviceId, Uuid>,
         seq: &mut u64,
     ) -> bool {
