@@ -83,8 +83,18 @@ impl Replayer {
             }
         }
         let me = &self;
-        acks.for_each_concurrent(ACK_DELETES, |id| me.acked(id))
+        let deleted: Vec<NotificationId> = acks
+            .filter_map(std::future::ready)
+            .map(|id| async move { me.acked(id).await.then_some(id) })
+            .buffer_unordered(ACK_DELETES)
+            .filter_map(std::future::ready)
+            .collect()
             .await;
+        // Their rows are gone: should one be stored again (a redelivered queue message),
+        // it is new to this session.
+        for id in deleted {
+            self.sent.remove(&id);
+        }
         self
     }
 
@@ -143,15 +153,17 @@ impl Replayer {
         }
     }
 
-    async fn acked(&self, id: Option<NotificationId>) {
-        let Some(id) = id else {
-            return;
-        };
+    /// The device acked `id`: delete its row. True once deleted.
+    async fn acked(&self, id: NotificationId) -> bool {
         match self.inbox.ack(&self.app, self.device.as_str(), id).await {
-            Ok(_) => self.gateway.metrics().inbox_acked.inc(),
+            Ok(_) => {
+                self.gateway.metrics().inbox_acked.inc();
+                true
+            }
             // The row stays: the device gets it again next time and dedupes by id.
             Err(e) => {
-                tracing::info!(device = %self.device, %id, error = %e, "inbox replay: could not delete an acked entry")
+                tracing::info!(device = %self.device, %id, error = %e, "inbox replay: could not delete an acked entry");
+                false
             }
         }
     }

@@ -223,8 +223,11 @@ async fn expired_notification_is_dropped_with_an_event() {
         s.retry.max_delay = Duration::from_millis(1500);
     })
     .await;
-    // No session and no fallback route: retried after 1.5 s, by which time the 1 s ttl passed.
-    w.notify(json!({"targets": [{"device_id": "gone-1"}], "data": {"k": "v"}, "ttl": "1s"}))
+    w.apns
+        .reply_always(Some(Reply::reason(503, "ServiceUnavailable")));
+    // No session and APNs failing: retried after 1.5 s, by which time the 1 s ttl passed.
+    // (A target with no route at all would wait in the offline inbox: tests/offline.)
+    w.notify(json!({"targets": [{"device_id": "gone-1", "apns": {"token": APNS_TOKEN}}], "data": {"k": "v"}, "ttl": "1s"}))
         .await;
     let expired = w.hook.wait("expired", 1).await;
     assert_eq!(expired[0]["device_id"], "gone-1");

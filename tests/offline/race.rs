@@ -37,16 +37,15 @@ async fn race(b: Backend, devices: usize) {
     for wave in 0..devices.div_ceil(WAVE) {
         let mut tasks = Vec::new();
         for i in wave * WAVE..((wave + 1) * WAVE).min(devices) {
-            let device = format!("race-{i}");
-            let notify = async {
-                w.notify(json!({"targets": [{"device_id": device}], "data": {"i": i.to_string()}}))
-                    .await
-            };
-            let session = async {
-                let (ws, _) = gw::connect(app, &device).await;
-                gw::spawn_acker(ws)
-            };
+            let w = &w;
             tasks.push(async move {
+                let device = format!("race-{i}");
+                let body = json!({"targets": [{"device_id": device}], "data": {"i": i.to_string()}});
+                let notify = w.notify(body);
+                let session = async {
+                    let (ws, _) = gw::connect(app, &device).await;
+                    gw::spawn_acker(ws)
+                };
                 let (id, mut frames) = tokio::join!(notify, session);
                 // The first notification frame of this session must be it; the wait is
                 // bounded well under any reconnect the device would make.
