@@ -205,3 +205,4 @@ async fn a_device_that_drops_mid_replay_gets_the_remainder(b: Backend) {
     .await;
     w.stop().await;
 }
+
