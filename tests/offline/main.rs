@@ -81,6 +81,10 @@ impl World {
             Backend::Postgres => harness::Backend::Rabbit,
         };
         let w = harness::World::start_with(queue, |s| {
+            // These tests read frames only when they expect one; heartbeats are not what
+            // they are about (tests/gateway covers them), so a pause must not kill a session.
+            s.gateway.ping_interval = Duration::from_secs(10);
+            s.gateway.pong_timeout = Duration::from_secs(10);
             if let Some(url) = url {
                 s.inbox.url = Secret::new(url);
             }
