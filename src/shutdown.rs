@@ -97,7 +97,10 @@ mod tests {
     fn a_child_stops_alone_and_a_parent_stops_its_subtree() {
         let tree = StopTree::new();
         tree.dispatcher.cancel();
-        assert!(tree.reaper.is_cancelled(), "the reaper stops with the dispatcher");
+        assert!(
+            tree.reaper.is_cancelled(),
+            "the reaper stops with the dispatcher"
+        );
         assert!(!tree.events.is_cancelled(), "a leaf stops first, alone");
         tree.gateway.cancel();
         assert!(

@@ -237,8 +237,10 @@ impl Dispatcher {
                 for &i in &wanted {
                     reports[i].inbox = Some(InboxResult::Stored);
                 }
-                let devices: Vec<&DeviceId> =
-                    wanted.iter().map(|&i| &reports[i].target.device_id).collect();
+                let devices: Vec<&DeviceId> = wanted
+                    .iter()
+                    .map(|&i| &reports[i].target.device_id)
+                    .collect();
                 self.record(Outcome::Stored(n, &devices, &report));
                 let kept: Vec<DeviceId> = devices
                     .into_iter()
@@ -278,10 +280,7 @@ impl Dispatcher {
         };
         let mut remote = Vec::new();
         for device in devices {
-            let replayed = self
-                .gateway
-                .as_ref()
-                .is_some_and(|g| g.replay_now(&device));
+            let replayed = self.gateway.as_ref().is_some_and(|g| g.replay_now(&device));
             if !replayed && cluster.is_some() {
                 remote.push(device);
             }

@@ -117,7 +117,10 @@ fn inbox_expired(
         .deliveries
         .with_label_values(&["none", "expired"])
         .inc();
-    emit(Event::about(EventKind::Expired, id, device, attempt).reason("ttl passed in the offline inbox"));
+    emit(
+        Event::about(EventKind::Expired, id, device, attempt)
+            .reason("ttl passed in the offline inbox"),
+    );
 }
 
 fn target(

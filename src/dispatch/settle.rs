@@ -537,7 +537,12 @@ pub(crate) mod tests {
         let reports = [
             // Offline, no route: not retried, not stored, not dead-lettered.
             report(&n, 0, Offline, None),
-            report(&n, 1, Offline, transient("503", Some(Duration::from_secs(5)))),
+            report(
+                &n,
+                1,
+                Offline,
+                transient("503", Some(Duration::from_secs(5))),
+            ),
             report(
                 &n,
                 2,
@@ -562,7 +567,14 @@ pub(crate) mod tests {
     #[test]
     fn the_inbox_takes_unreached_targets_without_a_working_route() {
         use LiveOutcome::*;
-        let n = notification(&["phone-1", "phone-2", "ios-1", "ios-2", "android-1", "phone-3"]);
+        let n = notification(&[
+            "phone-1",
+            "phone-2",
+            "ios-1",
+            "ios-2",
+            "android-1",
+            "phone-3",
+        ]);
         let dead = || {
             Some(ProviderOutcome::TokenDead {
                 reason: "Unregistered".into(),

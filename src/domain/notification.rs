@@ -518,10 +518,17 @@ mod tests {
         let q = request(serde_json::json!({"targets": t, "data": {"k": "v"}})).unwrap();
         assert_eq!(q.qos, Qos::AtLeastOnce);
         assert!(!String::from_utf8(q.to_json()).unwrap().contains("qos"));
-        let q = request(serde_json::json!({"targets": t, "data": {"k": "v"}, "qos": "at_most_once"}))
-            .unwrap();
+        let q =
+            request(serde_json::json!({"targets": t, "data": {"k": "v"}, "qos": "at_most_once"}))
+                .unwrap();
         assert_eq!(q.qos, Qos::AtMostOnce);
-        assert_eq!(QueuedNotification::from_json(&q.to_json()).unwrap().qos, Qos::AtMostOnce);
-        assert!(request(serde_json::json!({"targets": t, "data": {"k": "v"}, "qos": "exactly_once"})).is_err());
+        assert_eq!(
+            QueuedNotification::from_json(&q.to_json()).unwrap().qos,
+            Qos::AtMostOnce
+        );
+        assert!(
+            request(serde_json::json!({"targets": t, "data": {"k": "v"}, "qos": "exactly_once"}))
+                .is_err()
+        );
     }
 }

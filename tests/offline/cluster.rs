@@ -43,9 +43,11 @@ async fn notify_offline_kill9_every_node_restart_connect_elsewhere_delivered() {
         .as_str()
         .unwrap()
         .to_owned();
-    wait_for(Duration::from_secs(20), "the inbox row committed", || async {
-        (rows(&db).await == 1).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(20),
+        "the inbox row committed",
+        || async { (rows(&db).await == 1).then_some(()) },
+    )
     .await;
 
     a.kill9();

@@ -111,17 +111,21 @@ impl World {
 
     /// Waits until `n` notifications were committed to inboxes in all.
     pub async fn wait_stored(&self, n: usize) {
-        wait_for(Duration::from_secs(20), &format!("{n} inbox writes"), || async {
-            (self.metric("herald_inbox_writes_total") >= n as f64).then_some(())
-        })
+        wait_for(
+            Duration::from_secs(20),
+            &format!("{n} inbox writes"),
+            || async { (self.metric("herald_inbox_writes_total") >= n as f64).then_some(()) },
+        )
         .await;
     }
 
     /// Waits until the device acked `n` replayed entries in all.
     pub async fn wait_acked(&self, n: usize) {
-        wait_for(Duration::from_secs(20), &format!("{n} replay acks"), || async {
-            (self.metric("herald_inbox_acked_total") >= n as f64).then_some(())
-        })
+        wait_for(
+            Duration::from_secs(20),
+            &format!("{n} replay acks"),
+            || async { (self.metric("herald_inbox_acked_total") >= n as f64).then_some(()) },
+        )
         .await;
     }
 
@@ -177,5 +181,9 @@ pub async fn read_and_ack(ws: &mut gw::Ws, n: usize) -> Vec<String> {
 pub async fn assert_nothing_more(w: &World, ws: &mut gw::Ws, device: &str) {
     let marker = w.notify_offline(device, 999_999).await;
     let next = read_and_ack(ws, 1).await;
-    assert_eq!(next, [marker], "a frame other than the fresh one came first");
+    assert_eq!(
+        next,
+        [marker],
+        "a frame other than the fresh one came first"
+    );
 }

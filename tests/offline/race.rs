@@ -40,7 +40,8 @@ async fn race(b: Backend, devices: usize) {
             let w = &w;
             tasks.push(async move {
                 let device = format!("race-{i}");
-                let body = json!({"targets": [{"device_id": device}], "data": {"i": i.to_string()}});
+                let body =
+                    json!({"targets": [{"device_id": device}], "data": {"i": i.to_string()}});
                 let notify = w.notify(body);
                 let session = async {
                     let (ws, _) = gw::connect(app, &device).await;
@@ -70,7 +71,12 @@ async fn race(b: Backend, devices: usize) {
     }
     let stored = w.metric("herald_inbox_writes_total");
     let live = w.metric("herald_deliveries_total{channel=\"live\",outcome=\"delivered\"}");
-    eprintln!("race over {devices} devices: {live} delivered live first, {stored} stored then replayed");
-    assert!(missing.is_empty(), "not delivered in the session: {missing:?}");
+    eprintln!(
+        "race over {devices} devices: {live} delivered live first, {stored} stored then replayed"
+    );
+    assert!(
+        missing.is_empty(),
+        "not delivered in the session: {missing:?}"
+    );
     w.stop().await;
 }

@@ -195,7 +195,11 @@ async fn a_device_that_drops_mid_replay_gets_the_remainder(b: Backend) {
     drop(ws);
     let (mut ws, _) = gw::connect(&w.w.app, "web-drop").await;
     let rest = read_and_ack(&mut ws, 15).await;
-    assert_eq!(rest, ids[5..], "the remainder, in order, and not the acked five");
+    assert_eq!(
+        rest,
+        ids[5..],
+        "the remainder, in order, and not the acked five"
+    );
     w.wait_acked(20).await;
     w.wait_rows_gone("web-drop").await;
     assert_nothing_more(&w, &mut ws, "web-drop").await;
@@ -205,4 +209,3 @@ async fn a_device_that_drops_mid_replay_gets_the_remainder(b: Backend) {
     .await;
     w.stop().await;
 }
-
