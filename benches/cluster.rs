@@ -322,6 +322,7 @@ fn notification() -> QueuedNotification {
         data,
         apns: Default::default(),
         android: Default::default(),
+        qos: Default::default(),
         targets: vec![],
         attempt: 0,
         history: Vec::new(),

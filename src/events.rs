@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{EventsSettings, Secret};
-use crate::domain::{DeviceId, QueuedNotification};
+use crate::domain::{DeviceId, NotificationId, QueuedNotification};
 use crate::metrics::Metrics;
 use crate::queue::Queue;
 use crate::queue::backoff_with_jitter;
@@ -58,6 +58,15 @@ pub enum EventKind {
     Expired,
     /// Retries exhausted or a configuration error: parked in the dead-letter queue.
     DeadLettered,
+    /// No session and no working provider route: kept in the device's offline inbox, sent
+    /// right after its next `hello` (within the ttl).
+    Stored,
+    /// Dropped from a device's inbox for a newer one (past `inbox.max_per_device` or
+    /// `inbox.max_bytes_per_device`): never delivered.
+    InboxOverflow,
+    /// Dropped from a device's inbox because a newer notification with the same
+    /// `collapse_key` took its place (`reason` names it): never delivered.
+    Replaced,
 }
 
 impl EventKind {
@@ -67,6 +76,9 @@ impl EventKind {
             EventKind::TokenDead => "token_dead",
             EventKind::Expired => "expired",
             EventKind::DeadLettered => "dead_lettered",
+            EventKind::Stored => "stored",
+            EventKind::InboxOverflow => "inbox_overflow",
+            EventKind::Replaced => "replaced",
         }
     }
 }
@@ -85,7 +97,9 @@ pub struct Event {
     pub token: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// Delivery attempts made, counting this one.
+    /// Delivery attempts made, counting this one. Absent (0) where it is not known: an
+    /// inbox entry reaped or dropped after it left the queue.
+    #[serde(skip_serializing_if = "is_zero")]
     pub attempt: u32,
     /// RFC 3339, UTC, milliseconds.
     pub at: String,
@@ -101,6 +115,21 @@ impl Event {
             token: None,
             reason: None,
             attempt: n.attempt + 1,
+            at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        }
+    }
+
+    /// An event about notification `id` for `device` where only the ids are at hand (the
+    /// offline inbox: its entries hold the frame, not the queued message).
+    pub fn about(kind: EventKind, id: NotificationId, device: &str, attempt: u32) -> Event {
+        Event {
+            kind,
+            notification_id: id.to_string(),
+            device_id: device.to_owned(),
+            channel: None,
+            token: None,
+            reason: None,
+            attempt,
             at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
         }
     }
@@ -127,6 +156,10 @@ impl Event {
             None => self.kind.as_str().to_owned(),
         }
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Where events go. Cheap to clone.

@@ -19,5 +19,6 @@ mod notification;
 pub use device::{ApnsToken, DeviceId, FcmToken};
 pub use notification::{
     AndroidOptions, ApnsOptions, ApnsPushType, AttemptRecord, Content, NotificationId, NotifyError,
-    NotifyLimits, NotifyRequest, Priority, QueuedNotification, Target, TargetRoute, unix_millis,
+    NotifyLimits, NotifyRequest, Priority, Qos, QueuedNotification, Target, TargetRoute,
+    unix_millis,
 };

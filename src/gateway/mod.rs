@@ -27,6 +27,7 @@ mod handler;
 pub mod protocol;
 mod refusal;
 pub mod registrar;
+mod replay;
 mod session;
 mod table;
 pub mod token;
@@ -89,6 +90,9 @@ struct Inner {
     /// Session tasks still running (until their close frame went out).
     sessions: TaskTracker,
     admission: Admission,
+    /// The offline inbox sessions replay after `hello` (set once at start-up, when there is
+    /// one: `None` in cluster mode without `inbox.url`).
+    inbox: std::sync::OnceLock<crate::inbox::Inbox>,
 }
 
 /// What registering a new session gave.
@@ -124,7 +128,29 @@ impl Gateway {
             stop,
             in_flight: TaskTracker::new(),
             sessions: TaskTracker::new(),
+            inbox: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Sessions replay `inbox` after `hello` from now on.
+    pub fn set_inbox(&self, inbox: crate::inbox::Inbox) {
+        let _ = self.0.inbox.set(inbox);
+    }
+
+    fn inbox(&self) -> Option<&crate::inbox::Inbox> {
+        self.0.inbox.get()
+    }
+
+    /// If `device` has a session on this node, has it replay its inbox once more (after the
+    /// replay it may be running) and returns true.
+    pub fn replay_now(&self, device: &DeviceId) -> bool {
+        match self.0.table.get(device) {
+            Some(h) => {
+                h.request_replay();
+                true
+            }
+            None => false,
+        }
     }
 
     /// Cluster mode: tell `registrar` of every session from now on.
