@@ -14,10 +14,10 @@ Each subcommand prints what it checked and exits non-zero on any failure:
                          role (never the default/admin user), and anchored permission
                          regexes that reach exactly the exchanges and queues each role uses;
                          the inbox's PostgreSQL: its URL a mounted Secret file of the
-                         dispatcher and gateway only (never inline), sslmode verify-full or
-                         require with a mounted CA, 5432 only from those two roles, its own
-                         instances and the CloudNativePG operator, no cleartext, no
-                         network superuser
+                         dispatcher and gateway only (never inline), sslmode verify-full
+                         (or verify-ca/require) with a mounted CA, 5432 only from those
+                         two roles, its own instances and the CloudNativePG operator, no
+                         cleartext, no network superuser
   metrics METRICS_FILE   every metric the dashboard and the alerts query exists in a real
                          /metrics output of herald, and every label they match on is one
                          herald puts on that metric
@@ -232,10 +232,12 @@ INBOX_ROLES = ("dispatcher", "gateway")
 # The CloudNativePG operator's pods (its Helm chart and manifests label them so); the one
 # peer outside herald's namespace that may reach PostgreSQL.
 CNPG_OPERATOR_POD = {"app.kubernetes.io/name": "cloudnative-pg"}
-# What the example inbox URL's sslmode may be: TLS always (verify-full also checks the
-# server's name against its certificate; require is for managed services whose CA chain
-# the pods already trust some other way). disable/allow/prefer can fall back to cleartext.
-INBOX_SSLMODES = ("verify-full", "require")
+# What the example inbox URL's sslmode may be: TLS always, never disable/allow/prefer,
+# which fall back to cleartext. verify-full also checks the server's name against its
+# certificate; verify-ca (managed services whose certificate does not name the host, e.g.
+# Cloud SQL's per-instance CA) and require check the CA only, and require only with an
+# sslrootcert (sqlx then verifies like verify-ca; without one it verifies nothing).
+INBOX_SSLMODES = ("verify-full", "verify-ca", "require")
 
 
 def selects(selector, labels):
@@ -543,6 +545,8 @@ def inbox_problems(docs, kinds, deployments, policies_for, overlay_dir):
         mode = (query.get("sslmode") or [None])[0]
         if mode not in INBOX_SSLMODES:
             problems.append(f"{shown}: sslmode is {mode!r}, want one of {', '.join(INBOX_SSLMODES)} (TLS, never a cleartext fallback)")
+        elif mode == "require" and not query.get("sslrootcert"):
+            problems.append(f"{shown}: sslmode=require without sslrootcert verifies no certificate; add the CA (or use verify-full)")
     rootcert = (parse_qs(urlsplit(url).query).get("sslrootcert") or [None])[0] if url else None
     pg_pods = [{"cnpg.io/cluster": pc["metadata"]["name"], "cnpg.io/podRole": "instance"} for pc in pg_clusters]
     for d in deployments:

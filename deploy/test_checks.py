@@ -218,9 +218,12 @@ class Security(unittest.TestCase):
         self.with_example(url.split("?")[0])
         self.assertFails("inbox-url.example: sslmode is None")
 
-    def test_inbox_url_with_require_passes(self):
-        self.with_example(self.inbox_url().replace("sslmode=verify-full", "sslmode=require"))
+    def test_inbox_url_with_require_passes_only_with_a_ca(self):
+        url = self.inbox_url()
+        self.with_example(url.replace("sslmode=verify-full", "sslmode=require"))
         self.assertEqual(self.problems(), "")
+        self.with_example(url.split("?")[0] + "?sslmode=require")
+        self.assertFails("sslmode=require without sslrootcert verifies no certificate")
 
     def test_inbox_url_not_postgres(self):
         self.with_example(self.inbox_url().replace("postgres://", "mysql://"))
