@@ -183,7 +183,9 @@ class Security(unittest.TestCase):
 
     def test_inbox_url_inline_in_the_config(self):
         cm = next(d for d in self.docs if d.get("kind") == "ConfigMap")
-        cm["data"]["herald.toml"] += '\n[inbox]\nurl = "postgres://herald:p@h:5432/herald"\n'
+        cm["data"]["herald.toml"] = cm["data"]["herald.toml"].replace(
+            "[inbox]\n", '[inbox]\nurl = "postgres://herald:p@h:5432/herald"\n'
+        )
         self.assertFails("sets inbox.url inline")
 
     def test_inbox_url_in_the_environment(self):
