@@ -19,8 +19,8 @@ Each subcommand prints what it checked and exits non-zero on any failure:
                          two roles, its own instances and the CloudNativePG operator, no
                          cleartext, no network superuser
   metrics METRICS_FILE   every metric the dashboard and the alerts query exists in a real
-                         /metrics output of herald, and every label they match on is one
-                         herald puts on that metric
+                         /metrics output of herald, and every label they match or group
+                         (`by`) on is one herald puts on that metric
   runbooks               every alert links a section of docs/operations.md that exists
 
 Run by deploy/check.sh inside its venv (PyYAML, jsonschema, kubernetes-validate,
@@ -740,6 +740,14 @@ def parse_metrics_file(path):
     return found
 
 
+def family(name):
+    """A histogram series' family name (herald_x_bucket -> herald_x); other names as is."""
+    for suffix in HISTOGRAM_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def grafana_to_promql(expr):
     """Replace Grafana's $variables so the expression parses as PromQL."""
     expr = re.sub(r"\$__(rate_interval|interval|range)\b|\$\{__(rate_interval|interval|range)\}", "5m", expr)
@@ -791,6 +799,25 @@ def selectors(expr):
     return found
 
 
+def grouping_labels(expr):
+    """-> [(labels of a `by (...)`, names of the metrics it aggregates)] in a PromQL query."""
+    import promql_parser
+
+    found = []
+
+    def visit(node):
+        if isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None \
+                and str(node.modifier.type).endswith("By"):
+            inner = []
+            promql_parser.walk(
+                node.expr, lambda n: inner.append(n.name) if isinstance(n, promql_parser.VectorSelector) else None
+            )
+            found.append((list(node.modifier.labels), inner))
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return found
+
+
 def cmd_metrics(metrics_file):
     exported = parse_metrics_file(metrics_file)
     herald = sorted(n for n in exported if n.startswith("herald_"))
@@ -835,6 +862,24 @@ def cmd_metrics(metrics_file):
                     problems.append(
                         f"{where}: {name} is matched on label {m.name!r}, which herald does not "
                         f"export on it (has: {', '.join(sorted(labels)) or 'none'})"
+                    )
+        # `sum by (label)` on a label the metric does not have yields one unlabelled series
+        # instead of one per value: a panel or alert that silently stops splitting.
+        for labels, names in grouping_labels(grafana_to_promql(expr)):
+            if not names or any(n in EXTERNAL_METRICS or n not in exported and family(n) not in exported for n in names):
+                continue
+            known = set(TARGET_LABELS)
+            for n in names:
+                known |= exported.get(n, set()) | exported.get(family(n), set())
+                known |= {lbl for k in (family(n) + "_bucket", family(n) + "_sum", family(n) + "_count")
+                          for lbl in exported.get(k, set())}
+            if not all(exported.get(n) or exported.get(family(n)) or exported.get(family(n) + "_bucket") for n in names):
+                continue  # a family without labelled samples yet: its labels are unknown
+            for lbl in labels:
+                if lbl not in known:
+                    problems.append(
+                        f"{where}: groups by {lbl!r}, which none of {', '.join(sorted(set(names)))} has "
+                        f"(has: {', '.join(sorted(known - TARGET_LABELS)) or 'none'})"
                     )
     herald_used = sorted(u for u in used if u not in EXTERNAL_METRICS)
     return fail(
