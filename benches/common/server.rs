@@ -134,25 +134,27 @@ pub fn context_switches(pid: &str) -> u64 {
 /// many); writes per message say how well the broker can batch its confirms. Both are the
 /// broker's own view, untouched by other load on the machine.
 pub fn broker_socket_counts(vhost: &str, name: &str) -> (u64, u64) {
+    // `name` in rabbitmqctl is the peer address; the client-given connection name is in
+    // client_properties (printed last, so its tabs and spaces do not shift the columns).
     let out = Command::new("rabbitmqctl")
         .args([
             "-q",
             "list_connections",
             "--no-table-headers",
             "vhost",
-            "name",
             "recv_cnt",
             "send_cnt",
+            "client_properties",
         ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     for line in text.lines() {
-        let f: Vec<&str> = line.split('\t').collect();
-        if f.len() == 4 && f[0] == vhost && f[1].contains(name) {
+        let f: Vec<&str> = line.splitn(4, '\t').collect();
+        if f.len() == 4 && f[0] == vhost && f[3].contains(name) {
             return (
+                f[1].trim().parse().unwrap_or(0),
                 f[2].trim().parse().unwrap_or(0),
-                f[3].trim().parse().unwrap_or(0),
             );
         }
     }
