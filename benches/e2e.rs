@@ -25,7 +25,7 @@ use futures::{SinkExt, StreamExt};
 use herald::config::Secret;
 use herald::domain::DeviceId;
 use herald::gateway::DeviceTokens;
-use server::{KEY, Server};
+use server::{KEY, Server, cpu_time};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
