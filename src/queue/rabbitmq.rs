@@ -233,29 +233,7 @@ struct Link {
     publish: Channel,
 }
 
-/// A work publish waiting for its thread's flush task (see [`RabbitQueue::publish`]).
-struct Gathered {
-    body: Vec<u8>,
-    properties: BasicProperties,
-    done: tokio::sync::oneshot::Sender<Result<(), QueueError>>,
-}
-
-type GatherBatch = Arc<std::sync::Mutex<Vec<Gathered>>>;
-
-thread_local! {
-    /// Per thread, per queue (`RabbitQueue::gather_id`): the publishes gathered for the next
-    /// flush. Per thread so that the flush task runs where its requesters run and wakes them
-    /// without crossing threads.
-    static GATHER: std::cell::RefCell<std::collections::HashMap<u64, GatherBatch>> =
-        std::cell::RefCell::default();
-}
-
-/// Source of `RabbitQueue::gather_id`.
-static NEXT_GATHER_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
 pub struct RabbitQueue {
-    /// Keys this queue's batches in `GATHER` (a process may hold several queues: tests).
-    gather_id: u64,
     url: Secret,
     topology: Topology,
     settings: QueueSettings,
@@ -278,7 +256,6 @@ impl RabbitQueue {
     ) -> Arc<Self> {
         metrics.broker_connected.set(0);
         let q = Arc::new(RabbitQueue {
-            gather_id: NEXT_GATHER_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             url,
             topology,
             settings,
@@ -451,66 +428,15 @@ impl RabbitQueue {
         }
     }
 
-    /// Publishes one work message and waits for its confirm (see [`Self::publish_to`]).
-    ///
-    /// Publishes made on one thread in the same scheduler turn are gathered and handed to
-    /// lapin together by one task on that thread (`flush_gathered`). lapin runs its socket
-    /// on its own I/O thread and wakes the publishing task twice per message (frames written,
-    /// then confirmed): one wake per *batch* instead of per request saves the HTTP worker a
-    /// cross-thread wake-up (a futex/eventfd write, often a context switch) per message,
-    /// and lapin writes the batch's frames back to back. Nothing waits for a batch to
-    /// fill: the task runs as soon as the requests already runnable on the thread have run.
-    pub async fn publish(self: &Arc<Self>, n: &QueuedNotification) -> Result<(), QueueError> {
-        let (done, confirmed) = tokio::sync::oneshot::channel();
-        let entry = Gathered {
-            body: n.to_json(),
-            properties: message_properties(Some(n.id.to_string())),
-            done,
-        };
-        let id = self.gather_id;
-        let start = GATHER.with(|g| {
-            let batch = g.borrow_mut().entry(id).or_default().clone();
-            let mut pending = batch.lock().unwrap_or_else(|e| e.into_inner());
-            // Invariant: a non-empty batch has exactly one flush task that has not taken
-            // it yet, so the first entry into an empty batch starts one.
-            let first = pending.is_empty();
-            pending.push(entry);
-            drop(pending);
-            first.then_some(batch)
-        });
-        if let Some(batch) = start {
-            tokio::spawn(self.clone().flush_gathered(batch));
-        }
-        // A flush task dropped before answering (runtime shutting down) is a closed queue.
-        confirmed.await.unwrap_or(Err(QueueError::Closed))
-    }
-
-    /// Publishes everything gathered in `batch` at once, each message with its own confirm
-    /// and its own `queue.publish_timeout`, and answers each as its confirm arrives.
-    async fn flush_gathered(self: Arc<Self>, batch: GatherBatch) {
-        // One turn of the scheduler: requests that became runnable with this one join it.
-        tokio::task::yield_now().await;
-        let pending = std::mem::take(&mut *batch.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut publishes: futures::stream::FuturesUnordered<_> = pending
-            .into_iter()
-            .map(|g| {
-                let queue = &self;
-                async move {
-                    let result = queue
-                        .publish_to(
-                            &queue.topology.work_exchange,
-                            WORK_ROUTING_KEY,
-                            g.body,
-                            g.properties,
-                            true,
-                        )
-                        .await;
-                    // The requester may be gone (client disconnected): nothing to tell.
-                    let _ = g.done.send(result);
-                }
-            })
-            .collect();
-        while publishes.next().await.is_some() {}
+    pub async fn publish(&self, n: &QueuedNotification) -> Result<(), QueueError> {
+        self.publish_to(
+            &self.topology.work_exchange,
+            WORK_ROUTING_KEY,
+            n.to_json(),
+            message_properties(Some(n.id.to_string())),
+            true,
+        )
+        .await
     }
 
     /// Publishes one persistent, mandatory message and waits for the broker's confirm, all
