@@ -78,6 +78,13 @@ fn main() -> ExitCode {
     };
     if check_only {
         println!("{settings:#?}");
+        match settings.apps_summary() {
+            Ok(summary) => print!("{summary}"),
+            Err(e) => {
+                eprintln!("herald: {e}");
+                return ExitCode::from(2);
+            }
+        }
         return ExitCode::SUCCESS;
     }
     herald::telemetry::init(&settings.log);

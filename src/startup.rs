@@ -42,16 +42,17 @@ impl Application {
         let shutdown = Shutdown::new();
         let queue = Queue::from_settings(&settings, &metrics)?;
 
-        let mut digests = settings.api_keys()?;
+        let apps = settings.apps()?;
+        let mut keys = ApiKeys::from_apps(&apps);
         let mut generated_api_key = None;
-        if digests.is_empty() && settings.has_role(Role::Api) {
-            // Never a silently open API: with no key configured, mint one for this run.
+        if keys.is_empty() && settings.has_role(Role::Api) {
+            // Never a silently open API: with no key configured for any app, mint one for
+            // this run, for the `default` app.
             let key = hex::encode(rand::random::<[u8; 24]>());
             use sha2::Digest;
-            digests.push(sha2::Sha256::digest(key.as_bytes()).into());
+            keys = keys.with_default_key(sha2::Sha256::digest(key.as_bytes()).into());
             generated_api_key = Some(key);
         }
-        let keys = ApiKeys::new(digests);
         let device_tokens = DeviceTokens::new(
             settings.device_token_secret()?.as_ref(),
             settings.auth.device_token_ttl,
@@ -89,7 +90,7 @@ impl Application {
 
         let dispatcher = if settings.has_role(Role::Dispatcher) {
             let events = Events::start(&settings.events, &queue, &metrics, &shutdown)?;
-            let providers = Providers::from_settings(&settings, &metrics)?;
+            let providers = Providers::from_apps(&apps, &metrics)?;
             Some(
                 Dispatcher {
                     queue: queue.clone(),

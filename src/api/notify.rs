@@ -14,7 +14,7 @@ use crate::providers;
 
 pub async fn notify(
     state: web::Data<AppState>,
-    _caller: Caller,
+    caller: Caller,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
@@ -27,6 +27,8 @@ pub async fn notify(
             cause: crate::queue::QueueError::Closed,
         });
     }
+    // Before the body is read: an app over its rate costs herald as little as possible.
+    caller.admit_notification()?;
     require_json(&req)?;
     let body = read_body(payload, state.max_body_bytes).await?;
     // serde_path_to_error names the field at fault ("targets[3].device_id: ...").
@@ -42,11 +44,12 @@ pub async fn notify(
             _ => ApiError::InvalidJson(inner.to_string()),
         }
     })?;
-    let notification = request.parse(state.limits, SystemTime::now())?;
+    let mut notification = request.parse(state.limits, SystemTime::now())?;
+    notification.app = caller.app().clone();
     providers::check_payload_sizes(&notification)?;
 
     let span =
-        tracing::info_span!("notify", id = %notification.id, targets = notification.targets.len());
+        tracing::info_span!("notify", id = %notification.id, app = %notification.app, targets = notification.targets.len());
     let started = Instant::now();
     let published = state
         .queue

@@ -76,7 +76,7 @@ pub async fn deliver(d: &Dispatcher, n: &QueuedNotification, t: &Target) -> Targ
             }
             ProviderOutcome::TokenDead { reason } => {
                 let token = match route {
-                    TargetRoute::Apns(tok) => tok.as_str().to_owned(),
+                    TargetRoute::Apns(route) => route.token.as_str().to_owned(),
                     TargetRoute::Fcm(tok) => tok.as_str().to_owned(),
                 };
                 tracing::info!(device = %t.device_id, channel, %reason, "token dead");
