@@ -2,8 +2,9 @@
 //!
 //! Each final outcome (delivered live/apns/fcm, token dead, expired, dead-lettered) becomes
 //! one JSON [`Event`] (documented in docs/events.md), published to the `{prefix}.events`
-//! topic exchange on RabbitMQ (routing key `<type>.<channel>`, e.g. `token_dead.apns`) and,
-//! when `events.webhook_url` is set, POSTed to it in batches on either backend.
+//! topic exchange on RabbitMQ (routing key `<app>.<type>.<channel>`, e.g.
+//! `shop.token_dead.apns`) and, when the app's `events.webhook_url` is set, POSTed to it in
+//! batches on either backend: each app's events to its own webhook only.
 //!
 //! Emitting never blocks a delivery: events go through a bounded buffer and are dropped
 //! (and counted) when it is full. Events report on deliveries; they must not hold them up.
@@ -51,6 +52,8 @@ impl EventKind {
 pub struct Event {
     #[serde(rename = "type")]
     pub kind: EventKind,
+    /// The notification's app.
+    pub app: crate::domain::AppId,
     pub notification_id: String,
     pub device_id: String,
     /// live, apns or fcm; absent when no channel was tried (expired).
@@ -71,6 +74,7 @@ impl Event {
     pub fn new(kind: EventKind, n: &QueuedNotification, device: &DeviceId) -> Event {
         Event {
             kind,
+            app: n.app.clone(),
             notification_id: n.id.to_string(),
             device_id: device.to_string(),
             channel: None,
@@ -96,11 +100,13 @@ impl Event {
         self
     }
 
-    /// `<type>` or `<type>.<channel>`: subscribers bind e.g. `token_dead.*` or `#`.
+    /// `<app>.<type>` or `<app>.<type>.<channel>`: subscribers bind e.g. `shop.#` (one
+    /// app), `*.token_dead.*` (every app's dead tokens) or `#`. App names cannot hold a `.`,
+    /// so the words never shift.
     pub fn routing_key(&self) -> String {
         match self.channel {
-            Some(ch) => format!("{}.{ch}", self.kind.as_str()),
-            None => self.kind.as_str().to_owned(),
+            Some(ch) => format!("{}.{}.{ch}", self.app, self.kind.as_str()),
+            None => format!("{}.{}", self.app, self.kind.as_str()),
         }
     }
 }

@@ -12,6 +12,7 @@ mod gw;
 
 mod harness;
 
+mod apps;
 mod broker_restart;
 mod delivery;
 mod events;
