@@ -310,6 +310,7 @@ fn notification() -> QueuedNotification {
     let mut data = std::collections::BTreeMap::new();
     data.insert("k".to_owned(), "v".repeat(64));
     QueuedNotification {
+        app: Default::default(),
         id: NotificationId::generate(),
         accepted_at_ms: now,
         expires_at_ms: now + 600_000,

@@ -356,6 +356,7 @@ fn notification() -> QueuedNotification {
     let mut data = BTreeMap::new();
     data.insert("k".to_owned(), "v".repeat(100));
     QueuedNotification {
+        app: Default::default(),
         id: NotificationId::generate(),
         accepted_at_ms: now,
         expires_at_ms: now + 60_000,

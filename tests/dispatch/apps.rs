@@ -7,7 +7,7 @@ use std::time::Duration;
 use herald::config::Secret;
 use serde_json::{Value, json};
 
-use crate::harness::{APNS_TOKEN, Backend, World};
+use crate::harness::{APNS_TOKEN, Backend, Webhook, World};
 use crate::support::apns_double::{ApnsDouble, Reply};
 use crate::support::fcm_double::{FcmDouble, PROJECT_ID};
 use crate::support::wait_for;
@@ -19,6 +19,7 @@ const SHOP_APNS_TOKEN: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb
 pub struct Shop {
     pub apns: ApnsDouble,
     pub fcm: FcmDouble,
+    pub hook: Webhook,
 }
 
 impl Shop {
@@ -26,13 +27,16 @@ impl Shop {
         Shop {
             apns: ApnsDouble::start_as("SHOPKEY001", "SHOPTEAM01", "com.example.shop").await,
             fcm: FcmDouble::start_for_project("shop-project").await,
+            hook: Webhook::start().await,
         }
     }
 
     pub fn configure(&self, s: &mut herald::config::Settings) {
         self.apns.configure_app(s, "shop");
         self.fcm.configure_app(s, "shop");
-        s.apps.get_mut("shop").unwrap().api_keys = vec![Secret::new(SHOP_KEY)];
+        let app = s.apps.get_mut("shop").unwrap();
+        app.api_keys = vec![Secret::new(SHOP_KEY)];
+        app.events.webhook_url = self.hook.url.clone();
     }
 }
 
@@ -110,18 +114,12 @@ async fn each_apps_key_sends_through_its_own_credentials_only() {
             .collect();
         assert!(issued.contains(got[0].access_token.as_ref().unwrap()));
     }
-    // The events say which app each delivery was for.
-    let delivered = w.hook.wait("delivered", 4).await;
-    let apps: Vec<&str> = delivered
-        .iter()
-        .map(|e| e["app"].as_str().unwrap_or("(none)"))
-        .collect();
-    assert_eq!(apps.iter().filter(|a| **a == "shop").count(), 2, "{apps:?}");
-    assert_eq!(
-        apps.iter().filter(|a| **a == "default").count(),
-        2,
-        "{apps:?}"
-    );
+    // Each app's events go to its own webhook, and say which app they are for.
+    for (hook, app) in [(&w.hook, "default"), (&shop.hook, "shop")] {
+        let delivered = hook.wait("delivered", 2).await;
+        let apps: Vec<&Value> = delivered.iter().map(|e| &e["app"]).collect();
+        assert_eq!(apps, [app, app]);
+    }
     w.app.stop().await;
 }
 

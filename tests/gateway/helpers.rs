@@ -103,6 +103,7 @@ pub fn notification(payload_bytes: usize) -> QueuedNotification {
     let mut data = BTreeMap::new();
     data.insert("k".to_owned(), "v".repeat(payload_bytes.max(1)));
     QueuedNotification {
+        app: Default::default(),
         id: NotificationId::generate(),
         accepted_at_ms: now,
         expires_at_ms: now + 60_000,
