@@ -6,13 +6,16 @@
 mod support;
 
 mod apns;
+mod apps;
 mod fcm;
 mod resilience;
 
 use std::time::{Duration, SystemTime};
 
 use herald::config::Settings;
-use herald::domain::{ApnsToken, FcmToken, NotifyLimits, NotifyRequest, QueuedNotification};
+use herald::domain::{
+    ApnsRoute, ApnsToken, FcmToken, NotifyLimits, NotifyRequest, QueuedNotification,
+};
 use herald::metrics::Metrics;
 use herald::providers::Providers;
 
@@ -69,6 +72,14 @@ pub fn alert() -> QueuedNotification {
 /// A distinct APNs device token per `n`.
 pub fn apns_token(n: u32) -> ApnsToken {
     ApnsToken::parse(format!("{n:08x}{}", "ab".repeat(28))).unwrap()
+}
+
+/// An APNs route to `token` in the app's default environment.
+pub fn route(token: &ApnsToken) -> ApnsRoute {
+    ApnsRoute {
+        token: token.clone(),
+        environment: None,
+    }
 }
 
 pub fn fcm_token(name: &str) -> FcmToken {
