@@ -42,6 +42,8 @@ async fn accepted_notification_is_queued_exactly_as_sent() {
     obj.insert("accepted_at_ms".into(), json!(accepted));
     obj.insert("expires_at_ms".into(), json!(accepted + 3_600_000));
     obj.insert("attempt".into(), json!(0));
+    // The caller's app, from its API key.
+    obj.insert("app".into(), json!("default"));
     assert_eq!(queued, expected);
     // Byte for byte: the queued body is the canonical serialization of what was accepted.
     assert_eq!(delivery.notification().unwrap().to_json(), delivery.body);
