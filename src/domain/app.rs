@@ -91,8 +91,10 @@ impl fmt::Debug for AppId {
 
 /// A device as herald addresses it: device ids are unique within an app, not across apps,
 /// so the session table, the cluster directory and every live delivery key on both.
-/// `phone-42` of `shop` and `phone-42` of `pay` are two devices.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// `phone-42` of `shop` and `phone-42` of `pay` are two devices. On a wire (JSON, AMQP
+/// routing keys) it is the one string `app/device` ([`DeviceKey::routing_key`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct DeviceKey {
     pub app: AppId,
     pub device: DeviceId,
@@ -116,6 +118,19 @@ impl DeviceKey {
             app: AppId::parse(app).ok()?,
             device: DeviceId::parse(device).ok()?,
         })
+    }
+}
+
+impl TryFrom<String> for DeviceKey {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        DeviceKey::parse_routing_key(&s).ok_or_else(|| format!("{s:?} is not app/device"))
+    }
+}
+
+impl From<DeviceKey> for String {
+    fn from(k: DeviceKey) -> String {
+        k.routing_key()
     }
 }
 
@@ -147,8 +162,12 @@ mod tests {
             DeviceId::parse("user@example.com:ipad_1").unwrap(),
         );
         assert_eq!(key.routing_key(), "shop/user@example.com:ipad_1");
-        assert_eq!(DeviceKey::parse_routing_key(&key.routing_key()), Some(key));
+        assert_eq!(DeviceKey::parse_routing_key(&key.routing_key()), Some(key.clone()));
         assert_eq!(DeviceKey::parse_routing_key("Shop/phone"), None);
         assert_eq!(DeviceKey::parse_routing_key("phone"), None);
+        let json = serde_json::to_string(&key).unwrap();
+        assert_eq!(json, "\"shop/user@example.com:ipad_1\"");
+        assert_eq!(serde_json::from_str::<DeviceKey>(&json).unwrap(), key);
+        assert!(serde_json::from_str::<DeviceKey>("\"phone-42\"").is_err());
     }
 }
