@@ -265,7 +265,10 @@ async fn apps() {
         let app_keys: Vec<String> = (0..KEYS_PER_APP)
             .map(|k| format!("bench-app-{a}-key-{k}-0123456789"))
             .collect();
-        app_vars.push((format!("HERALD__APPS__APP{a}__API_KEYS"), app_keys.join(",")));
+        app_vars.push((
+            format!("HERALD__APPS__APP{a}__API_KEYS"),
+            app_keys.join(","),
+        ));
         app_vars.push((
             format!("HERALD__APPS__APP{a}__MAX_NOTIFY_RATE"),
             "1000000000".to_owned(),
@@ -279,7 +282,10 @@ async fn apps() {
     let last_key = keys.last().unwrap().clone();
     let rounds: usize = env_or("BENCH_ROUNDS", 3);
     println!();
-    println!("| concurrency | round | 1 app /s | 20 apps ({} keys) /s | ratio |", keys.len() + 1);
+    println!(
+        "| concurrency | round | 1 app /s | 20 apps ({} keys) /s | ratio |",
+        keys.len() + 1
+    );
     println!("|---:|---:|---:|---:|---:|");
     for &c in &[8usize, 64] {
         let (mut sum1, mut sum20) = (0.0, 0.0);
@@ -288,7 +294,10 @@ async fn apps() {
             let r20 = api_rate_with(&twenty.base, c, &last_key).await;
             sum1 += r1;
             sum20 += r20;
-            println!("| {c} | {round} | {r1:.0} | {r20:.0} | {:.1}% |", 100.0 * r20 / r1);
+            println!(
+                "| {c} | {round} | {r1:.0} | {r20:.0} | {:.1}% |",
+                100.0 * r20 / r1
+            );
         }
         println!(
             "| {c} | all | {sum1:.0} | {sum20:.0} | {:.1}% |",

@@ -593,10 +593,7 @@ impl Settings {
             let prefix = format!("apps.{name}.");
             let mut api_keys = Vec::new();
             for key in &app.api_keys {
-                api_keys.push(parse_api_key(
-                    format!("{prefix}api_keys"),
-                    key.expose(),
-                )?);
+                api_keys.push(parse_api_key(format!("{prefix}api_keys"), key.expose())?);
             }
             if !app.api_keys_file.is_empty() {
                 api_keys.extend(read_api_keys_file(
@@ -1015,7 +1012,10 @@ mod tests {
             ("HERALD__APPS__SHOP__APNS__TOPIC", "com.example.shop"),
             ("HERALD__APPS__SHOP__MAX_NOTIFY_RATE", "50"),
             ("HERALD__APPS__PAY__APNS__CONCURRENCY", "7"),
-            ("HERALD__APPS__PAY__EVENTS__WEBHOOK_URL", "http://127.0.0.1:1/pay"),
+            (
+                "HERALD__APPS__PAY__EVENTS__WEBHOOK_URL",
+                "http://127.0.0.1:1/pay",
+            ),
         ])
         .unwrap();
         let apps = s.apps().unwrap();
@@ -1045,10 +1045,7 @@ mod tests {
                 load_toml("[apps.shop]\nmax_notify_rat = 5\n"),
                 "max_notify_rat",
             ),
-            (
-                load_toml("[apps.shop.apns]\nkeyfile = \"x\"\n"),
-                "keyfile",
-            ),
+            (load_toml("[apps.shop.apns]\nkeyfile = \"x\"\n"), "keyfile"),
             (
                 load_env(&[("HERALD__APPS__SHOP__APNS__NO_SUCH_KEY", "1")]),
                 "no_such_key",

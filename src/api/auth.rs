@@ -98,13 +98,14 @@ impl ApiKeys {
     /// how much of a guess was right. Gives the index of the key's app.
     fn find(&self, presented: &str) -> Option<usize> {
         let digest: [u8; 32] = sha2::Sha256::digest(presented.as_bytes()).into();
-        let (found, app) = self.0.digests.iter().fold(
-            (subtle::Choice::from(0), 0u32),
-            |(found, app), (k, i)| {
-                let eq = k.ct_eq(&digest);
-                (found | eq, u32::conditional_select(&app, i, eq))
-            },
-        );
+        let (found, app) =
+            self.0
+                .digests
+                .iter()
+                .fold((subtle::Choice::from(0), 0u32), |(found, app), (k, i)| {
+                    let eq = k.ct_eq(&digest);
+                    (found | eq, u32::conditional_select(&app, i, eq))
+                });
         bool::from(found).then_some(app as usize)
     }
 
@@ -192,7 +193,10 @@ mod tests {
         let app = |name: &str, key: &[u8]| AppConfig {
             id: AppId::parse(name).unwrap(),
             api_keys: vec![sha2::Sha256::digest(key).into()],
-            ..crate::config::Settings::defaults().apps().unwrap().remove(0)
+            ..crate::config::Settings::defaults()
+                .apps()
+                .unwrap()
+                .remove(0)
         };
         let keys = ApiKeys::from_apps(&[
             app("default", b"default-key-0123456789"),

@@ -14,7 +14,9 @@ pub async fn mint_token(
     tokens: web::Data<DeviceTokens>,
 ) -> Result<HttpResponse, ApiError> {
     let device = DeviceId::parse(path.into_inner()).map_err(ApiError::InvalidRequest)?;
-    let (token, expires_at) = tokens.mint_in(caller.app(), &device).map_err(ApiError::Internal)?;
+    let (token, expires_at) = tokens
+        .mint_in(caller.app(), &device)
+        .map_err(ApiError::Internal)?;
     let expires_at = time::OffsetDateTime::from(expires_at)
         .format(&time::format_description::well_known::Rfc3339)
         .map_err(|e| ApiError::Internal(e.into()))?;

@@ -48,8 +48,7 @@ pub async fn notify(
     notification.app = caller.app().clone();
     providers::check_payload_sizes(&notification)?;
 
-    let span =
-        tracing::info_span!("notify", id = %notification.id, app = %notification.app, targets = notification.targets.len());
+    let span = tracing::info_span!("notify", id = %notification.id, app = %notification.app, targets = notification.targets.len());
     let started = Instant::now();
     let published = state
         .queue

@@ -63,7 +63,10 @@ mod tests {
             assert!(limit.try_take_at(t0).is_ok());
         }
         let wait = limit.try_take_at(t0).unwrap_err();
-        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100), "{wait:?}");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(100),
+            "{wait:?}"
+        );
         assert!(limit.try_take_at(t0 + Duration::from_millis(100)).is_ok());
         assert!(limit.try_take_at(t0 + Duration::from_millis(100)).is_err());
     }

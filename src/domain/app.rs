@@ -162,7 +162,10 @@ mod tests {
             DeviceId::parse("user@example.com:ipad_1").unwrap(),
         );
         assert_eq!(key.routing_key(), "shop/user@example.com:ipad_1");
-        assert_eq!(DeviceKey::parse_routing_key(&key.routing_key()), Some(key.clone()));
+        assert_eq!(
+            DeviceKey::parse_routing_key(&key.routing_key()),
+            Some(key.clone())
+        );
         assert_eq!(DeviceKey::parse_routing_key("Shop/phone"), None);
         assert_eq!(DeviceKey::parse_routing_key("phone"), None);
         let json = serde_json::to_string(&key).unwrap();

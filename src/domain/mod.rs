@@ -9,6 +9,7 @@ mod notification;
 pub use app::{AppId, DeviceKey};
 pub use device::{ApnsToken, DeviceId, FcmToken};
 pub use notification::{
-    AndroidOptions, ApnsEnvironment, ApnsOptions, ApnsPushType, ApnsRoute, AttemptRecord, Content, NotificationId, NotifyError,
-    NotifyLimits, NotifyRequest, Priority, QueuedNotification, Target, TargetRoute, unix_millis,
+    AndroidOptions, ApnsEnvironment, ApnsOptions, ApnsPushType, ApnsRoute, AttemptRecord, Content,
+    NotificationId, NotifyError, NotifyLimits, NotifyRequest, Priority, QueuedNotification, Target,
+    TargetRoute, unix_millis,
 };

@@ -427,7 +427,10 @@ impl Gateway {
                 .ok()
                 .and_then(|q| q.into_inner().token)
         });
-        let device = match token.as_deref().map(|t| self.0.tokens.verify(t).map(|k| k.device)) {
+        let device = match token
+            .as_deref()
+            .map(|t| self.0.tokens.verify(t).map(|k| k.device))
+        {
             Some(Ok(device)) => device,
             Some(Err(e)) => return refuse(401, "unauthorized", &e.to_string(), None),
             None => {

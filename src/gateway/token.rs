@@ -140,7 +140,10 @@ mod tests {
         let t = tokens();
         let d = DeviceId::parse("phone-42").unwrap();
         let (token, _) = t.mint(&d).unwrap();
-        assert_eq!(t.verify(&token).unwrap(), DeviceKey::new(AppId::default(), d.clone()));
+        assert_eq!(
+            t.verify(&token).unwrap(),
+            DeviceKey::new(AppId::default(), d.clone())
+        );
         let shop = AppId::parse("shop").unwrap();
         let (token, _) = t.mint_in(&shop, &d).unwrap();
         assert_eq!(t.verify(&token).unwrap(), DeviceKey::new(shop, d));
@@ -170,7 +173,9 @@ mod tests {
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let t = tokens();
         let shop = AppId::parse("shop").unwrap();
-        let (token, _) = t.mint_in(&shop, &DeviceId::parse("phone-42").unwrap()).unwrap();
+        let (token, _) = t
+            .mint_in(&shop, &DeviceId::parse("phone-42").unwrap())
+            .unwrap();
         // Swap the payload for one naming another app, keeping shop's signature.
         let parts: Vec<&str> = token.split('.').collect();
         let mut claims: serde_json::Value =

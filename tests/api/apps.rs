@@ -120,7 +120,10 @@ fn check_config_lists_every_app_and_refuses_a_key_shared_by_two() {
         }
         cmd.output().unwrap()
     };
-    let out = run(&[("HERALD__APPS__PAY__API_KEYS", &format!("{PAY_KEY},another-pay-key-0123"))]);
+    let out = run(&[(
+        "HERALD__APPS__PAY__API_KEYS",
+        &format!("{PAY_KEY},another-pay-key-0123"),
+    )]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

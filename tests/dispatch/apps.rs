@@ -70,15 +70,26 @@ async fn each_apps_key_sends_through_its_own_credentials_only() {
     };
     w.notify(body(APNS_TOKEN, "fcm-default")).await;
     notify_as(&w, SHOP_KEY, body(SHOP_APNS_TOKEN, "fcm-shop")).await;
-    wait_for(Duration::from_secs(20), "four provider deliveries", || async {
-        (w.deliveries("apns", "delivered") + w.deliveries("fcm", "delivered") >= 4.0).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(20),
+        "four provider deliveries",
+        || async {
+            (w.deliveries("apns", "delivered") + w.deliveries("fcm", "delivered") >= 4.0)
+                .then_some(())
+        },
+    )
     .await;
 
     // APNs: each account got one request, signed with its own key (the double verifies the
     // ES256 signature with its key), kid and team, for its own topic and device.
     for (double, token, kid, iss, topic) in [
-        (&w.apns, APNS_TOKEN, "TESTKEY123", "TEAM987654", "com.example.herald"),
+        (
+            &w.apns,
+            APNS_TOKEN,
+            "TESTKEY123",
+            "TEAM987654",
+            "com.example.herald",
+        ),
         (
             &shop.apns,
             SHOP_APNS_TOKEN,
@@ -102,10 +113,7 @@ async fn each_apps_key_sends_through_its_own_credentials_only() {
     ] {
         let got = double.requests();
         assert_eq!(got.len(), 1, "{project}: {got:?}");
-        assert_eq!(
-            got[0].path,
-            format!("/v1/projects/{project}/messages:send")
-        );
+        assert_eq!(got[0].path, format!("/v1/projects/{project}/messages:send"));
         assert_eq!(got[0].body["message"]["token"], token);
         let issued: Vec<String> = double
             .grants()
@@ -151,7 +159,12 @@ async fn sandbox_and_production_targets_go_to_their_two_endpoints() {
         (w.deliveries("apns", "delivered") >= 2.0).then_some(())
     })
     .await;
-    let tokens = |d: &ApnsDouble| d.requests().into_iter().map(|r| r.token).collect::<Vec<_>>();
+    let tokens = |d: &ApnsDouble| {
+        d.requests()
+            .into_iter()
+            .map(|r| r.token)
+            .collect::<Vec<_>>()
+    };
     assert_eq!(tokens(&sandbox), [dev_token]);
     let mut prod = tokens(&apns);
     prod.sort();

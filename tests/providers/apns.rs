@@ -120,10 +120,7 @@ async fn dead_tokens_are_reported_and_counted() {
             panic!("{status} {reason}: {outcome:?}");
         };
         // BadDeviceToken goes on to say it is probably the other environment (apps.rs).
-        assert!(
-            got.starts_with(&format!("apns {status} {reason}")),
-            "{got}"
-        );
+        assert!(got.starts_with(&format!("apns {status} {reason}")), "{got}");
     }
     assert_eq!(
         metric(&metrics, "herald_tokens_dead_total{provider=\"apns\"}"),
@@ -231,7 +228,8 @@ async fn a_wrong_key_id_is_rejected_by_the_double_as_a_config_error() {
     s.apns.key_id = "WRONGKEY99".into();
     let (p, _) = providers(&s);
     assert_eq!(
-        p.send(TargetRoute::Apns(&route(&apns_token(10))), &alert()).await,
+        p.send(TargetRoute::Apns(&route(&apns_token(10))), &alert())
+            .await,
         ProviderOutcome::ConfigError {
             reason: "apns 403 InvalidProviderToken".into()
         }
@@ -321,7 +319,8 @@ async fn an_https_endpoint_is_trusted_through_apns_ca_file() {
     assert!(double.url.starts_with("https://"));
     let (p, _) = with_apns(&double);
     assert_eq!(
-        p.send(TargetRoute::Apns(&route(&apns_token(13))), &alert()).await,
+        p.send(TargetRoute::Apns(&route(&apns_token(13))), &alert())
+            .await,
         ProviderOutcome::Delivered
     );
 

@@ -26,30 +26,46 @@ async fn a_notification_goes_through_its_own_apps_provider_only() {
     let (p, _) = providers(&s);
     let token = apns_token(1);
 
-    let sent = p.send(TargetRoute::Apns(&route(&token)), &in_app("shop")).await;
+    let sent = p
+        .send(TargetRoute::Apns(&route(&token)), &in_app("shop"))
+        .await;
     assert_eq!(sent, ProviderOutcome::Delivered);
     assert_eq!((shop.request_count(), default.request_count()), (1, 0));
-    let jwt = shop.requests()[0].jwt.clone().expect("signed with shop's key");
-    assert_eq!((jwt.kid.as_str(), jwt.iss.as_str()), ("SHOPKEY001", "SHOPTEAM01"));
+    let jwt = shop.requests()[0]
+        .jwt
+        .clone()
+        .expect("signed with shop's key");
+    assert_eq!(
+        (jwt.kid.as_str(), jwt.iss.as_str()),
+        ("SHOPKEY001", "SHOPTEAM01")
+    );
     assert_eq!(shop.requests()[0].headers["apns-topic"], "com.example.shop");
 
     // pay has no APNs of its own, and never falls back to another app's.
-    let ProviderOutcome::ConfigError { reason } =
-        p.send(TargetRoute::Apns(&route(&token)), &in_app("pay")).await
+    let ProviderOutcome::ConfigError { reason } = p
+        .send(TargetRoute::Apns(&route(&token)), &in_app("pay"))
+        .await
     else {
         panic!("pay has no APNs");
     };
     assert!(reason.contains("apps.pay.apns.key_file"), "{reason}");
     // An app this node does not know (queued under an older config) is not sent at all.
-    let ProviderOutcome::ConfigError { reason } =
-        p.send(TargetRoute::Apns(&route(&token)), &in_app("ghost")).await
+    let ProviderOutcome::ConfigError { reason } = p
+        .send(TargetRoute::Apns(&route(&token)), &in_app("ghost"))
+        .await
     else {
         panic!("ghost is not configured");
     };
     assert!(reason.contains("ghost"), "{reason}");
     assert_eq!((shop.request_count(), default.request_count()), (1, 0));
-    assert!(p.has(&AppId::parse("shop").unwrap(), &TargetRoute::Apns(&route(&token))));
-    assert!(!p.has(&AppId::parse("pay").unwrap(), &TargetRoute::Apns(&route(&token))));
+    assert!(p.has(
+        &AppId::parse("shop").unwrap(),
+        &TargetRoute::Apns(&route(&token))
+    ));
+    assert!(!p.has(
+        &AppId::parse("pay").unwrap(),
+        &TargetRoute::Apns(&route(&token))
+    ));
 }
 
 #[tokio::test]
@@ -76,7 +92,12 @@ async fn each_environment_has_its_endpoint_and_the_default_is_configurable() {
             ProviderOutcome::Delivered
         );
     }
-    let tokens = |d: &ApnsDouble| d.requests().into_iter().map(|r| r.token).collect::<Vec<_>>();
+    let tokens = |d: &ApnsDouble| {
+        d.requests()
+            .into_iter()
+            .map(|r| r.token)
+            .collect::<Vec<_>>()
+    };
     assert_eq!(tokens(&production), [apns_token(1).as_str()]);
     assert_eq!(
         tokens(&sandbox),

@@ -466,8 +466,10 @@ async fn handle(state: Arc<FcmState>, req: Request<Bytes>) -> Answer {
         .status(200)
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(
-            serde_json::to_vec(&json!({"name": format!("projects/{}/messages/{id}", state.project)}))
-                .unwrap(),
+            serde_json::to_vec(
+                &json!({"name": format!("projects/{}/messages/{id}", state.project)}),
+            )
+            .unwrap(),
         )))
         .unwrap())
 }

@@ -19,7 +19,9 @@ pub use payload::{MAX_PAYLOAD_BYTES, payload, payload_size};
 use super::ProviderOutcome;
 use super::transport::{Bulkhead, check_url, http_client, send_timed, transport_error};
 use crate::config::ApnsSettings;
-use crate::domain::{ApnsEnvironment, ApnsPushType, ApnsRoute, ApnsToken, Priority, QueuedNotification};
+use crate::domain::{
+    ApnsEnvironment, ApnsPushType, ApnsRoute, ApnsToken, Priority, QueuedNotification,
+};
 use crate::metrics::Metrics;
 
 pub const PRODUCTION: &str = "https://api.push.apple.com";
