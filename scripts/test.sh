@@ -21,6 +21,9 @@ step "broker restart under load (stops the machine's RabbitMQ, so it runs alone)
 cargo nextest run --locked --workspace --run-ignored only 2>&1 | tee target/nextest-alone.log
 scripts/ensure-rabbitmq.sh
 
+step "browser client (clients/js): unit tests, then the demo page against herald in headless Chromium"
+scripts/test-js.sh
+
 step "Python tools (schemathesis) in target/ci-venv"
 VENV=target/ci-venv
 if [ ! -x "$VENV/bin/st" ]; then

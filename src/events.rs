@@ -8,18 +8,24 @@
 //!
 //! Emitting never blocks a delivery: events go through a bounded buffer and are dropped
 //! (and counted) when it is full. Events report on deliveries; they must not hold them up.
+//!
+//! At shutdown both sinks stop on their node of the shutdown tree (`events`), which the
+//! drain cancels only after the dispatcher has finished: each sink then sends what its
+//! buffer still holds, the RabbitMQ sink waits for its publishes' confirms, and
+//! [`Events::flushed`] resolves when both are done (within the grace period).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::EventsSettings;
 use crate::domain::{DeviceId, QueuedNotification};
 use crate::metrics::Metrics;
 use crate::queue::Queue;
-use crate::shutdown::Shutdown;
 
 /// RabbitMQ event publishes awaiting their confirms at once.
 const RABBIT_IN_FLIGHT: usize = 64;
@@ -116,21 +122,30 @@ impl Event {
 pub struct Events {
     sinks: Arc<Vec<(&'static str, mpsc::Sender<Event>)>>,
     metrics: Metrics,
+    /// The sink tasks and their publishes in flight.
+    tasks: TaskTracker,
 }
 
 impl Events {
     /// Starts the sink tasks: RabbitMQ when the queue is RabbitMQ, the webhook when
-    /// configured. Both stop when `shutdown` fires, after flushing what they hold.
+    /// configured. Both stop when `stop` is cancelled, after sending what they hold.
     pub fn start(
         settings: &EventsSettings,
         queue: &Queue,
         metrics: &Metrics,
-        shutdown: &Shutdown,
+        stop: &CancellationToken,
     ) -> anyhow::Result<Events> {
+        let tasks = TaskTracker::new();
         let mut sinks = Vec::new();
         if matches!(queue, Queue::Rabbit(_)) {
             let (tx, rx) = mpsc::channel(settings.buffer);
-            tokio::spawn(rabbit_sink(rx, queue.clone(), metrics.clone()));
+            tasks.spawn(rabbit_sink(
+                rx,
+                queue.clone(),
+                metrics.clone(),
+                stop.clone(),
+                tasks.clone(),
+            ));
             sinks.push(("rabbitmq", tx));
         }
         if !settings.webhook_url.is_empty() {
@@ -138,28 +153,39 @@ impl Events {
             let client = reqwest::Client::builder()
                 .timeout(settings.webhook_timeout)
                 .build()?;
-            tokio::spawn(webhook_sink(
+            tasks.spawn(webhook_sink(
                 rx,
                 client,
                 settings.clone(),
                 metrics.clone(),
-                shutdown.clone(),
+                stop.clone(),
             ));
             sinks.push(("webhook", tx));
         }
+        tasks.close();
         Ok(Events {
             sinks: Arc::new(sinks),
             metrics: metrics.clone(),
+            tasks,
         })
     }
 
     /// No sinks: events are only counted in metrics (tests of other parts, embedded
     /// installs with no webhook).
     pub fn none(metrics: &Metrics) -> Events {
+        let tasks = TaskTracker::new();
+        tasks.close();
         Events {
             sinks: Arc::new(Vec::new()),
             metrics: metrics.clone(),
+            tasks,
         }
+    }
+
+    /// Resolves once both sinks have stopped (after their `stop` token) and sent what
+    /// they held.
+    pub async fn flushed(&self) {
+        self.tasks.wait().await
     }
 
     pub fn emit(&self, event: Event) {
@@ -174,14 +200,28 @@ impl Events {
     }
 }
 
-async fn rabbit_sink(mut rx: mpsc::Receiver<Event>, queue: Queue, metrics: Metrics) {
+/// Publishes each event to the events exchange, `RABBIT_IN_FLIGHT` at once. Once `stop` is
+/// cancelled it publishes what the buffer still holds and returns; its publishes are on
+/// `tasks`, so [`Events::flushed`] waits for their confirms too.
+async fn rabbit_sink(
+    mut rx: mpsc::Receiver<Event>,
+    queue: Queue,
+    metrics: Metrics,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
     let slots = Arc::new(Semaphore::new(RABBIT_IN_FLIGHT));
-    while let Some(event) = rx.recv().await {
+    loop {
+        let event = tokio::select! {
+            e = rx.recv() => e,
+            _ = stop.cancelled() => rx.try_recv().ok(),
+        };
+        let Some(event) = event else { return };
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
         let (queue, metrics) = (queue.clone(), metrics.clone());
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let body = serde_json::to_vec(&event).expect("events serialize");
             match queue.publish_event(&event.routing_key(), body).await {
                 Ok(()) => metrics
@@ -206,13 +246,15 @@ async fn webhook_sink(
     client: reqwest::Client,
     settings: EventsSettings,
     metrics: Metrics,
-    shutdown: Shutdown,
+    stop: CancellationToken,
 ) {
     loop {
         // Wait for the first event of a batch, then fill it for at most webhook_flush.
+        // Once stopped, only what the buffer still holds: the dispatcher has finished, so
+        // nothing more is coming.
         let first = tokio::select! {
             e = rx.recv() => e,
-            _ = shutdown.cancelled() => rx.try_recv().ok(),
+            _ = stop.cancelled() => rx.try_recv().ok(),
         };
         let Some(first) = first else { return };
         let mut batch = vec![first];

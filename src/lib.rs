@@ -4,8 +4,10 @@
 //!
 //! - [`config`]: the settings tree, layering, validation, typed secrets.
 //! - [`startup`]: binds the listener, builds the queue, starts the enabled roles; the drain.
-//! - [`shutdown`]: one cancellation signal that reaches every loop; SIGTERM/SIGINT.
+//! - [`http_server`]: actix-web's app on actix-http, with the gateway's raw-socket upgrade.
+//! - [`shutdown`]: the shutdown signal, the ordered tree of stop tokens; SIGTERM/SIGINT.
 //! - [`api`]: the HTTP edge: `POST /v1/notify`, health, metrics, errors → HTTP.
+//! - [`http_error`]: the one `{"error": {"code", "message"}}` body (API and gateway).
 //! - [`domain`]: parsed types: notification, targets, device ids, tokens, priority, ttl.
 //! - [`dispatch`]: consume, expand targets, live then fallback, retries, dead letters.
 //! - [`events`]: outcome events to the `herald.events` exchange and an optional webhook.
@@ -28,6 +30,8 @@ pub mod dispatch;
 pub mod domain;
 pub mod events;
 pub mod gateway;
+pub mod http_error;
+pub mod http_server;
 pub mod metrics;
 pub mod providers;
 pub mod queue;

@@ -15,6 +15,9 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// The `channel` label values: `dispatch::Channel::as_str` of each channel (a unit test
+/// there keeps the two equal; this module depends on nothing of herald's, so it does not
+/// name the enum).
 pub const CHANNELS: &[&str] = &["live", "apns", "fcm"];
 pub const OUTCOMES: &[&str] = &[
     "delivered",

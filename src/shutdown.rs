@@ -1,12 +1,66 @@
-//! One shutdown signal that reaches every loop, and the process signals that trigger it.
+//! One shutdown signal, one ordered tree of stop tokens, and the process signals.
 //!
-//! Every long-running task holds a clone of [`Shutdown`] and selects on `cancelled()`. The
-//! drain order lives in `startup.rs`: stop accepting, drain requests and sessions, stop
-//! consuming, close the queue, all inside `http.shutdown_grace`.
+//! [`Shutdown`] is the signal: SIGTERM/SIGINT (or a test) cancels it, `/readyz` turns 503,
+//! and `startup.rs` begins the drain. The drain stops the roles through a [`StopTree`],
+//! leaves first, each awaited before the next, all inside `http.shutdown_grace`:
+//!
+//! ```text
+//! queue        the broker connection (RabbitQueue's supervisor); closed last
+//! └ directory  the cluster directory's supervisor and consumers
+//!   └ http     the HTTP server: requests in flight finish
+//!     └ gateway    sessions: in-flight acks finish, then "reconnect elsewhere"
+//!       └ events       the webhook and exchange sinks: send what the drain produced
+//!         └ dispatcher     stop consuming; finish the messages in hand
+//! ```
+//!
+//! The event sinks and the gateway drain side by side (a slow webhook must not delay the
+//! sessions' goodbye); what matters is that both start only once the dispatcher is done, so
+//! every event the drain produced is already in the sinks' buffers.
+//!
+//! Each child outlives nothing it depends on: the dispatcher delivers live through the
+//! gateway and emits events, the sinks publish on the queue, sessions unbind through the
+//! directory. And cancelling a parent cancels its subtree, so when the grace period runs
+//! out, cancelling the root still reaches every loop.
 
 use tokio_util::sync::CancellationToken;
 
 pub type Shutdown = CancellationToken;
+
+/// The stop tokens of one process, in drain order (see the module docs).
+#[derive(Debug, Clone)]
+pub struct StopTree {
+    pub queue: CancellationToken,
+    pub directory: CancellationToken,
+    pub http: CancellationToken,
+    pub gateway: CancellationToken,
+    pub events: CancellationToken,
+    pub dispatcher: CancellationToken,
+}
+
+impl StopTree {
+    pub fn new() -> StopTree {
+        let queue = CancellationToken::new();
+        let directory = queue.child_token();
+        let http = directory.child_token();
+        let gateway = http.child_token();
+        let events = gateway.child_token();
+        let dispatcher = events.child_token();
+        StopTree {
+            queue,
+            directory,
+            http,
+            gateway,
+            events,
+            dispatcher,
+        }
+    }
+}
+
+impl Default for StopTree {
+    fn default() -> Self {
+        StopTree::new()
+    }
+}
 
 /// Resolves on SIGTERM (Kubernetes' stop) or SIGINT (Ctrl-C).
 pub async fn signal() {
@@ -27,5 +81,25 @@ pub async fn signal() {
     tokio::select! {
         _ = ctrl_c => tracing::info!("SIGINT received: shutting down"),
         _ = term => tracing::info!("SIGTERM received: shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_stops_alone_and_a_parent_stops_its_subtree() {
+        let tree = StopTree::new();
+        tree.dispatcher.cancel();
+        assert!(!tree.events.is_cancelled(), "a leaf stops first, alone");
+        tree.gateway.cancel();
+        assert!(
+            tree.events.is_cancelled(),
+            "the gateway's subtree stops with it"
+        );
+        assert!(!tree.http.is_cancelled() && !tree.queue.is_cancelled());
+        tree.queue.cancel();
+        assert!(tree.http.is_cancelled() && tree.directory.is_cancelled());
     }
 }

@@ -68,7 +68,7 @@ impl ApiKeys {
     }
 
     /// These keys plus `digest` for the `default` app (a key generated for this run).
-    pub fn with_default_key(&self, digest: [u8; 32]) -> Self {
+    fn with_default_key(&self, digest: [u8; 32]) -> Self {
         let mut apps: Vec<CallerApp> = self
             .0
             .apps
@@ -91,6 +91,19 @@ impl ApiKeys {
         };
         digests.push((digest, default as u32));
         Self::build(apps, digests)
+    }
+
+    /// Every app's keys; with none configured for any app and `mint_if_none`, one random
+    /// key minted for this run, for the app `default`, returned in the clear (once, to be
+    /// printed) beside the digests. Never a silently open API.
+    pub fn or_minted(apps: &[AppConfig], mint_if_none: bool) -> (Self, Option<String>) {
+        let keys = ApiKeys::from_apps(apps);
+        if !keys.is_empty() || !mint_if_none {
+            return (keys, None);
+        }
+        let key = hex::encode(rand::random::<[u8; 24]>());
+        let digest = sha2::Sha256::digest(key.as_bytes()).into();
+        (keys.with_default_key(digest), Some(key))
     }
 
     /// Hashes the presented key and compares it with every accepted digest in constant
@@ -213,5 +226,27 @@ mod tests {
         assert_eq!(keys.app_of("pay-key-012345678"), None);
         let generated = keys.with_default_key(sha2::Sha256::digest(b"generated").into());
         assert_eq!(generated.app_of("generated").unwrap().as_str(), "default");
+    }
+
+    #[test]
+    fn mints_a_key_only_when_none_is_configured() {
+        let configured: [u8; 32] = sha2::Sha256::digest(b"key-one-0123456789").into();
+        let apps = |keys: Vec<[u8; 32]>| {
+            let mut apps = crate::config::Settings::defaults().apps().unwrap();
+            apps[0].api_keys = keys;
+            apps
+        };
+        let (keys, minted) = ApiKeys::or_minted(&apps(vec![configured]), true);
+        assert!(minted.is_none());
+        assert!(keys.accepts("key-one-0123456789"));
+
+        let (keys, minted) = ApiKeys::or_minted(&apps(Vec::new()), true);
+        let minted = minted.expect("a key is minted");
+        assert!(keys.accepts(&minted));
+        assert!(!keys.accepts("key-one-0123456789"));
+
+        let (keys, minted) = ApiKeys::or_minted(&apps(Vec::new()), false);
+        assert!(minted.is_none());
+        assert!(!keys.accepts(""));
     }
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 use actix_web::http::StatusCode;
 use actix_web::http::header::{ALLOW, RETRY_AFTER, WWW_AUTHENTICATE};
 use actix_web::{HttpResponse, ResponseError};
-use serde_json::json;
 
 use crate::domain::NotifyError;
 use crate::queue::QueueError;
@@ -114,6 +113,7 @@ impl ResponseError for ApiError {
             }
             _ => {}
         }
-        res.json(json!({"error": {"code": self.code(), "message": self.to_string()}}))
+        res.content_type("application/json")
+            .body(crate::http_error::body(self.code(), &self.to_string()))
     }
 }

@@ -26,7 +26,8 @@
 //!   ordered); every node bound for the device gets it, and one holding an older session
 //!   closes it ("replaced") and unbinds. Deliveries racing the kick may reach either
 //!   session, which at-least-once allows.
-//! - **Broker cuts.** One supervisor per process owns two channels on the queue backend's
+//! - **Broker cuts.** One supervisor per process (the shared [`crate::queue::reconnect`]
+//!   loop) owns two channels on the queue backend's
 //!   connection: `rpc` (publish + confirms + the reply-to consumer) and `node` (the session
 //!   queue, binds, replies, kicks). When either dies it waits for the next connection,
 //!   re-declares the node queue, re-binds every live session from the gateway's table, and
@@ -39,7 +40,7 @@
 //! successor on the same node.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,11 +55,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::LiveOutcome;
 use crate::config::ClusterSettings;
-use crate::domain::{DeviceId, QueuedNotification};
-use crate::gateway::Gateway;
-use crate::queue::{RabbitQueue, backoff_with_jitter};
+use crate::domain::{DeviceKey, QueuedNotification};
+use crate::gateway::registrar::{self, Command};
+use crate::gateway::{Gateway, LiveOutcome};
+use crate::queue::RabbitQueue;
+use crate::queue::reconnect::{self, Backoff};
 
 /// RabbitMQ's pseudo-queue for direct reply-to: replies go straight to this channel's
 /// consumer without a reply queue per request (or per node) to declare and clean up.
@@ -89,85 +91,12 @@ struct Inner {
     reply_deadline: Duration,
     /// The `rpc` channel while it is up.
     rpc: watch::Sender<Option<Channel>>,
-    ready: Arc<AtomicBool>,
+    /// True while the channels are up (and a gateway node's sessions are registered).
+    ready: watch::Sender<bool>,
     pending: Mutex<HashMap<u64, oneshot::Sender<LiveOutcome>>>,
     next_correlation: AtomicU64,
+    /// The directory's node in the shutdown tree (a child of the queue's).
     stop: CancellationToken,
-}
-
-/// The gateway's handle on the registrar: bind at connect, unbind at close.
-#[derive(Clone)]
-pub struct Registry {
-    tx: mpsc::UnboundedSender<Command>,
-    ready: Arc<AtomicBool>,
-    timeout: Duration,
-}
-
-enum Command {
-    Bind {
-        device: DeviceId,
-        session: uuid::Uuid,
-        done: Option<oneshot::Sender<bool>>,
-    },
-    Unbind {
-        device: DeviceId,
-    },
-    /// Answered once every command sent before it was applied.
-    Flush(oneshot::Sender<()>),
-}
-
-impl Registry {
-    /// Asks for `device` to be routed to this node; the receiver says whether the bind was
-    /// applied. Called with the gateway's session lock held, so commands follow the table.
-    pub(crate) fn bind(&self, device: DeviceId, session: uuid::Uuid) -> oneshot::Receiver<bool> {
-        let (done, rx) = oneshot::channel();
-        let _ = self.tx.send(Command::Bind {
-            device,
-            session,
-            done: Some(done),
-        });
-        rx
-    }
-
-    pub(crate) fn unbind(&self, device: DeviceId) {
-        let _ = self.tx.send(Command::Unbind { device });
-    }
-
-    /// Waits (at most `within`) until every bind/unbind asked for so far was applied.
-    pub(crate) async fn flush(&self, within: Duration) {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Command::Flush(tx)).is_ok() {
-            let _ = tokio::time::timeout(within, rx).await;
-        }
-    }
-
-    /// True while the node queue is declared and consumed: new sessions can be routed.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
-    }
-
-    /// Waits (at most `within`) for [`Registry::is_ready`].
-    pub async fn wait_ready(&self, within: Duration) -> bool {
-        wait_flag(&self.ready, within).await
-    }
-
-    /// `cluster.register_timeout`: how long a new session waits for its bind.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-}
-
-/// Waits (at most `within`) for the directory's readiness flag. Polling: only connects
-/// during start-up or a broker outage get past the first check.
-async fn wait_flag(flag: &AtomicBool, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while !flag.load(Ordering::Acquire) {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    true
 }
 
 impl ClusterDirectory {
@@ -179,20 +108,18 @@ impl ClusterDirectory {
         settings: &ClusterSettings,
         ack_timeout: Duration,
         gateway: Option<Gateway>,
+        stop: CancellationToken,
     ) -> ClusterDirectory {
         let node_id = if settings.node_id.is_empty() {
             uuid::Uuid::now_v7().simple().to_string()
         } else {
             settings.node_id.clone()
         };
-        let ready = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = mpsc::unbounded_channel();
+        let ready = watch::channel(false).0;
+        // Without a gateway the registrar handle is dropped here: no commands ever come.
+        let (registrar, rx) = registrar::channel(ready.subscribe(), settings.register_timeout);
         if let Some(g) = &gateway {
-            g.set_registry(Registry {
-                tx,
-                ready: ready.clone(),
-                timeout: settings.register_timeout,
-            });
+            g.set_registrar(registrar);
         }
         let dir = ClusterDirectory(Arc::new(Inner {
             queue,
@@ -205,7 +132,7 @@ impl ClusterDirectory {
             ready,
             pending: Mutex::new(HashMap::new()),
             next_correlation: AtomicU64::new(1),
-            stop: CancellationToken::new(),
+            stop,
         }));
         tokio::spawn(dir.clone().supervise(rx));
         dir
@@ -214,21 +141,20 @@ impl ClusterDirectory {
     /// True while the directory's channels are up (and, on a gateway node, its sessions
     /// are registered and its queue consumed).
     pub fn is_ready(&self) -> bool {
-        self.0.ready.load(Ordering::Acquire)
+        *self.0.ready.borrow()
     }
 
     /// Waits until ready (or the timeout passes); true if ready.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
-        wait_flag(&self.0.ready, timeout).await
-    }
-
-    /// Stops the supervisor (the queue's `close` ends its channels anyway).
-    pub fn stop(&self) {
-        self.0.stop.cancel();
+        let mut ready = self.0.ready.subscribe();
+        matches!(
+            tokio::time::timeout(timeout, ready.wait_for(|r| *r)).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Whether `device` holds a session on *this* node.
-    pub fn is_connected_here(&self, device: &DeviceId) -> bool {
+    pub fn is_connected_here(&self, device: &DeviceKey) -> bool {
         self.0
             .gateway
             .as_ref()
@@ -236,7 +162,7 @@ impl ClusterDirectory {
     }
 
     /// One live attempt for `device`, wherever its session is.
-    pub async fn deliver(&self, device: &DeviceId, n: &QueuedNotification) -> LiveOutcome {
+    pub async fn deliver(&self, device: &DeviceKey, n: &QueuedNotification) -> LiveOutcome {
         // The session is on this node: no broker hop needed.
         if let Some(g) = &self.0.gateway
             && g.is_connected(device)
@@ -253,7 +179,7 @@ impl ClusterDirectory {
 
     /// The broker path: always used for a session on another node; public so the
     /// benchmark can measure it for a same-node session too.
-    pub async fn deliver_remote(&self, device: &DeviceId, n: &QueuedNotification) -> LiveOutcome {
+    pub async fn deliver_remote(&self, device: &DeviceKey, n: &QueuedNotification) -> LiveOutcome {
         let inner = &self.0;
         let deadline = Instant::now() + inner.reply_deadline;
         let mut rx = inner.rpc.subscribe();
@@ -278,7 +204,7 @@ impl ClusterDirectory {
         let confirm = tokio::time::timeout_at(deadline, async {
             ch.basic_publish(
                 inner.exchange.as_str().into(),
-                device.as_str().into(),
+                device.routing_key().into(),
                 // mandatory: no node bound for this device → basic.return → offline.
                 BasicPublishOptions {
                     mandatory: true,
@@ -305,53 +231,51 @@ impl ClusterDirectory {
         }
     }
 
-    /// The supervisor: open channels, declare, register, serve; on any failure fail
-    /// waiting lookups, mark not ready and start again with backoff.
-    async fn supervise(self, mut commands: mpsc::UnboundedReceiver<Command>) {
+    /// The supervisor (the shared reconnect loop): open channels, declare, register,
+    /// serve; on any failure fail waiting lookups, mark not ready and start again.
+    async fn supervise(self, commands: mpsc::UnboundedReceiver<Command>) {
+        let settings = self.0.queue.settings();
+        let backoff = Backoff {
+            min: settings.reconnect_min,
+            max: settings.reconnect_max,
+        };
+        // Each round borrows the command stream while it serves; rounds never overlap.
+        let commands = tokio::sync::Mutex::new(commands);
+        reconnect::supervise("cluster directory", &self.0.stop, backoff, |reconnecting| {
+            self.round(reconnecting, &commands)
+        })
+        .await
+    }
+
+    /// One registration's life: up until a channel dies (`Ok`), or an error setting up.
+    async fn round(
+        &self,
+        reconnecting: bool,
+        commands: &tokio::sync::Mutex<mpsc::UnboundedReceiver<Command>>,
+    ) -> anyhow::Result<()> {
         let inner = &self.0;
-        let settings = inner.queue.settings().clone();
-        let mut failures = 0u32;
-        let mut connected_before = false;
-        loop {
-            if inner.stop.is_cancelled() || inner.queue.is_closed() {
-                return;
-            }
-            let generation = CancellationToken::new();
-            match self.setup(&generation).await {
-                Ok(node) => {
-                    failures = 0;
-                    inner.ready.store(true, Ordering::Release);
-                    if connected_before {
-                        tracing::info!(node = %inner.node_id, "cluster directory re-registered");
-                    }
-                    connected_before = true;
-                    self.serve(&node, &mut commands, &generation).await;
+        // This round's consumers stop with it, or with the directory.
+        let generation = inner.stop.child_token();
+        let result = match self.setup(&generation).await {
+            Ok(node) => {
+                inner.ready.send_replace(true);
+                if reconnecting {
+                    tracing::info!(node = %inner.node_id, "cluster directory re-registered");
                 }
-                Err(e) => {
-                    if !inner.queue.is_closed() {
-                        tracing::warn!(error = %e, node = %inner.node_id, "cluster directory setup failed");
-                    }
-                }
+                self.serve(&node, &mut *commands.lock().await, &generation)
+                    .await;
+                Ok(())
             }
-            generation.cancel();
-            inner.ready.store(false, Ordering::Release);
-            inner.rpc.send_replace(None);
-            // Replies to lookups in flight would have come over the dead channel.
-            for (_, waiter) in inner.pending().drain() {
-                let _ = waiter.send(LiveOutcome::NotAcked);
-            }
-            if inner.stop.is_cancelled() || inner.queue.is_closed() {
-                return;
-            }
-            failures += 1;
-            let delay =
-                backoff_with_jitter(failures, settings.reconnect_min, settings.reconnect_max);
-            tracing::warn!(node = %inner.node_id, retry_in = ?delay, "cluster directory down; re-registering");
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = inner.stop.cancelled() => return,
-            }
+            Err(e) => Err(e.context(format!("node {}", inner.node_id))),
+        };
+        generation.cancel();
+        inner.ready.send_replace(false);
+        inner.rpc.send_replace(None);
+        // Replies to lookups in flight would have come over the dead channel.
+        for (_, waiter) in inner.pending().drain() {
+            let _ = waiter.send(LiveOutcome::NotAcked);
         }
+        result
     }
 
     /// Opens both channels, declares the exchange and (gateway nodes) the node queue,
@@ -459,8 +383,8 @@ impl ClusterDirectory {
                     {
                         batch.push(c);
                     }
-                    let mut wanted: Vec<(DeviceId, bool)> = Vec::new();
-                    let mut index: HashMap<DeviceId, usize> = HashMap::new();
+                    let mut wanted: Vec<(DeviceKey, bool)> = Vec::new();
+                    let mut index: HashMap<DeviceKey, usize> = HashMap::new();
                     let mut binds = Vec::new();
                     let mut waiters = Vec::new();
                     let mut flushes = Vec::new();
@@ -506,8 +430,8 @@ impl ClusterDirectory {
     async fn apply(
         &self,
         node: &Channel,
-        wanted: Vec<(DeviceId, bool)>,
-        binds: &mut Vec<(DeviceId, uuid::Uuid)>,
+        wanted: Vec<(DeviceKey, bool)>,
+        binds: &mut Vec<(DeviceKey, uuid::Uuid)>,
     ) -> Result<(), lapin::Error> {
         let inner = &self.0;
         let ops = futures::stream::iter(wanted)
@@ -516,7 +440,7 @@ impl ClusterDirectory {
                     node.queue_bind(
                         inner.node_queue.as_str().into(),
                         inner.exchange.as_str().into(),
-                        device.as_str().into(),
+                        device.routing_key().into(),
                         QueueBindOptions::default(),
                         FieldTable::default(),
                     )
@@ -525,7 +449,7 @@ impl ClusterDirectory {
                     node.queue_unbind(
                         inner.node_queue.as_str().into(),
                         inner.exchange.as_str().into(),
-                        device.as_str().into(),
+                        device.routing_key().into(),
                         FieldTable::default(),
                     )
                     .await
@@ -542,7 +466,7 @@ impl ClusterDirectory {
             // older one dies, which at-least-once delivery tolerates.
             node.basic_publish(
                 inner.exchange.as_str().into(),
-                device.as_str().into(),
+                device.routing_key().into(),
                 BasicPublishOptions::default(),
                 session.to_string().as_bytes(),
                 BasicProperties::default().with_type(KIND_KICK.into()),
@@ -599,7 +523,7 @@ impl ClusterDirectory {
                 generation.cancel();
                 return;
             };
-            let Ok(device) = DeviceId::parse(d.routing_key.as_str()) else {
+            let Some(device) = DeviceKey::parse_routing_key(d.routing_key.as_str()) else {
                 continue;
             };
             let kind = d.properties.kind().as_ref().map(|k| k.as_str().to_owned());

@@ -8,21 +8,12 @@
 
 pub mod cluster;
 
-use crate::domain::{DeviceId, QueuedNotification};
+use crate::domain::{DeviceKey, QueuedNotification};
 use crate::gateway::Gateway;
+/// The gateway owns the outcome (it produces it); re-exported here, where the dispatcher
+/// asks for live deliveries.
+pub use crate::gateway::LiveOutcome;
 pub use cluster::ClusterDirectory;
-
-/// The result of one live delivery attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LiveOutcome {
-    /// The device acked the notification: delivered.
-    Acked,
-    /// The frame went out but no ack came within `gateway.ack_timeout`: fall back (the
-    /// device may still have it; it dedupes by id).
-    NotAcked,
-    /// No session, the session died before acking, or the node is draining: fall back.
-    Offline,
-}
 
 #[derive(Clone)]
 pub enum Directory {
@@ -31,9 +22,22 @@ pub enum Directory {
 }
 
 impl Directory {
+    /// The directory a node delivers through: the cluster directory in cluster mode, else
+    /// this node's own sessions; `None` on a node with neither.
+    pub fn for_node(
+        cluster: Option<&ClusterDirectory>,
+        gateway: Option<&Gateway>,
+    ) -> Option<Directory> {
+        match (cluster, gateway) {
+            (Some(c), _) => Some(Directory::Cluster(c.clone())),
+            (None, Some(g)) => Some(Directory::Local(g.clone())),
+            (None, None) => None,
+        }
+    }
+
     /// Sends `n` to `device`'s live session and waits (at most `gateway.ack_timeout`) for
     /// its ack.
-    pub async fn deliver(&self, device: &DeviceId, n: &QueuedNotification) -> LiveOutcome {
+    pub async fn deliver(&self, device: &DeviceKey, n: &QueuedNotification) -> LiveOutcome {
         match self {
             Directory::Local(gateway) => gateway.deliver(device, n).await,
             Directory::Cluster(cluster) => cluster.deliver(device, n).await,
@@ -43,7 +47,7 @@ impl Directory {
     /// Whether `device` holds a session on this node now (a hint: it may drop the next
     /// moment). The cluster directory does not know about other nodes without asking the
     /// broker, which only a delivery does.
-    pub fn is_connected(&self, device: &DeviceId) -> bool {
+    pub fn is_connected(&self, device: &DeviceKey) -> bool {
         match self {
             Directory::Local(gateway) => gateway.is_connected(device),
             Directory::Cluster(cluster) => cluster.is_connected_here(device),

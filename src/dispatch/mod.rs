@@ -3,20 +3,29 @@
 //!
 //! Per message (one task, at most `queue.prefetch` at once):
 //!
-//! 1. Unparseable → dead letter (`unparseable`). Past its ttl → an `expired` event per
-//!    target, ack: dropped, never sent late.
+//! 1. Unparseable → dead letter (`unparseable`). Past its ttl → settled at once as
+//!    expired ([`settle::on_arrival`]): acked with an `expired` event per target, dropped,
+//!    never sent late.
 //! 2. Each target (at most `dispatcher.target_concurrency` at once): the directory tries the
 //!    live session; `Acked` is final. `Offline` or `NotAcked` → fallback through every route
-//!    the target carries ([`target`]).
-//! 3. Settle: targets that failed transiently go into one retry copy (only them, attempt+1,
-//!    after an exponential, jittered delay, at least any provider Retry-After); when
-//!    attempts run out, or on a configuration error, they go into one dead letter with the
-//!    reason and the attempt history. Those copies are made safe first, then the original
-//!    is acked, so a crash in between duplicates rather than loses.
+//!    the target carries ([`target`]). Each target's [`TargetReport`] is recorded as soon as
+//!    it ends.
+//! 3. Settle ([`settle::after_delivery`], pure): targets that failed transiently go into one
+//!    retry copy (only them, attempt+1, after an exponential, jittered delay, at least any
+//!    provider Retry-After); when attempts run out, or on a configuration error, they go
+//!    into one dead letter with the reason and the attempt history.
+//! 4. Carry it out: the copies are made safe first ([`Delivery::retry`],
+//!    [`Delivery::dead_letter`]), then the original is acked, so a crash in between
+//!    duplicates rather than loses. Then record the settlement.
+//!
+//! Metrics, events and outcome logs are written in one place, [`record`], from the target
+//! reports and the settlement.
 
+mod channel;
+mod record;
+mod settle;
 mod target;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -28,13 +37,16 @@ use tracing::Instrument;
 
 use crate::config::RetrySettings;
 use crate::directory::Directory;
-use crate::domain::{AttemptRecord, QueuedNotification, Target, unix_millis};
-use crate::events::{Event, EventKind, Events};
+use crate::domain::QueuedNotification;
+use crate::events::Events;
 use crate::metrics::Metrics;
 use crate::providers::Providers;
-use crate::queue::{Delivery, Queue, QueueKind, backoff_with_jitter};
+use crate::queue::{Delivery, Queue, QueueKind, SettleError, backoff_with_jitter};
 
-pub use target::TargetResult;
+pub use channel::Channel;
+pub use record::Outcome;
+pub use settle::{DeadLetter, DeadReason, Retry, Settlement};
+pub use target::{RouteAttempt, TargetReport, TargetResult};
 
 /// Everything a dispatcher needs; one per process running the dispatcher role.
 pub struct Dispatcher {
@@ -73,7 +85,12 @@ impl DispatcherHandle {
 
 impl Dispatcher {
     pub fn spawn(self) -> DispatcherHandle {
-        let stop = CancellationToken::new();
+        self.spawn_under(CancellationToken::new())
+    }
+
+    /// Runs until `stop` (the dispatcher's node of the shutdown tree) is cancelled, by
+    /// [`DispatcherHandle::drain`] or by a parent.
+    pub fn spawn_under(self, stop: CancellationToken) -> DispatcherHandle {
         let task = tokio::spawn(Arc::new(self).run(stop.clone()));
         DispatcherHandle { stop, task }
     }
@@ -111,16 +128,10 @@ impl Dispatcher {
             Ok(n) => n,
             Err(e) => {
                 tracing::error!(error = %e, "unparseable queued message: dead-lettering it");
-                self.metrics
-                    .dead_letters
-                    .with_label_values(&["unparseable"])
-                    .inc();
                 let body = delivery.body.clone();
-                if let Err(e) = delivery
-                    .dead_letter(body, &format!("unparseable: {e}"))
-                    .await
-                {
-                    tracing::warn!(error = %e, "could not dead-letter; it will be redelivered");
+                let reason = format!("{}: {e}", DeadReason::Unparseable.label());
+                if copies_safe(delivery.dead_letter(body, &reason).await) {
+                    self.record(Outcome::Unparseable);
                 }
                 return;
             }
@@ -129,137 +140,85 @@ impl Dispatcher {
         self.dispatch(delivery, n).instrument(span).await
     }
 
+    /// Delivers every target (unless the message expired), settles on the reports, carries
+    /// the settlement out and records it.
     async fn dispatch(self: &Arc<Self>, delivery: Delivery, n: QueuedNotification) {
-        if n.is_expired(SystemTime::now()) {
-            for t in &n.targets {
-                self.metrics
-                    .deliveries
-                    .with_label_values(&["none", "expired"])
-                    .inc();
-                self.events.emit(
-                    Event::new(EventKind::Expired, &n, &t.device_id)
-                        .reason("ttl passed before delivery"),
-                );
+        let settlement = match settle::on_arrival(&n, SystemTime::now()) {
+            Some(expired) => expired,
+            None => {
+                let reports = self.deliver_all(&n).await;
+                let retry = &self.retry;
+                settle::after_delivery(
+                    &n,
+                    &reports,
+                    SystemTime::now(),
+                    retry.max_attempts,
+                    |attempts| backoff_with_jitter(attempts - 1, retry.base_delay, retry.max_delay),
+                )
             }
-            tracing::info!("expired before delivery: dropped");
-            settle_log(delivery.ack().await);
-            return;
+        };
+        if copies_safe(carry_out(delivery, &settlement).await) {
+            self.record(Outcome::Settled(&n, &settlement));
         }
+    }
 
+    /// Every target, at most `target_concurrency` at once, each recorded as it ends.
+    async fn deliver_all(self: &Arc<Self>, n: &QueuedNotification) -> Vec<TargetReport> {
         // Owned per-target futures (an Arc of the message, a clone of the target): a
         // stream of futures borrowing from this frame cannot be spawned.
         let shared = Arc::new(n.clone());
-        let results: Vec<(Target, TargetResult)> = futures::stream::iter(n.targets.clone())
+        futures::stream::iter(n.targets.clone())
             .map(|t| {
                 let (me, n) = (self.clone(), shared.clone());
                 async move {
-                    let result = target::deliver(&me, &n, &t).await;
-                    (t, result)
+                    let report = target::deliver(&me, &n, t).await;
+                    me.record(Outcome::Target(&n, &report));
+                    report
                 }
             })
             .buffer_unordered(self.target_concurrency.max(1))
             .collect()
-            .await;
+            .await
+    }
 
-        let mut retry_targets = Vec::new();
-        let mut dead_targets = Vec::new();
-        let mut failures: BTreeMap<String, u32> = BTreeMap::new();
-        let mut retry_after = Duration::ZERO;
-        let mut config_errors = Vec::new();
-        for (t, result) in results {
-            match result {
-                TargetResult::Done => {}
-                TargetResult::Retry {
-                    reason,
-                    retry_after: after,
-                    channel,
-                } => {
-                    *failures.entry(reason).or_default() += 1;
-                    retry_after = retry_after.max(after.unwrap_or_default());
-                    self.metrics.retries.with_label_values(&[channel]).inc();
-                    retry_targets.push(t);
-                }
-                TargetResult::DeadLetter { reason } => {
-                    *failures.entry(reason.clone()).or_default() += 1;
-                    config_errors.push(reason);
-                    dead_targets.push(t);
-                }
-            }
-        }
-        if retry_targets.is_empty() && dead_targets.is_empty() {
-            settle_log(delivery.ack().await);
-            return;
-        }
-
-        let attempt = n.attempt + 1;
-        let mut history = n.history.clone();
-        history.push(AttemptRecord {
-            attempt,
-            at_ms: unix_millis(SystemTime::now()),
-            failures: failures.clone(),
-        });
-        let copy = |targets: Vec<Target>| QueuedNotification {
-            targets,
-            attempt,
-            history: history.clone(),
-            ..n.clone()
-        };
-        let queue = delivery.queue();
-
-        let mut dead_reason = None;
-        if !config_errors.is_empty() {
-            dead_reason = Some((
-                "config_error",
-                format!("config_error: {}", config_errors[0]),
-            ));
-        }
-        if !retry_targets.is_empty() {
-            if attempt < self.retry.max_attempts {
-                let delay =
-                    backoff_with_jitter(attempt - 1, self.retry.base_delay, self.retry.max_delay)
-                        .max(retry_after);
-                let next = copy(std::mem::take(&mut retry_targets));
-                if let Err(e) = queue.publish_retry(&next, delay).await {
-                    // Not acked: the whole message comes back; delivered targets may get a
-                    // duplicate (they dedupe by id), nothing is lost.
-                    tracing::warn!(error = %e, "could not schedule the retry; leaving the message unacked");
-                    return;
-                }
-                tracing::info!(targets = next.targets.len(), ?delay, "scheduled a retry");
-            } else {
-                let summary = failures
-                    .iter()
-                    .map(|(r, c)| format!("{r} x{c}"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                dead_reason = Some((
-                    "attempts_exhausted",
-                    format!("attempts_exhausted after {attempt} attempts: {summary}"),
-                ));
-                dead_targets.append(&mut retry_targets);
-            }
-        }
-        if let Some((label, reason)) = dead_reason {
-            let dead = copy(dead_targets);
-            if let Err(e) = queue.publish_dead(dead.to_json(), &reason).await {
-                tracing::warn!(error = %e, "could not dead-letter; leaving the message unacked");
-                return;
-            }
-            self.metrics.dead_letters.with_label_values(&[label]).inc();
-            tracing::warn!(targets = dead.targets.len(), %reason, "dead-lettered");
-            for t in &dead.targets {
-                self.events.emit(
-                    Event::new(EventKind::DeadLettered, &n, &t.device_id).reason(reason.clone()),
-                );
-            }
-        }
-        settle_log(delivery.ack().await);
+    fn record(&self, outcome: Outcome<'_>) {
+        record::record(&self.metrics, |e| self.events.emit(e), outcome);
     }
 }
 
-fn settle_log(result: Result<(), crate::queue::QueueError>) {
-    if let Err(e) = result {
-        // The broker will redeliver; at-least-once means a possible duplicate, not a loss.
-        tracing::warn!(error = %e, "ack failed; the message will be redelivered");
+/// Makes the settlement's copies safe, then acks: through [`Delivery::retry`] and
+/// [`Delivery::dead_letter`], which publish (and await the confirm) before they ack.
+async fn carry_out(delivery: Delivery, s: &Settlement) -> Result<(), SettleError> {
+    match s {
+        Settlement::Ack | Settlement::Expired => delivery.ack().await.map_err(SettleError::Ack),
+        Settlement::Retry(r) => delivery.retry(&r.next, r.delay).await,
+        Settlement::DeadLetter(d) => delivery.dead_letter(d.copy.to_json(), &d.reason).await,
+        Settlement::RetryAndDeadLetter(r, d) => {
+            // Both copies before the one ack.
+            let queue = delivery.queue();
+            queue
+                .publish_retry(&r.next, r.delay)
+                .await
+                .map_err(SettleError::Publish)?;
+            delivery.dead_letter(d.copy.to_json(), &d.reason).await
+        }
+    }
+}
+
+/// True if the settlement happened: its copies are safe, even if the ack then failed.
+fn copies_safe(result: Result<(), SettleError>) -> bool {
+    match result {
+        Ok(()) => true,
+        Err(e @ SettleError::Ack(_)) => {
+            // The broker will redeliver; at-least-once means a possible duplicate, not a loss.
+            tracing::warn!(error = %e, "ack failed; the message will be redelivered");
+            true
+        }
+        Err(e @ SettleError::Publish(_)) => {
+            // Not acked: the whole message comes back; delivered targets may get a
+            // duplicate (they dedupe by id), nothing is lost.
+            tracing::warn!(error = %e, "could not settle; leaving the message unacked");
+            false
+        }
     }
 }

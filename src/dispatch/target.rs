@@ -1,12 +1,30 @@
-//! One target: live first, then every fallback route; the result the message settles on.
+//! One target: live first, then every fallback route. [`deliver`] does the I/O and reports
+//! what each channel answered; what that leaves to do ([`TargetReport::result`]) is pure.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use super::Dispatcher;
+use super::channel::Channel;
 use crate::directory::LiveOutcome;
-use crate::domain::{QueuedNotification, Target, TargetRoute, unix_millis};
-use crate::events::{Event, EventKind};
+use crate::domain::{DeviceKey, QueuedNotification, Target};
 use crate::providers::ProviderOutcome;
+
+/// What one target's attempt did, channel by channel: the input of the settlement (through
+/// [`TargetReport::result`]) and of the metrics and events ([`super::record`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetReport {
+    pub target: Target,
+    pub live: LiveOutcome,
+    /// The fallback routes tried, in order: none when live acked or the target has none.
+    pub routes: Vec<RouteAttempt>,
+}
+
+/// One fallback route tried, and the provider's classification of its answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteAttempt {
+    pub channel: Channel,
+    pub outcome: ProviderOutcome,
+}
 
 /// What a target's attempt leaves to do.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,117 +36,92 @@ pub enum TargetResult {
         reason: String,
         retry_after: Option<Duration>,
         /// The channel that failed last (label of `herald_retries_total`).
-        channel: &'static str,
+        channel: Channel,
     },
     /// A configuration error: park it for an operator, do not retry.
     DeadLetter { reason: String },
 }
 
-fn channel_of(route: &TargetRoute<'_>) -> &'static str {
-    match route {
-        TargetRoute::Apns(_) => "apns",
-        TargetRoute::Fcm(_) => "fcm",
+/// Why a target that was not acked live falls back (the `reason` label of
+/// `herald_fallbacks_total`); `None` when it was acked.
+pub fn fallback_reason(live: LiveOutcome) -> Option<&'static str> {
+    match live {
+        LiveOutcome::Acked => None,
+        LiveOutcome::NotAcked => Some("ack_timeout"),
+        LiveOutcome::Offline => Some("offline"),
     }
 }
 
-pub async fn deliver(d: &Dispatcher, n: &QueuedNotification, t: &Target) -> TargetResult {
-    let m = &d.metrics;
+impl TargetReport {
+    /// Classifies the attempt: any delivery is final; otherwise a transient failure means
+    /// retry (the last one's reason and Retry-After), a configuration error means park it,
+    /// and only dead tokens means final too.
+    pub fn result(&self) -> TargetResult {
+        let Some(fallback_reason) = fallback_reason(self.live) else {
+            return TargetResult::Done;
+        };
+        if self.routes.is_empty() {
+            // Live only, and not reachable now: retry later, the device may come back
+            // within the ttl.
+            return TargetResult::Retry {
+                reason: format!("live {fallback_reason}, no fallback route"),
+                retry_after: None,
+                channel: Channel::Live,
+            };
+        }
+        let mut transient = None;
+        let mut config_error = None;
+        for route in &self.routes {
+            let channel = route.channel;
+            match &route.outcome {
+                ProviderOutcome::Delivered => return TargetResult::Done,
+                ProviderOutcome::TokenDead { .. } => {}
+                ProviderOutcome::Transient {
+                    reason,
+                    retry_after,
+                } => {
+                    transient = Some(TargetResult::Retry {
+                        reason: format!("{}: {reason}", channel.as_str()),
+                        retry_after: *retry_after,
+                        channel,
+                    });
+                }
+                ProviderOutcome::ConfigError { reason } => {
+                    config_error = Some(format!("{}: {reason}", channel.as_str()));
+                }
+            }
+        }
+        transient
+            .or(config_error.map(|reason| TargetResult::DeadLetter { reason }))
+            // Every route's token is dead: final, and the caller has the events to prune them.
+            .unwrap_or(TargetResult::Done)
+    }
+}
+
+/// Tries the live session, then, unless it acked, every route the target carries.
+pub async fn deliver(d: &Dispatcher, n: &QueuedNotification, target: Target) -> TargetReport {
     let live = match &d.directory {
-        Some(directory) => directory.deliver(&t.device_id, n).await,
+        // The device of this notification's app: a session of another app's device with
+        // the same id is another device.
+        Some(directory) => {
+            let device = DeviceKey::new(n.app.clone(), target.device_id.clone());
+            directory.deliver(&device, n).await
+        }
         // No gateway in this process (and no cluster directory yet): the device cannot be
         // reached live from here.
         None => LiveOutcome::Offline,
     };
-    let fallback_reason = match live {
-        LiveOutcome::Acked => {
-            delivered(d, n, t, "live");
-            return TargetResult::Done;
-        }
-        LiveOutcome::NotAcked => "ack_timeout",
-        LiveOutcome::Offline => "offline",
-    };
-
-    let routes: Vec<TargetRoute<'_>> = t.routes().collect();
-    if routes.is_empty() {
-        // Live only, and not reachable now: retry later, the device may come back within
-        // the ttl. Not counted as a fallback: there is nothing to fall back to.
-        return TargetResult::Retry {
-            reason: format!("live {fallback_reason}, no fallback route"),
-            retry_after: None,
-            channel: "live",
-        };
-    }
-    m.fallbacks.with_label_values(&[fallback_reason]).inc();
-
-    let mut transient: Option<TargetResult> = None;
-    let mut config_error: Option<String> = None;
-    let mut any_delivered = false;
-    for route in routes {
-        let channel = channel_of(&route);
-        let outcome = d.providers.send(route, n).await;
-        m.deliveries
-            .with_label_values(&[channel, outcome.label()])
-            .inc();
-        match outcome {
-            ProviderOutcome::Delivered => {
-                delivered(d, n, t, channel);
-                any_delivered = true;
-            }
-            ProviderOutcome::TokenDead { reason } => {
-                let token = match route {
-                    TargetRoute::Apns(route) => route.token.as_str().to_owned(),
-                    TargetRoute::Fcm(tok) => tok.as_str().to_owned(),
-                };
-                tracing::info!(device = %t.device_id, channel, %reason, "token dead");
-                d.events.emit(
-                    Event::new(EventKind::TokenDead, n, &t.device_id)
-                        .channel(channel)
-                        .reason(reason)
-                        .token(token),
-                );
-            }
-            ProviderOutcome::Transient {
-                reason,
-                retry_after,
-            } => {
-                transient = Some(TargetResult::Retry {
-                    reason: format!("{channel}: {reason}"),
-                    retry_after,
-                    channel,
-                });
-            }
-            ProviderOutcome::ConfigError { reason } => {
-                // Loud: this needs an operator, and every target on this provider fails
-                // the same way until one acts.
-                tracing::error!(device = %t.device_id, channel, %reason, "provider configuration error");
-                config_error = Some(format!("{channel}: {reason}"));
-            }
+    let mut routes = Vec::new();
+    if live != LiveOutcome::Acked {
+        for route in target.routes() {
+            let channel = Channel::of(&route);
+            let outcome = d.providers.send(route, n).await;
+            routes.push(RouteAttempt { channel, outcome });
         }
     }
-    if any_delivered {
-        TargetResult::Done
-    } else if let Some(retry) = transient {
-        retry
-    } else if let Some(reason) = config_error {
-        TargetResult::DeadLetter { reason }
-    } else {
-        // Every route's token is dead: final, and the caller has the events to prune them.
-        TargetResult::Done
+    TargetReport {
+        target,
+        live,
+        routes,
     }
-}
-
-fn delivered(d: &Dispatcher, n: &QueuedNotification, t: &Target, channel: &'static str) {
-    if channel == "live" {
-        d.metrics
-            .deliveries
-            .with_label_values(&["live", "delivered"])
-            .inc();
-    }
-    let latency_ms = unix_millis(SystemTime::now()).saturating_sub(n.accepted_at_ms);
-    d.metrics
-        .delivery_latency
-        .with_label_values(&[channel])
-        .observe(latency_ms as f64 / 1000.0);
-    d.events
-        .emit(Event::new(EventKind::Delivered, n, &t.device_id).channel(channel));
 }

@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
@@ -19,8 +18,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 
 use super::protocol::{ClientFrame, CloseKind, ServerFrame, error_code};
-use super::{Admitted, Control, Gateway, Outbound, SessionHandle};
-use crate::domain::{DeviceId, NotificationId};
+use super::table::{Control, Outbound, SessionHandle};
+use super::{Admitted, Gateway};
+use crate::domain::{DeviceKey, NotificationId};
 
 /// How long the server tries to get its close frame out before dropping the connection
 /// (a slow consumer's socket may never take it).
@@ -29,23 +29,16 @@ const CLOSE_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 type Sink = SplitSink<WebSocketStream<TcpStream>, Message>;
 type Stream = SplitStream<WebSocketStream<TcpStream>>;
 
-pub(super) async fn run(gateway: Gateway, device: DeviceId, ws: WebSocketStream<TcpStream>) {
+pub(super) async fn run(gateway: Gateway, device: DeviceKey, ws: WebSocketStream<TcpStream>) {
     let (ws, mut stream) = ws.split();
-    let inner = &gateway.0;
-    let (tx, mut rx) = mpsc::channel(inner.config.send_buffer);
-    let control = Arc::new(Control::default());
+    let settings = gateway.settings();
+    let (tx, mut rx) = mpsc::channel(settings.send_buffer);
+    let control = Arc::new(gateway.new_control());
     let id = uuid::Uuid::now_v7();
-    inner.live.fetch_add(1, Ordering::AcqRel);
-    inner.metrics.sessions_opened.inc();
-    inner.metrics.sessions_active.inc();
-    let registered = gateway.register(
-        device.clone(),
-        SessionHandle {
-            id,
-            tx,
-            control: control.clone(),
-        },
-    );
+    let metrics = gateway.metrics();
+    metrics.sessions_opened.inc();
+    metrics.sessions_active.inc();
+    let registered = gateway.register(device.clone(), SessionHandle::new(id, tx, control.clone()));
     let started = Instant::now();
     let mut session = Session {
         gateway: &gateway,
@@ -54,7 +47,7 @@ pub(super) async fn run(gateway: Gateway, device: DeviceId, ws: WebSocketStream<
         pending: HashMap::new(),
         bad_frames: 0,
         started,
-        next_ping: started + inner.config.ping_interval,
+        next_ping: started + settings.ping_interval,
         pong_deadline: None,
         last_ping: None,
     };
@@ -65,13 +58,7 @@ pub(super) async fn run(gateway: Gateway, device: DeviceId, ws: WebSocketStream<
         // Cluster mode: `hello` only once other nodes can route to this session. A bind
         // that fails or takes too long (broker away) closes with "reconnect elsewhere".
         Admitted::Yes { bound: Some(bound) } => {
-            let timeout = gateway
-                .0
-                .registry
-                .get()
-                .map(|r| r.timeout())
-                .unwrap_or_default();
-            match tokio::time::timeout(timeout, bound).await {
+            match tokio::time::timeout(gateway.register_timeout(), bound).await {
                 Ok(Ok(true)) => session.serve(&id, &device, &mut stream, &mut rx).await,
                 _ => {
                     tracing::info!(device = %device, "cluster registration failed: closing the new session");
@@ -87,16 +74,15 @@ pub(super) async fn run(gateway: Gateway, device: DeviceId, ws: WebSocketStream<
     drop(session.pending);
     // Counted as closed now: the session is gone from the table and takes no deliveries;
     // what follows is only the goodbye on the wire.
-    inner
-        .metrics
+    metrics
         .sessions_closed
         .with_label_values(&[kind.label()])
         .inc();
-    inner.metrics.sessions_active.dec();
+    metrics.sessions_active.dec();
     if let Some(code) = kind.code() {
         let description = match kind {
             CloseKind::Shutdown => {
-                let spread = inner.config.reconnect_spread.as_millis().max(1) as u64;
+                let spread = settings.reconnect_spread.as_millis().max(1) as u64;
                 format!("reconnect_after_ms={}", rand::random_range(0..spread))
             }
             CloseKind::PongTimeout => "pong timeout".into(),
@@ -128,7 +114,6 @@ pub(super) async fn run(gateway: Gateway, device: DeviceId, ws: WebSocketStream<
         // read the close; flushing and closing sends it).
         let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, session.ws.close()).await;
     }
-    inner.live.fetch_sub(1, Ordering::AcqRel);
     tracing::debug!(device = %device, session = %id, reason = kind.label(), "session closed");
 }
 
@@ -151,15 +136,15 @@ impl Session<'_> {
     async fn serve(
         &mut self,
         id: &uuid::Uuid,
-        device: &DeviceId,
+        device: &DeviceKey,
         stream: &mut Stream,
         rx: &mut mpsc::Receiver<Box<Outbound>>,
     ) -> CloseKind {
-        let cfg = &self.gateway.0.config;
+        let cfg = self.gateway.settings();
         let session_id = id.to_string();
         let hello = ServerFrame::Hello {
             session_id: &session_id,
-            device_id: device.as_str(),
+            device_id: device.device.as_str(),
             ping_interval_ms: cfg.ping_interval.as_millis() as u64,
             pong_timeout_ms: cfg.pong_timeout.as_millis() as u64,
             ack_timeout_ms: cfg.ack_timeout.as_millis() as u64,
@@ -174,11 +159,11 @@ impl Session<'_> {
                 None => self.next_ping,
             };
             let step = tokio::select! {
-                _ = self.control.kill.cancelled() => Err(self.killed()),
+                _ = self.control.killed() => Err(self.killed()),
                 msg = stream.next() => match msg {
                     None => Err(CloseKind::ClientClosed),
                     Some(Ok(msg)) => {
-                        self.gateway.0.frames_in.inc();
+                        self.gateway.frame_in();
                         self.on_message(msg).await
                     }
                     Some(Err(e)) => Err(protocol_error(e)),
@@ -202,11 +187,7 @@ impl Session<'_> {
     }
 
     fn killed(&self) -> CloseKind {
-        self.control
-            .reason
-            .get()
-            .copied()
-            .unwrap_or(CloseKind::Shutdown)
+        self.control.reason()
     }
 
     /// Writes one frame. A device that does not read makes this wait; the wait still ends
@@ -222,12 +203,12 @@ impl Session<'_> {
         tokio::select! {
             r = self.ws.send(msg) => match r {
                 Ok(()) => {
-                    self.gateway.0.frames_out.inc();
+                    self.gateway.frame_out();
                     Ok(())
                 }
                 Err(_) => Err(CloseKind::ClientClosed),
             },
-            _ = self.control.kill.cancelled() => Err(self.killed()),
+            _ = self.control.killed() => Err(self.killed()),
             _ = pong_missed => Err(CloseKind::PongTimeout),
         }
     }
@@ -240,7 +221,7 @@ impl Session<'_> {
         if now < self.next_ping {
             return Ok(());
         }
-        let cfg = &self.gateway.0.config;
+        let cfg = self.gateway.settings();
         self.next_ping = now + cfg.ping_interval;
         if self.pong_deadline.is_none() {
             self.pong_deadline = Some(now + cfg.pong_timeout);
@@ -262,7 +243,7 @@ impl Session<'_> {
                 Ok(ClientFrame::Ack { id }) => match NotificationId::parse(&id) {
                     Some(id) => {
                         if let Some(acked) = self.pending.remove(&id) {
-                            self.gateway.0.metrics.acks.inc();
+                            self.gateway.metrics().acks.inc();
                             let _ = acked.send(());
                         }
                         // An unknown id is a late ack (after ack_timeout) or a duplicate:
@@ -300,8 +281,7 @@ impl Session<'_> {
                     && u64::from_be_bytes(bytes) == stamp
                 {
                     self.gateway
-                        .0
-                        .metrics
+                        .metrics()
                         .ping_rtt
                         .observe(sent.elapsed().as_secs_f64());
                     self.last_ping = None;
@@ -319,7 +299,7 @@ impl Session<'_> {
         self.bad_frames += 1;
         let frame = ServerFrame::Error { code, message };
         self.send(Message::text(frame.to_json())).await?;
-        if self.bad_frames >= self.gateway.0.config.max_bad_frames {
+        if self.bad_frames >= self.gateway.settings().max_bad_frames {
             return Err(CloseKind::ProtocolError);
         }
         Ok(())

@@ -45,6 +45,33 @@ pub enum TokenError {
     Invalid,
 }
 
+#[derive(serde::Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// The token a connect presents: `Authorization: Bearer <token>`, else `?token=` (browsers
+/// cannot set headers on a WebSocket). `None` when neither is there.
+pub(crate) fn presented(
+    headers: &actix_web::http::header::HeaderMap,
+    query: &str,
+) -> Option<String> {
+    let header_token = headers
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().to_owned())
+        });
+    header_token.or_else(|| {
+        actix_web::web::Query::<TokenQuery>::from_query(query)
+            .ok()
+            .and_then(|q| q.into_inner().token)
+    })
+}
+
 /// Mints and checks device tokens with one HS256 secret.
 #[derive(Clone)]
 pub struct DeviceTokens {

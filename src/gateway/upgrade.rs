@@ -47,16 +47,16 @@ async fn upgrade(
     drop(parts.write_buf);
 
     let Some(gateway) = gateway.filter(|_| req.path() == "/v1/connect") else {
-        return refuse(&mut io, not_found(req.path())).await;
+        return Refusal::plain(
+            404,
+            "not_found",
+            &format!("no such endpoint: {}", req.path()),
+        )
+        .write_raw(&mut io)
+        .await;
     };
     if req.method() != Method::GET {
-        let mut r = plain(
-            405,
-            "method_not_allowed",
-            "method not allowed; this endpoint accepts GET",
-        );
-        r.allow_get = true;
-        return refuse(&mut io, r).await;
+        return Refusal::method_not_allowed().write_raw(&mut io).await;
     }
     let headers = req.headers();
     let device = match gateway
@@ -64,20 +64,18 @@ async fn upgrade(
         .await
     {
         Ok(device) => device,
-        Err(refusal) => return refuse(&mut io, Raw::from(refusal)).await,
+        Err(refusal) => return refusal.write_raw(&mut io).await,
     };
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let is_websocket = header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
     let key = header("sec-websocket-key").filter(|k| !k.is_empty());
     let (true, Some(key), Some("13")) = (is_websocket, key, header("sec-websocket-version")) else {
-        return refuse(
-            &mut io,
-            plain(
-                400,
-                "invalid_request",
-                "expected a WebSocket upgrade (Upgrade: websocket, Sec-WebSocket-Version: 13, Sec-WebSocket-Key)",
-            ),
+        return Refusal::plain(
+            400,
+            "invalid_request",
+            "expected a WebSocket upgrade (Upgrade: websocket, Sec-WebSocket-Version: 13, Sec-WebSocket-Key)",
         )
+        .write_raw(&mut io)
         .await;
     };
     let accept = derive_accept_key(key.as_bytes());
@@ -89,7 +87,7 @@ async fn upgrade(
     )
     .await?;
 
-    let max = gateway.0.config.max_frame_bytes;
+    let max = gateway.settings().max_frame_bytes;
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
         // 0: every frame is written out at once; notification frames are latency-bound,
@@ -102,64 +100,6 @@ async fn upgrade(
         .max_frame_size(Some(max))
         .max_message_size(Some(max));
     let ws = WebSocketStream::from_partially_read(io, early, Role::Server, Some(config)).await;
-    actix_web::rt::spawn(session::run(gateway, device, ws));
+    actix_web::rt::spawn(gateway.track_session(session::run(gateway.clone(), device, ws)));
     Ok(())
-}
-
-/// A refusal written as raw HTTP/1.1.
-struct Raw {
-    refusal: Refusal,
-    allow_get: bool,
-}
-
-impl From<Refusal> for Raw {
-    fn from(refusal: Refusal) -> Raw {
-        Raw {
-            refusal,
-            allow_get: false,
-        }
-    }
-}
-
-fn plain(status: u16, code: &'static str, message: &str) -> Raw {
-    Raw::from(Refusal {
-        status,
-        code,
-        message: message.to_owned(),
-        retry_after: None,
-        bearer_challenge: false,
-    })
-}
-
-fn not_found(path: &str) -> Raw {
-    plain(404, "not_found", &format!("no such endpoint: {path}"))
-}
-
-/// Writes the refusal and closes the connection (an upgrade request's connection is not
-/// reused).
-async fn refuse(io: &mut TcpStream, raw: Raw) -> Result<(), std::io::Error> {
-    let r = &raw.refusal;
-    let body = r.body();
-    let reason = actix_web::http::StatusCode::from_u16(r.status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("Error");
-    let mut head = format!(
-        "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
-        r.status,
-        body.len()
-    );
-    if r.bearer_challenge {
-        head.push_str("www-authenticate: Bearer\r\n");
-    }
-    if let Some(secs) = r.retry_after {
-        head.push_str(&format!("retry-after: {secs}\r\n"));
-    }
-    if raw.allow_get {
-        head.push_str("allow: GET\r\n");
-    }
-    head.push_str("\r\n");
-    head.push_str(&body);
-    io.write_all(head.as_bytes()).await?;
-    io.shutdown().await
 }

@@ -15,9 +15,12 @@
 
 mod memory;
 mod rabbitmq;
+pub mod reconnect;
 
 use std::sync::Arc;
+
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::domain::QueuedNotification;
@@ -53,6 +56,20 @@ impl QueueError {
     }
 }
 
+/// Why [`Delivery::retry`] or [`Delivery::dead_letter`] did not complete. The two differ in
+/// what happened: the caller records the copy only if it exists.
+#[derive(Debug, thiserror::Error)]
+pub enum SettleError {
+    /// The new copy was not made safe. The original is left unsettled, so it comes back
+    /// whole.
+    #[error("the copy was not made safe: {0}")]
+    Publish(QueueError),
+    /// The new copy is safe but the ack of the original failed, so it comes back too: a
+    /// duplicate, never a loss.
+    #[error("the copy is safe but the ack failed: {0}")]
+    Ack(QueueError),
+}
+
 /// Which queue a consumer reads: the work queue, or the dead letters (for operators and tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueKind {
@@ -73,6 +90,16 @@ impl Queue {
     /// background (with backoff), so a process starts, reports not-ready and answers 503
     /// while the broker is away, instead of failing to start.
     pub fn from_settings(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Queue> {
+        Self::from_settings_under(settings, metrics, CancellationToken::new())
+    }
+
+    /// As [`Queue::from_settings`], with the RabbitMQ backend's supervisor stopping when
+    /// `stop` (the root of the process's shutdown tree) is cancelled; `close` cancels it.
+    pub fn from_settings_under(
+        settings: &Settings,
+        metrics: &Metrics,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Queue> {
         Ok(match settings.queue_url()? {
             None => Queue::Memory(Arc::new(MemoryQueue::new(
                 settings.queue.memory_capacity,
@@ -83,6 +110,7 @@ impl Queue {
                 Topology::new(&settings.queue.prefix, &settings.retry),
                 settings.queue.clone(),
                 metrics.clone(),
+                stop,
             )),
         })
     }
@@ -223,15 +251,26 @@ impl Delivery {
 
     /// Re-queue `next` (the updated notification: remaining targets, attempt count) to be
     /// delivered again after `delay`, then ack this delivery.
-    pub async fn retry(self, next: &QueuedNotification, delay: Duration) -> Result<(), QueueError> {
-        self.queue().publish_retry(next, delay).await?;
-        self.ack().await
+    pub async fn retry(
+        self,
+        next: &QueuedNotification,
+        delay: Duration,
+    ) -> Result<(), SettleError> {
+        let published = self.queue().publish_retry(next, delay).await;
+        self.ack_after(published).await
     }
 
     /// Park `body` in the dead-letter queue with `reason`, then ack this delivery.
-    pub async fn dead_letter(self, body: Vec<u8>, reason: &str) -> Result<(), QueueError> {
-        self.queue().publish_dead(body, reason).await?;
-        self.ack().await
+    pub async fn dead_letter(self, body: Vec<u8>, reason: &str) -> Result<(), SettleError> {
+        let published = self.queue().publish_dead(body, reason).await;
+        self.ack_after(published).await
+    }
+
+    /// Acks once the copy is safe; a copy that is not leaves this delivery unsettled
+    /// (dropped here, so it is redelivered).
+    async fn ack_after(self, published: Result<(), QueueError>) -> Result<(), SettleError> {
+        published.map_err(SettleError::Publish)?;
+        self.ack().await.map_err(SettleError::Ack)
     }
 
     /// The queue this delivery came from, to publish its follow-up copies before acking.

@@ -31,6 +31,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::reconnect::{self, Backoff};
 use super::{Delivery, DeliveryHandle, QueueError, QueueKind, backoff_with_jitter};
 use crate::config::{QueueSettings, RetrySettings, Secret};
 use crate::domain::{QueuedNotification, unix_millis};
@@ -251,6 +252,7 @@ impl RabbitQueue {
         topology: Topology,
         settings: QueueSettings,
         metrics: Metrics,
+        stop: CancellationToken,
     ) -> Arc<Self> {
         metrics.broker_connected.set(0);
         let q = Arc::new(RabbitQueue {
@@ -260,7 +262,7 @@ impl RabbitQueue {
             metrics,
             link: watch::channel(None).0,
             broken: Notify::new(),
-            closed: CancellationToken::new(),
+            closed: stop,
         });
         tokio::spawn(q.clone().supervise());
         q
@@ -284,75 +286,67 @@ impl RabbitQueue {
         self.metrics.broker_connected.set(0);
     }
 
-    /// The connection supervisor: connect, declare, publish the link, wait for it to break,
-    /// repeat with backoff. Runs until `close`.
+    /// The connection supervisor (the shared reconnect loop): connect, declare, publish the
+    /// link, wait for it to break, repeat. Runs until `close`.
     async fn supervise(self: Arc<Self>) {
-        let mut failures: u32 = 0;
-        let mut connected_before = false;
-        while !self.closed.is_cancelled() {
-            match self.connect().await {
-                Ok(link) => {
-                    failures = 0;
-                    if connected_before {
-                        self.metrics.broker_reconnects.inc();
+        let backoff = Backoff {
+            min: self.settings.reconnect_min,
+            max: self.settings.reconnect_max,
+        };
+        reconnect::supervise(
+            "RabbitMQ connection",
+            &self.closed,
+            backoff,
+            |reconnecting| self.connection_round(reconnecting),
+        )
+        .await
+    }
+
+    /// One connection's life: up until it breaks (`Ok`), or an error setting it up.
+    async fn connection_round(&self, reconnecting: bool) -> anyhow::Result<()> {
+        let link = Arc::new(self.connect().await?);
+        if reconnecting {
+            self.metrics.broker_reconnects.inc();
+        }
+        let mut events = link.conn.events_listener();
+        self.link.send_replace(Some(link.clone()));
+        self.metrics.broker_connected.set(1);
+        tracing::info!(queue = %self.topology.work_queue, "connected to RabbitMQ");
+        // Wait for the link to break: an error event, a publish that found it broken, a
+        // status check (belt and braces), or shutdown (`close` then ends the link).
+        let mut check = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                ev = events.next() => match ev {
+                    Some(lapin::Event::Error(e)) => {
+                        tracing::warn!(error = %e, "RabbitMQ connection error");
+                        break;
                     }
-                    connected_before = true;
-                    let link = Arc::new(link);
-                    let mut events = link.conn.events_listener();
-                    self.link.send_replace(Some(link.clone()));
-                    self.metrics.broker_connected.set(1);
-                    tracing::info!(queue = %self.topology.work_queue, "connected to RabbitMQ");
-                    // Wait for the link to break: an error event, a publish that found it
-                    // broken, a status check (belt and braces), or shutdown.
-                    let mut check = tokio::time::interval(Duration::from_secs(1));
-                    loop {
-                        tokio::select! {
-                            ev = events.next() => match ev {
-                                Some(lapin::Event::Error(e)) => {
-                                    tracing::warn!(error = %e, "RabbitMQ connection error");
-                                    break;
-                                }
-                                Some(lapin::Event::ConnectionBlocked(reason)) => {
-                                    tracing::warn!(%reason, "RabbitMQ blocked publishing (resource alarm)");
-                                }
-                                Some(_) => {}
-                                None => break,
-                            },
-                            // A publish saw an error; the permit may be stale (from the
-                            // previous link), so believe it only if this link is unhealthy.
-                            _ = self.broken.notified() => {
-                                if !link.conn.status().connected() || !link.publish.status().connected() {
-                                    break;
-                                }
-                            }
-                            _ = check.tick() => {
-                                if !link.conn.status().connected() || !link.publish.status().connected() {
-                                    break;
-                                }
-                            }
-                            _ = self.closed.cancelled() => return,
-                        }
+                    Some(lapin::Event::ConnectionBlocked(reason)) => {
+                        tracing::warn!(%reason, "RabbitMQ blocked publishing (resource alarm)");
                     }
-                    self.link.send_replace(None);
-                    self.metrics.broker_connected.set(0);
-                    let _ = link.conn.close(320, "herald reconnecting".into()).await;
-                    tracing::warn!("lost RabbitMQ connection; reconnecting");
-                }
-                Err(e) => {
-                    failures += 1;
-                    let delay = backoff_with_jitter(
-                        failures,
-                        self.settings.reconnect_min,
-                        self.settings.reconnect_max,
-                    );
-                    tracing::warn!(error = %e, attempt = failures, retry_in = ?delay, "cannot connect to RabbitMQ");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.closed.cancelled() => return,
+                    Some(_) => {}
+                    None => break,
+                },
+                // A publish saw an error; the permit may be stale (from the previous
+                // link), so believe it only if this link is unhealthy.
+                _ = self.broken.notified() => {
+                    if !link.conn.status().connected() || !link.publish.status().connected() {
+                        break;
                     }
                 }
+                _ = check.tick() => {
+                    if !link.conn.status().connected() || !link.publish.status().connected() {
+                        break;
+                    }
+                }
+                _ = self.closed.cancelled() => return Ok(()),
             }
         }
+        self.link.send_replace(None);
+        self.metrics.broker_connected.set(0);
+        let _ = link.conn.close(320, "herald reconnecting".into()).await;
+        Ok(())
     }
 
     async fn connect(&self) -> anyhow::Result<Link> {

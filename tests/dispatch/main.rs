@@ -15,5 +15,6 @@ mod harness;
 mod apps;
 mod broker_restart;
 mod delivery;
+mod drain;
 mod events;
 mod outcomes;
