@@ -22,8 +22,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::EventsSettings;
-use crate::domain::{DeviceId, QueuedNotification};
+use crate::config::{AppConfig, EventsSettings};
+use crate::domain::{AppId, DeviceId, QueuedNotification};
 use crate::metrics::Metrics;
 use crate::queue::Queue;
 
@@ -59,7 +59,7 @@ pub struct Event {
     #[serde(rename = "type")]
     pub kind: EventKind,
     /// The notification's app.
-    pub app: crate::domain::AppId,
+    pub app: AppId,
     pub notification_id: String,
     pub device_id: String,
     /// live, apns or fcm; absent when no channel was tried (expired).
@@ -120,17 +120,29 @@ impl Event {
 /// Where events go. Cheap to clone.
 #[derive(Clone)]
 pub struct Events {
-    sinks: Arc<Vec<(&'static str, mpsc::Sender<Event>)>>,
+    sinks: Arc<Vec<Sink>>,
     metrics: Metrics,
     /// The sink tasks and their publishes in flight.
     tasks: TaskTracker,
 }
 
+/// One sink's buffer: RabbitMQ takes every app's events (the routing key names the app),
+/// a webhook only its own app's.
+struct Sink {
+    name: &'static str,
+    /// `None`: every app's events.
+    app: Option<AppId>,
+    tx: mpsc::Sender<Event>,
+}
+
 impl Events {
-    /// Starts the sink tasks: RabbitMQ when the queue is RabbitMQ, the webhook when
-    /// configured. Both stop when `stop` is cancelled, after sending what they hold.
+    /// Starts the sink tasks: RabbitMQ when the queue is RabbitMQ, and one webhook per app
+    /// that configures one (`events.webhook_url` for `default`, `[apps.<name>.events]` for
+    /// the others), each with its own buffer, so one app's slow webhook cannot drop another
+    /// app's events. All stop when `stop` is cancelled, after sending what they hold.
     pub fn start(
         settings: &EventsSettings,
+        apps: &[AppConfig],
         queue: &Queue,
         metrics: &Metrics,
         stop: &CancellationToken,
@@ -146,21 +158,33 @@ impl Events {
                 stop.clone(),
                 tasks.clone(),
             ));
-            sinks.push(("rabbitmq", tx));
+            sinks.push(Sink {
+                name: "rabbitmq",
+                app: None,
+                tx,
+            });
         }
-        if !settings.webhook_url.is_empty() {
+        for app in apps.iter().filter(|a| !a.webhook_url.is_empty()) {
             let (tx, rx) = mpsc::channel(settings.buffer);
             let client = reqwest::Client::builder()
                 .timeout(settings.webhook_timeout)
                 .build()?;
+            let settings = EventsSettings {
+                webhook_url: app.webhook_url.clone(),
+                ..settings.clone()
+            };
             tasks.spawn(webhook_sink(
                 rx,
                 client,
-                settings.clone(),
+                settings,
                 metrics.clone(),
                 stop.clone(),
             ));
-            sinks.push(("webhook", tx));
+            sinks.push(Sink {
+                name: "webhook",
+                app: Some(app.id.clone()),
+                tx,
+            });
         }
         tasks.close();
         Ok(Events {
@@ -189,11 +213,15 @@ impl Events {
     }
 
     pub fn emit(&self, event: Event) {
-        for (name, tx) in self.sinks.iter() {
-            if tx.try_send(event.clone()).is_err() {
+        let wanted = self
+            .sinks
+            .iter()
+            .filter(|s| s.app.as_ref().is_none_or(|app| *app == event.app));
+        for sink in wanted {
+            if sink.tx.try_send(event.clone()).is_err() {
                 self.metrics
                     .events_dropped
-                    .with_label_values(&[name, "buffer_full"])
+                    .with_label_values(&[sink.name, "buffer_full"])
                     .inc();
             }
         }

@@ -46,6 +46,9 @@ impl Application {
         let queue = Queue::from_settings_under(&settings, &metrics, stop.queue.clone())?;
 
         let apps = settings.apps()?;
+        for app in &apps {
+            metrics.register_app(app.id.as_str());
+        }
         let (keys, generated_api_key) = ApiKeys::or_minted(&apps, settings.has_role(Role::Api));
         let device_tokens = DeviceTokens::new(
             settings.device_token_secret()?.as_ref(),
@@ -81,7 +84,7 @@ impl Application {
         let directory = Directory::for_node(cluster.as_ref(), gateway.as_ref());
 
         let (dispatcher, events) = if settings.has_role(Role::Dispatcher) {
-            let events = Events::start(&settings.events, &queue, &metrics, &stop.events)?;
+            let events = Events::start(&settings.events, &apps, &queue, &metrics, &stop.events)?;
             let providers = Providers::from_apps(&apps, &metrics)?;
             let dispatcher = Dispatcher {
                 queue: queue.clone(),

@@ -60,8 +60,11 @@ pub async fn notify(
         Ok(()) => {
             m.queue_publish_duration
                 .observe(started.elapsed().as_secs_f64());
-            m.notifications_accepted.inc();
-            m.targets_accepted.inc_by(notification.targets.len() as u64);
+            let app = [notification.app.as_str()];
+            m.notifications_accepted.with_label_values(&app).inc();
+            m.targets_accepted
+                .with_label_values(&app)
+                .inc_by(notification.targets.len() as u64);
             span.in_scope(|| tracing::debug!("queued"));
             Ok(HttpResponse::Accepted().json(json!({"id": notification.id.to_string()})))
         }

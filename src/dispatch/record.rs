@@ -32,7 +32,8 @@ pub fn record(metrics: &Metrics, mut emit: impl FnMut(Event), outcome: Outcome<'
         Outcome::Unparseable => {
             metrics
                 .dead_letters
-                .with_label_values(&[DeadReason::Unparseable.label()])
+                // No notification, so no app: the empty label.
+                .with_label_values(&["", DeadReason::Unparseable.label()])
                 .inc();
         }
         Outcome::Target(n, report) => target(metrics, &mut emit, n, report),
@@ -47,22 +48,23 @@ fn target(
     r: &TargetReport,
 ) {
     let t = &r.target;
+    let app = n.app.as_str();
     if r.live == LiveOutcome::Acked {
         metrics
             .deliveries
-            .with_label_values(&[Channel::Live.as_str(), "delivered"])
+            .with_label_values(&[app, Channel::Live.as_str(), "delivered"])
             .inc();
         delivered(metrics, emit, n, t, Channel::Live);
     } else if let Some(reason) = fallback_reason(r.live).filter(|_| !r.routes.is_empty()) {
         // A target with no route is retried, not counted as a fallback: there is nothing
         // to fall back to.
-        metrics.fallbacks.with_label_values(&[reason]).inc();
+        metrics.fallbacks.with_label_values(&[app, reason]).inc();
     }
     for route in &r.routes {
         let channel = route.channel;
         metrics
             .deliveries
-            .with_label_values(&[channel.as_str(), route.outcome.label()])
+            .with_label_values(&[app, channel.as_str(), route.outcome.label()])
             .inc();
         match &route.outcome {
             ProviderOutcome::Delivered => delivered(metrics, emit, n, t, channel),
@@ -122,7 +124,7 @@ fn settled(
             // No channel was tried: the series pre-created for this case.
             metrics
                 .deliveries
-                .with_label_values(&["none", "expired"])
+                .with_label_values(&[n.app.as_str(), "none", "expired"])
                 .inc();
             emit(
                 Event::new(EventKind::Expired, n, &t.device_id)
@@ -133,14 +135,17 @@ fn settled(
     }
     if let Some(retry) = s.retry() {
         for channel in &retry.channels {
-            metrics.retries.with_label_values(&[channel.as_str()]).inc();
+            metrics
+                .retries
+                .with_label_values(&[n.app.as_str(), channel.as_str()])
+                .inc();
         }
         tracing::info!(targets = retry.next.targets.len(), delay = ?retry.delay, "scheduled a retry");
     }
     if let Some(dead) = s.dead_letter() {
         metrics
             .dead_letters
-            .with_label_values(&[dead.why.label()])
+            .with_label_values(&[n.app.as_str(), dead.why.label()])
             .inc();
         tracing::warn!(targets = dead.copy.targets.len(), reason = %dead.reason, "dead-lettered");
         for t in &dead.copy.targets {
@@ -170,7 +175,9 @@ mod tests {
     }
 
     fn deliveries(m: &Metrics, channel: &str, outcome: &str) -> u64 {
-        m.deliveries.with_label_values(&[channel, outcome]).get()
+        m.deliveries
+            .with_label_values(&["default", channel, outcome])
+            .get()
     }
 
     fn record_all(m: &Metrics, outcomes: Vec<Outcome<'_>>) -> Vec<Event> {
@@ -215,9 +222,9 @@ mod tests {
         assert_eq!(deliveries(&m, "apns", "delivered"), 1);
         assert_eq!(deliveries(&m, "fcm", "token_dead"), 1);
         assert_eq!(deliveries(&m, "apns", "transient"), 1);
-        assert_eq!(m.fallbacks.with_label_values(&["ack_timeout"]).get(), 1);
+        assert_eq!(m.fallbacks.with_label_values(&["default", "ack_timeout"]).get(), 1);
         // android-1 and ios-2 fell back from offline; phone-2 had no route to fall back to.
-        assert_eq!(m.fallbacks.with_label_values(&["offline"]).get(), 2);
+        assert_eq!(m.fallbacks.with_label_values(&["default", "offline"]).get(), 2);
         for ch in ["live", "apns"] {
             assert_eq!(
                 m.delivery_latency
@@ -233,7 +240,7 @@ mod tests {
             0
         );
         // Retries are counted when the settlement schedules them, not per target.
-        assert_eq!(m.retries.with_label_values(&["apns"]).get(), 0);
+        assert_eq!(m.retries.with_label_values(&["default", "apns"]).get(), 0);
     }
 
     #[test]
@@ -280,9 +287,9 @@ mod tests {
         ));
         let events = record_all(&m, vec![Outcome::Settled(&n, &s)]);
         for (ch, count) in [("apns", 1), ("fcm", 1), ("live", 1)] {
-            assert_eq!(m.retries.with_label_values(&[ch]).get(), count, "{ch}");
+            assert_eq!(m.retries.with_label_values(&["default", ch]).get(), count, "{ch}");
         }
-        assert_eq!(m.dead_letters.with_label_values(&["config_error"]).get(), 1);
+        assert_eq!(m.dead_letters.with_label_values(&["default", "config_error"]).get(), 1);
         assert_eq!(
             json(&events),
             [
@@ -298,12 +305,12 @@ mod tests {
         assert_eq!(events.len(), 4);
         assert_eq!(
             m.dead_letters
-                .with_label_values(&["attempts_exhausted"])
+                .with_label_values(&["default", "attempts_exhausted"])
                 .get(),
             1
         );
         for ch in ["live", "apns", "fcm"] {
-            assert_eq!(m.retries.with_label_values(&[ch]).get(), 0, "{ch}");
+            assert_eq!(m.retries.with_label_values(&["default", ch]).get(), 0, "{ch}");
         }
     }
 
@@ -312,6 +319,6 @@ mod tests {
         let m = Metrics::new();
         let events = record_all(&m, vec![Outcome::Unparseable]);
         assert!(events.is_empty());
-        assert_eq!(m.dead_letters.with_label_values(&["unparseable"]).get(), 1);
+        assert_eq!(m.dead_letters.with_label_values(&["", "unparseable"]).get(), 1);
     }
 }

@@ -59,19 +59,21 @@ impl Gateway {
         headers: &HeaderMap,
         query: &str,
     ) -> Result<DeviceKey, Refusal> {
-        let refuse = |refusal: Refusal| {
+        // `app` is empty until a valid token named it.
+        let refuse = |app: &str, refusal: Refusal| {
             self.0
                 .metrics
                 .sessions_refused
-                .with_label_values(&[refusal.reason_label()])
+                .with_label_values(&[app, refusal.reason_label()])
                 .inc();
             Err(refusal)
         };
         let device = match token::presented(headers, query).map(|t| self.0.tokens.verify(&t)) {
             Some(Ok(device)) => device,
-            Some(Err(e)) => return refuse(Refusal::unauthorized(&e)),
-            None => return refuse(Refusal::unauthorized(&TokenError::Missing)),
+            Some(Err(e)) => return refuse("", Refusal::unauthorized(&e)),
+            None => return refuse("", Refusal::unauthorized(&TokenError::Missing)),
         };
+        let refuse = |refusal| refuse(device.app.as_str(), refusal);
         if !self.is_accepting() {
             return refuse(Refusal::unavailable(
                 "shutting_down",

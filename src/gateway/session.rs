@@ -37,7 +37,8 @@ pub(super) async fn run(gateway: Gateway, device: DeviceKey, ws: WebSocketStream
     let id = uuid::Uuid::now_v7();
     let metrics = gateway.metrics();
     metrics.sessions_opened.inc();
-    metrics.sessions_active.inc();
+    let active = metrics.sessions_active.with_label_values(&[device.app.as_str()]);
+    active.inc();
     let registered = gateway.register(device.clone(), SessionHandle::new(id, tx, control.clone()));
     let started = Instant::now();
     let mut session = Session {
@@ -78,7 +79,7 @@ pub(super) async fn run(gateway: Gateway, device: DeviceKey, ws: WebSocketStream
         .sessions_closed
         .with_label_values(&[kind.label()])
         .inc();
-    metrics.sessions_active.dec();
+    active.dec();
     if let Some(code) = kind.code() {
         let description = match kind {
             CloseKind::Shutdown => {

@@ -165,7 +165,10 @@ fn note_outcome(
 ) {
     match outcome {
         ProviderOutcome::TokenDead { reason } => {
-            metrics.tokens_dead.with_label_values(&[provider]).inc();
+            metrics
+                .tokens_dead
+                .with_label_values(&[n.app.as_str(), provider])
+                .inc();
             tracing::info!(notification = %n.id, ?token, %reason, provider, "token dead");
         }
         ProviderOutcome::ConfigError { reason } => {
