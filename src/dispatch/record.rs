@@ -222,9 +222,17 @@ mod tests {
         assert_eq!(deliveries(&m, "apns", "delivered"), 1);
         assert_eq!(deliveries(&m, "fcm", "token_dead"), 1);
         assert_eq!(deliveries(&m, "apns", "transient"), 1);
-        assert_eq!(m.fallbacks.with_label_values(&["default", "ack_timeout"]).get(), 1);
+        assert_eq!(
+            m.fallbacks
+                .with_label_values(&["default", "ack_timeout"])
+                .get(),
+            1
+        );
         // android-1 and ios-2 fell back from offline; phone-2 had no route to fall back to.
-        assert_eq!(m.fallbacks.with_label_values(&["default", "offline"]).get(), 2);
+        assert_eq!(
+            m.fallbacks.with_label_values(&["default", "offline"]).get(),
+            2
+        );
         for ch in ["live", "apns"] {
             assert_eq!(
                 m.delivery_latency
@@ -287,9 +295,18 @@ mod tests {
         ));
         let events = record_all(&m, vec![Outcome::Settled(&n, &s)]);
         for (ch, count) in [("apns", 1), ("fcm", 1), ("live", 1)] {
-            assert_eq!(m.retries.with_label_values(&["default", ch]).get(), count, "{ch}");
+            assert_eq!(
+                m.retries.with_label_values(&["default", ch]).get(),
+                count,
+                "{ch}"
+            );
         }
-        assert_eq!(m.dead_letters.with_label_values(&["default", "config_error"]).get(), 1);
+        assert_eq!(
+            m.dead_letters
+                .with_label_values(&["default", "config_error"])
+                .get(),
+            1
+        );
         assert_eq!(
             json(&events),
             [
@@ -310,7 +327,11 @@ mod tests {
             1
         );
         for ch in ["live", "apns", "fcm"] {
-            assert_eq!(m.retries.with_label_values(&["default", ch]).get(), 0, "{ch}");
+            assert_eq!(
+                m.retries.with_label_values(&["default", ch]).get(),
+                0,
+                "{ch}"
+            );
         }
     }
 
@@ -319,6 +340,9 @@ mod tests {
         let m = Metrics::new();
         let events = record_all(&m, vec![Outcome::Unparseable]);
         assert!(events.is_empty());
-        assert_eq!(m.dead_letters.with_label_values(&["", "unparseable"]).get(), 1);
+        assert_eq!(
+            m.dead_letters.with_label_values(&["", "unparseable"]).get(),
+            1
+        );
     }
 }

@@ -37,7 +37,9 @@ pub(super) async fn run(gateway: Gateway, device: DeviceKey, ws: WebSocketStream
     let id = uuid::Uuid::now_v7();
     let metrics = gateway.metrics();
     metrics.sessions_opened.inc();
-    let active = metrics.sessions_active.with_label_values(&[device.app.as_str()]);
+    let active = metrics
+        .sessions_active
+        .with_label_values(&[device.app.as_str()]);
     active.inc();
     let registered = gateway.register(device.clone(), SessionHandle::new(id, tx, control.clone()));
     let started = Instant::now();

@@ -67,10 +67,10 @@ async fn legacy_path_and_counters() {
     }
     let metrics = app.get("/metrics").await.text().await.unwrap();
     assert!(
-        metrics.contains("herald_notifications_accepted_total 2"),
+        metrics.contains("herald_notifications_accepted_total{app=\"default\"} 2"),
         "{metrics}"
     );
-    assert!(metrics.contains("herald_notification_targets_accepted_total 4"));
+    assert!(metrics.contains("herald_notification_targets_accepted_total{app=\"default\"} 4"));
     assert!(
         metrics.contains(
             r#"herald_http_requests_total{method="POST",route="/notify",status="202"} 1"#

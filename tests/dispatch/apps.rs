@@ -128,7 +128,7 @@ async fn each_apps_key_sends_through_its_own_credentials_only() {
         let apps: Vec<&Value> = delivered.iter().map(|e| &e["app"]).collect();
         assert_eq!(apps, [app, app]);
     }
-    w.app.stop().await;
+    w.stop().await;
 }
 
 #[tokio::test]
@@ -178,5 +178,133 @@ async fn sandbox_and_production_targets_go_to_their_two_endpoints() {
         "{reason}"
     );
     assert_eq!(dead[0]["device_id"], "misfiled-phone");
-    w.app.stop().await;
+    w.stop().await;
+}
+
+/// A device token minted through the API with `key`: for `device` of the key's app.
+async fn minted(w: &World, key: &str, device: &str) -> String {
+    let res = w
+        .http
+        .post(format!("{}/v1/devices/{device}/token", w.app.base))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    res.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// A token as herald minted them before apps: no `app` claim.
+fn claimless_token(device: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": device, "aud": "herald-device", "iat": now, "exp": now + 60}),
+        &jsonwebtoken::EncodingKey::from_secret(crate::gw::SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// `token` with its `app` claim changed to `app`, the signature kept.
+fn with_app_claim(token: &str, app: &str) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut claims: Value = serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
+    claims["app"] = app.into();
+    let payload = b64.encode(serde_json::to_vec(&claims).unwrap());
+    format!("{}.{payload}.{}", parts[0], parts[2])
+}
+
+async fn open(w: &World, token: &str) -> tokio::sync::mpsc::UnboundedReceiver<Value> {
+    let mut ws = crate::gw::try_connect(&w.app, Some(token))
+        .await
+        .expect("connects");
+    let hello = crate::gw::next_json(&mut ws).await;
+    assert_eq!(hello["type"], "hello", "{hello}");
+    crate::gw::spawn_acker(ws)
+}
+
+/// The next notification frame's id.
+async fn next_id(frames: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> String {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), frames.recv())
+            .await
+            .expect("a frame in time")
+            .expect("session open");
+        if frame["type"] == "notification" {
+            return frame["id"].as_str().unwrap().to_owned();
+        }
+    }
+}
+
+crate::delivery::on_both_backends!(the_same_device_id_in_two_apps_is_two_devices);
+
+async fn the_same_device_id_in_two_apps_is_two_devices(backend: Backend) {
+    let shop = Shop::start().await;
+    let w = World::start_with(backend, |s| shop.configure(s)).await;
+    let live = |id: &str| json!({"targets": [{"device_id": id}], "data": {"k": "v"}});
+
+    // phone-1 of `default`, with a token from before apps (no claim: default's).
+    let mut default_frames = open(&w, &claimless_token("phone-1")).await;
+    // shop's phone-1 has no session: shop's notification must not reach default's session,
+    // and falls back through shop's own APNs.
+    notify_as(
+        &w,
+        SHOP_KEY,
+        json!({"targets": [{"device_id": "phone-1", "apns": {"token": SHOP_APNS_TOKEN}}], "data": {"k": "v"}}),
+    )
+    .await;
+    wait_for(Duration::from_secs(20), "shop's APNs fallback", || async {
+        (shop.apns.request_count() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        w.apns.request_count(),
+        0,
+        "default's APNs never sees shop's"
+    );
+    // The first frame default's session gets is default's own notification.
+    let first = w.notify(live("phone-1")).await;
+    assert_eq!(next_id(&mut default_frames).await, first);
+
+    // Now phone-1 of shop connects with a token shop's key minted: a second device, so
+    // default's session is not replaced.
+    let shop_token = minted(&w, SHOP_KEY, "phone-1").await;
+    let mut shop_frames = open(&w, &shop_token).await;
+    let to_shop = notify_as(&w, SHOP_KEY, live("phone-1")).await;
+    assert_eq!(next_id(&mut shop_frames).await, to_shop);
+    let to_default = w.notify(live("phone-1")).await;
+    assert_eq!(next_id(&mut default_frames).await, to_default);
+    assert_eq!(
+        w.metric("herald_gateway_sessions_active{app=\"shop\"}"),
+        1.0
+    );
+    assert_eq!(
+        w.metric("herald_gateway_sessions_active{app=\"default\"}"),
+        1.0
+    );
+    assert_eq!(
+        w.metric("herald_deliveries_total{app=\"shop\",channel=\"live\",outcome=\"delivered\"}"),
+        1.0
+    );
+    assert_eq!(
+        w.metric("herald_deliveries_total{app=\"default\",channel=\"live\",outcome=\"delivered\"}"),
+        2.0
+    );
+
+    // Shop's token with its app claim changed opens nothing.
+    let forged =
+        crate::gw::try_connect(&w.app, Some(&with_app_claim(&shop_token, "default"))).await;
+    match forged {
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => assert_eq!(res.status(), 401),
+        other => panic!("a forged app claim connected: {:?}", other.map(|_| ())),
+    }
+    w.stop().await;
 }

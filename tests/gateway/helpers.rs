@@ -68,11 +68,7 @@ impl GwApp {
 
     /// Value of a metric line (name with labels, exactly as rendered), 0 if absent.
     pub fn metric(&self, series: &str) -> f64 {
-        self.metrics
-            .render()
-            .lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
+        crate::support::metric_value(&self.metrics.render(), series).unwrap_or(0.0)
     }
 
     pub fn closed(&self, reason: &str) -> f64 {

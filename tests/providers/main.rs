@@ -88,11 +88,6 @@ pub fn fcm_token(name: &str) -> FcmToken {
 
 /// The value of a counter/histogram-count line in the metrics text.
 pub fn metric(metrics: &Metrics, line_prefix: &str) -> f64 {
-    metrics
-        .render()
-        .lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric line starting with {line_prefix}"))
+    support::metric_value(&metrics.render(), line_prefix)
+        .unwrap_or_else(|| panic!("no metric series {line_prefix}"))
 }
