@@ -183,7 +183,10 @@ async fn run() {
 
     // 3. Live delivery latency: a device on the gateway node, acking everything.
     let dispatcher = start(settings(Some(&vhost.url), &[Role::Dispatcher])).await;
-    let device = DeviceId::parse("bench-device").unwrap();
+    let device = herald::domain::DeviceKey::new(
+        Default::default(),
+        DeviceId::parse("bench-device").unwrap(),
+    );
     let _client = acker(cluster_gw.addr, "bench-device").await;
     let cross = dispatcher.directory.clone().unwrap();
     let same_local = cluster_gw.directory.clone().unwrap();

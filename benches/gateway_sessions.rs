@@ -416,8 +416,11 @@ async fn round_trips() {
             }
         });
     }
-    let devices: Vec<DeviceId> = (0..n_sessions)
-        .map(|i| DeviceId::parse(format!("rtt-{i}")).expect("id"))
+    let devices: Vec<herald::domain::DeviceKey> = (0..n_sessions)
+        .map(|i| {
+            let device = DeviceId::parse(format!("rtt-{i}")).expect("id");
+            herald::domain::DeviceKey::new(Default::default(), device)
+        })
         .collect();
     while !devices.iter().all(|d| directory.is_connected(d)) {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -212,9 +212,9 @@ mod tests {
         assert_eq!(
             json(&events),
             [
-                serde_json::json!({"type": "delivered", "notification_id": id, "device_id": "phone-1", "channel": "live", "attempt": 1}),
-                serde_json::json!({"type": "delivered", "notification_id": id, "device_id": "ios-1", "channel": "apns", "attempt": 1}),
-                serde_json::json!({"type": "token_dead", "notification_id": id, "device_id": "android-1", "channel": "fcm", "token": "fcm-android-1", "reason": "UNREGISTERED", "attempt": 1}),
+                serde_json::json!({"type": "delivered", "app": "default", "notification_id": id, "device_id": "phone-1", "channel": "live", "attempt": 1}),
+                serde_json::json!({"type": "delivered", "app": "default", "notification_id": id, "device_id": "ios-1", "channel": "apns", "attempt": 1}),
+                serde_json::json!({"type": "token_dead", "app": "default", "notification_id": id, "device_id": "android-1", "channel": "fcm", "token": "fcm-android-1", "reason": "UNREGISTERED", "attempt": 1}),
             ]
         );
         assert_eq!(events[1].routing_key(), "delivered.apns");
@@ -260,8 +260,8 @@ mod tests {
         assert_eq!(
             json(&events),
             [
-                serde_json::json!({"type": "expired", "notification_id": id, "device_id": "ios-1", "reason": "ttl passed before delivery", "attempt": 1}),
-                serde_json::json!({"type": "expired", "notification_id": id, "device_id": "phone-1", "reason": "ttl passed before delivery", "attempt": 1}),
+                serde_json::json!({"type": "expired", "app": "default", "notification_id": id, "device_id": "ios-1", "reason": "ttl passed before delivery", "attempt": 1}),
+                serde_json::json!({"type": "expired", "app": "default", "notification_id": id, "device_id": "phone-1", "reason": "ttl passed before delivery", "attempt": 1}),
             ]
         );
         assert_eq!(events[0].routing_key(), "expired");
@@ -310,7 +310,7 @@ mod tests {
         assert_eq!(
             json(&events),
             [
-                serde_json::json!({"type": "dead_lettered", "notification_id": n.id.to_string(), "device_id": "ios-2", "reason": "config_error: apns: bad topic", "attempt": 1})
+                serde_json::json!({"type": "dead_lettered", "app": "default", "notification_id": n.id.to_string(), "device_id": "ios-2", "reason": "config_error: apns: bad topic", "attempt": 1})
             ]
         );
         assert_eq!(events[0].routing_key(), "dead_lettered");

@@ -6,7 +6,9 @@ use std::time::{Duration, SystemTime};
 use futures::{SinkExt, StreamExt};
 use herald::config::{Secret, Settings};
 use herald::directory::Directory;
-use herald::domain::{DeviceId, NotificationId, Priority, QueuedNotification, unix_millis};
+use herald::domain::{
+    DeviceId, DeviceKey, NotificationId, Priority, QueuedNotification, unix_millis,
+};
 use herald::gateway::DeviceTokens;
 use herald::shutdown::Shutdown;
 use herald::startup::Application;
@@ -83,13 +85,17 @@ impl GwApp {
     }
 }
 
-pub fn device(id: &str) -> DeviceId {
-    DeviceId::parse(id).expect("valid device id")
+/// Device `id` of the app `default`.
+pub fn device(id: &str) -> DeviceKey {
+    DeviceKey::new(
+        Default::default(),
+        DeviceId::parse(id).expect("valid device id"),
+    )
 }
 
 pub fn token(device_id: &str) -> String {
     DeviceTokens::new(Some(&Secret::new(SECRET)), Duration::from_secs(60))
-        .mint(&device(device_id))
+        .mint(&device(device_id).device)
         .expect("mints")
         .0
 }
