@@ -217,7 +217,7 @@ mod tests {
                 serde_json::json!({"type": "token_dead", "app": "default", "notification_id": id, "device_id": "android-1", "channel": "fcm", "token": "fcm-android-1", "reason": "UNREGISTERED", "attempt": 1}),
             ]
         );
-        assert_eq!(events[1].routing_key(), "delivered.apns");
+        assert_eq!(events[1].routing_key(), "default.delivered.apns");
         assert_eq!(deliveries(&m, "live", "delivered"), 1);
         assert_eq!(deliveries(&m, "apns", "delivered"), 1);
         assert_eq!(deliveries(&m, "fcm", "token_dead"), 1);
@@ -264,7 +264,7 @@ mod tests {
                 serde_json::json!({"type": "expired", "app": "default", "notification_id": id, "device_id": "phone-1", "reason": "ttl passed before delivery", "attempt": 1}),
             ]
         );
-        assert_eq!(events[0].routing_key(), "expired");
+        assert_eq!(events[0].routing_key(), "default.expired");
         assert_eq!(deliveries(&m, "none", "expired"), 2);
     }
 
@@ -313,7 +313,7 @@ mod tests {
                 serde_json::json!({"type": "dead_lettered", "app": "default", "notification_id": n.id.to_string(), "device_id": "ios-2", "reason": "config_error: apns: bad topic", "attempt": 1})
             ]
         );
-        assert_eq!(events[0].routing_key(), "dead_lettered");
+        assert_eq!(events[0].routing_key(), "default.dead_lettered");
 
         // Out of attempts, the same failures are one dead letter and no retry.
         let m = Metrics::new();

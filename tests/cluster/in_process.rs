@@ -139,7 +139,8 @@ async fn unroutable_is_offline_from_the_broker_and_no_reply_means_fallback() {
     ch.queue_bind(
         q.name().clone(),
         "herald.sessions".into(),
-        "ghost".into(),
+        // The directory's routing key of default's device `ghost`.
+        gw::device("ghost").routing_key().into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
