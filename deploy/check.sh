@@ -8,9 +8,13 @@
 #   2. renders every overlay with `kubectl kustomize`;
 #   3. validates each rendered object: built-in kinds strictly against the Kubernetes
 #      schemas (kubernetes-validate), custom resources (RabbitmqCluster, ServiceMonitor,
-#      PrometheusRule) against deploy/schemas/crds.yaml;
+#      PrometheusRule, cert-manager and messaging-topology resources) against
+#      deploy/schemas/crds.yaml;
 #   4. checks herald's own invariants (probes, drain timing, security context, secrets as
-#      read-only files) and runs checkov's Kubernetes policies (skips: deploy/checkov.yaml);
+#      read-only files), the lock-down (NetworkPolicies for every pod, 8080 and AMQP only
+#      from named sources, amqps:// with a mounted CA, one least-privilege broker user per
+#      role, never the default/admin one) and runs checkov's Kubernetes policies (skips:
+#      deploy/checkov.yaml);
 #   5. checks that every metric the Grafana dashboard and the alerts query exists in
 #      METRICS_FILE, and that every alert links its runbook in docs/operations.md.
 # With HERALD_BUILD_IMAGE=1 it also builds the image with buildah (needs a registry that
@@ -80,6 +84,10 @@ for overlay in deploy/k8s/overlays/*/; do
     fi
     run "validate $name" "$py" deploy/checks.py validate "$rendered"
     run "invariants $name" "$py" deploy/checks.py invariants "$rendered"
+    run "security $name" "$py" deploy/checks.py security "$rendered"
+    if [[ $name == production ]]; then
+        run "security checks fail on each undone lock-down" "$py" deploy/test_checks.py "$rendered"
+    fi
     run "checkov $name" "$venv/bin/checkov" --config-file deploy/checkov.yaml \
         --framework kubernetes -f "$rendered"
 done

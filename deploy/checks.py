@@ -8,6 +8,11 @@ Each subcommand prints what it checked and exits non-zero on any failure:
                          deploy/schemas/crds.yaml; an unknown kind fails
   invariants FILE        herald's own rules for its Deployments (probes, drain timing,
                          security context, secrets only as read-only files)
+  security FILE          the lock-down of a rendered overlay: every pod behind a
+                         NetworkPolicy, 8080 and the broker's AMQP ports only from named
+                         sources, amqps:// with a mounted CA, one broker user per herald
+                         role (never the default/admin user), and anchored permission
+                         regexes that reach exactly the exchanges and queues each role uses
   metrics METRICS_FILE   every metric the dashboard and the alerts query exists in a real
                          /metrics output of herald, and every label they match on is one
                          herald puts on that metric
@@ -211,6 +216,346 @@ def cmd_invariants(path):
 
 
 # ---------------------------------------------------------------------------------------
+# security
+
+HERALD_POD = {"app.kubernetes.io/name": "herald"}
+AMQP_PORTS = (5671, 5672)
+
+
+def selects(selector, labels):
+    """Whether a Kubernetes label selector selects an object with `labels`."""
+    if selector is None:
+        return False
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and labels.get(key) in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def narrow(selector):
+    """A selector that names something (an empty one selects everything)."""
+    return bool(selector) and bool(selector.get("matchLabels") or selector.get("matchExpressions"))
+
+
+def admits_port(rule_ports, port, names=()):
+    """Whether a NetworkPolicy rule's ports (none = all ports) include `port`."""
+    if not rule_ports:
+        return True
+    for p in rule_ports:
+        got = p.get("port")
+        if got is None or got in names:
+            return True
+        if isinstance(got, int) and got <= port <= p.get("endPort", got):
+            return True
+    return False
+
+
+def herald_toml(docs):
+    """herald's effective [queue] prefix and the overlay's herald.toml (from its ConfigMap)."""
+    import tomllib
+
+    defaults = tomllib.loads((REPO / "config/default.toml").read_text())
+    overlay = {}
+    for d in docs:
+        if d.get("kind") == "ConfigMap" and d["metadata"]["name"].startswith("herald-config"):
+            overlay = tomllib.loads(d.get("data", {}).get("herald.toml", ""))
+    return defaults, overlay
+
+
+def retry_queue_names(prefix, retry):
+    """The retry queues Topology::new (src/queue/rabbitmq.rs) declares for [retry]."""
+    base, top = parse_duration_s(retry["base_delay"]), parse_duration_s(retry["max_delay"])
+    delays = []
+    for k in range(retry["max_attempts"]):
+        d = min(base * 2 ** min(k, 30), top)
+        if not delays or delays[-1] != d:
+            delays.append(d)
+    return [f"{prefix}.retry.{round(d * 1000)}ms" for d in delays]
+
+
+def role_resources(prefix, retry_queues):
+    """(needed, refused) per role: {permission: [resource names]} that its regexes must and
+    must not match. Mirrors what the code does with the broker (names with queue.prefix;
+    "amq.default" is RabbitMQ's name for the default exchange in permission checks):
+
+    - every role (RabbitQueue::connect -> Topology::declare, src/queue/rabbitmq.rs):
+      exchange.declare work, dead, events; queue.declare dead, work (dead-letters to the
+      dead exchange) and each retry queue (dead-letters to the work exchange); bind dead
+      and work to their exchanges. RabbitMQ wants configure on each, write on a bound
+      queue and on a dead-letter exchange, read on a binding's exchange and on a queue
+      that dead-letters.
+    - api: publishes to the work exchange (covered above).
+    - dispatcher: consumes work; publish_retry (default exchange), publish_dead (dead
+      exchange), publish_event (events exchange); ClusterDirectory (src/directory/
+      cluster.rs) declares the sessions exchange and publishes deliveries to it.
+    - gateway: ClusterDirectory with a gateway: declares and consumes the exclusive
+      {prefix}.node.<node id> queue, binds it to the sessions exchange, publishes kicks to
+      that exchange and replies through the default exchange (direct reply-to).
+    """
+    p = prefix
+    node = [f"{p}.node.0194f6c2e5a47b3c8d9e0f1a2b3c4d5e", f"{p}.node.gw-1"]
+    common_needed = {
+        "configure": [f"{p}.work", f"{p}.dead", f"{p}.events", *retry_queues],
+        "write": [f"{p}.work", f"{p}.dead"],
+        "read": [f"{p}.work", f"{p}.dead", *retry_queues],
+    }
+    # Names no herald user needs: other apps' queues, server-named queues, look-alikes
+    # that only an unanchored or too-wide regex would match.
+    outside = ["amq.gen-JzTY20BRgKO", "other.work", f"x{p}.work", f"{p}.work.x", f"{p}x.dead",
+               f"{p}.retry.ms", f"{p}.retry.10msx", f"{p}.node.", "amq.topic"]
+    needed = {
+        "api": common_needed,
+        "dispatcher": {
+            "configure": common_needed["configure"] + [f"{p}.sessions"],
+            "write": common_needed["write"] + [f"{p}.events", f"{p}.sessions", "amq.default"],
+            "read": common_needed["read"],
+        },
+        "gateway": {
+            "configure": common_needed["configure"] + [f"{p}.sessions", *node],
+            "write": common_needed["write"] + [f"{p}.sessions", "amq.default", *node],
+            "read": common_needed["read"] + [f"{p}.sessions", *node],
+        },
+    }
+    refused = {
+        "api": {
+            "configure": outside + [f"{p}.sessions", *node],
+            "write": outside + [f"{p}.sessions", f"{p}.events", "amq.default", *node],
+            "read": outside + [f"{p}.sessions", f"{p}.events", *node],
+        },
+        "dispatcher": {
+            "configure": outside + node,
+            "write": outside + node,
+            "read": outside + [f"{p}.sessions", f"{p}.events", *node],
+        },
+        "gateway": {
+            "configure": outside,
+            "write": outside + [f"{p}.events"],
+            "read": outside + [f"{p}.events"],
+        },
+    }
+    return needed, refused
+
+
+def cmd_security(path):
+    docs = load_docs(path)
+    problems = security_problems(docs, DEPLOY / "k8s/overlays" / Path(path).stem)
+    count = {k: sum(1 for d in docs if d.get("kind") == k) for k in ("NetworkPolicy", "Deployment", "RabbitmqCluster")}
+    return fail(
+        problems,
+        f"security: {count['NetworkPolicy']} NetworkPolicies over {count['Deployment']} Deployment(s) "
+        f"and {count['RabbitmqCluster']} RabbitmqCluster(s); amqps, per-role broker users and "
+        f"permission regexes in {Path(path).name}",
+    )
+
+
+def security_problems(docs, overlay_dir):
+    """Every lock-down problem of one rendered overlay (see `security` in the module doc)."""
+    problems = []
+    kinds = {}
+    for d in docs:
+        kinds.setdefault(d.get("kind"), []).append(d)
+    policies = kinds.get("NetworkPolicy", [])
+    deployments = kinds.get("Deployment", [])
+    clusters = kinds.get("RabbitmqCluster", [])
+
+    def policies_for(labels):
+        return [np for np in policies if selects(np["spec"].get("podSelector"), labels)]
+
+    # Every pod behind a NetworkPolicy, both directions for herald.
+    for d in deployments:
+        rid = resource_id(d)
+        labels = d["spec"]["template"]["metadata"].get("labels", {})
+        types = {t for np in policies_for(labels) for t in np["spec"].get("policyTypes", ["Ingress"])}
+        for t in ("Ingress", "Egress"):
+            if t not in types:
+                problems.append(f"{rid}: no NetworkPolicy restricts its pods' {t.lower()} (NetworkPolicy missing)")
+        # 8080 only from named sources: each peer names a namespace and pods, no IP blocks.
+        for np in policies_for(labels):
+            for i, rule in enumerate(np["spec"].get("ingress") or []):
+                if not admits_port(rule.get("ports"), 8080, ("http",)):
+                    continue
+                where = f"{resource_id(np)} ingress[{i}] (port 8080 of {rid})"
+                if not rule.get("from"):
+                    problems.append(f"{where}: admits every source")
+                for peer in rule.get("from") or []:
+                    if "ipBlock" in peer:
+                        problems.append(f"{where}: admits an IP block")
+                    elif not narrow(peer.get("namespaceSelector")) or not narrow(peer.get("podSelector")):
+                        problems.append(
+                            f"{where}: peer {peer} must name both a namespace and pods "
+                            "(namespaceSelector and podSelector with labels)"
+                        )
+
+    # The broker: its pods behind a policy that admits AMQP only from herald pods, TLS on.
+    for rc in clusters:
+        rid = resource_id(rc)
+        name = rc["metadata"]["name"]
+        labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "rabbitmq"}
+        mine = [np for np in policies_for(labels) if "Ingress" in np["spec"].get("policyTypes", ["Ingress"])]
+        if not mine:
+            problems.append(f"{rid}: no NetworkPolicy restricts ingress to the RabbitMQ pods (NetworkPolicy missing)")
+        for np in mine:
+            for i, rule in enumerate(np["spec"].get("ingress") or []):
+                if not any(admits_port(rule.get("ports"), p, ("amqp", "amqps")) for p in AMQP_PORTS):
+                    continue
+                where = f"{resource_id(np)} ingress[{i}] (AMQP to {rid})"
+                if not rule.get("from"):
+                    problems.append(f"{where}: admits every source")
+                for peer in rule.get("from") or []:
+                    ps = peer.get("podSelector")
+                    if set(peer) != {"podSelector"} or not narrow(ps) or not selects(ps, HERALD_POD) \
+                            or (ps.get("matchLabels") or {}).get("app.kubernetes.io/name") != "herald":
+                        problems.append(f"{where}: peer {peer} is not herald's pods in this namespace")
+        tls = rc["spec"].get("tls") or {}
+        if not tls.get("secretName"):
+            problems.append(f"{rid}: spec.tls.secretName unset: AMQP would be cleartext")
+        if tls.get("disableNonTLSListeners") is not True:
+            problems.append(f"{rid}: spec.tls.disableNonTLSListeners is not true: cleartext 5672 stays open")
+        for d in deployments:
+            labels_d = d["spec"]["template"]["metadata"].get("labels", {})
+            for np in policies_for(labels_d):
+                for i, rule in enumerate(np["spec"].get("egress") or []):
+                    to_broker = any(selects(peer.get("podSelector"), labels) for peer in rule.get("to") or [])
+                    if to_broker and admits_port(rule.get("ports"), 5672, ("amqp",)):
+                        problems.append(f"{resource_id(np)} egress[{i}]: lets herald reach the broker's cleartext 5672")
+
+    if clusters:
+        problems += broker_client_problems(docs, kinds, deployments, clusters, overlay_dir)
+    return problems
+
+
+def broker_client_problems(docs, kinds, deployments, clusters, overlay_dir):
+    """amqps:// with a mounted CA, one non-admin broker user per herald role, and
+    permissions that reach what each role uses and nothing else."""
+    problems = []
+    defaults, overlay = herald_toml(docs)
+    queue = {**defaults["queue"], **overlay.get("queue", {})}
+    retry = {**defaults["retry"], **overlay.get("retry", {})}
+    prefix = queue["prefix"]
+    if queue.get("url"):
+        problems.append("herald.toml sets queue.url inline: the broker password would sit in a ConfigMap; use url_file")
+    for key in ("url_file", "ca_file"):
+        if not queue.get(key):
+            problems.append(f"herald.toml: queue.{key} unset (the broker is reached over amqps:// with a mounted CA)")
+    default_users = {f"{rc['metadata']['name']}-default-user" for rc in clusters}
+    users = {u["metadata"]["name"]: u for u in kinds.get("User", [])}
+    user_by_secret = {
+        (u["spec"].get("importCredentialsSecret") or {}).get("name"): u for u in users.values()
+    }
+    perms_by_user = {}
+    for pm in kinds.get("Permission", []):
+        who = (pm["spec"].get("userReference") or {}).get("name") or pm["spec"].get("user")
+        perms_by_user.setdefault(who, []).append(pm)
+    role_of_user = {}
+    seen_secrets = {}
+    for d in deployments:
+        rid = resource_id(d)
+        pod = d["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for v in volumes.values():
+            if (v.get("secret") or {}).get("secretName") in default_users:
+                problems.append(f"{rid}: mounts the broker's default (administrator) user Secret {v['secret']['secretName']}")
+        for c in pod["containers"]:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            roles = [r.strip() for r in (env.get("HERALD__ROLES") or "").split(",") if r.strip()]
+            if "HERALD__QUEUE__URL" in env:
+                problems.append(f"{rid}: sets HERALD__QUEUE__URL (a password in the pod spec); mount url_file")
+            if env.get("HERALD__QUEUE__CA_FILE", None) == "":
+                problems.append(f"{rid}: HERALD__QUEUE__CA_FILE empties queue.ca_file")
+
+            def mounted(file_path):
+                """The volume that provides `file_path` in this container, if any."""
+                for m in c.get("volumeMounts", []):
+                    mp = m["mountPath"].rstrip("/")
+                    if not file_path.startswith(mp + "/"):
+                        continue
+                    v = volumes.get(m["name"], {})
+                    src = v.get("secret") or v.get("configMap") or {}
+                    items = src.get("items")
+                    rel = file_path[len(mp) + 1:]
+                    if items is None or any(i["path"] == rel for i in items):
+                        return v
+                return None
+
+            url_vol = mounted(queue.get("url_file") or "/-")
+            if not mounted(queue.get("ca_file") or "/-"):
+                problems.append(f"{rid}: nothing mounted at queue.ca_file {queue.get('ca_file')}")
+            secret = (url_vol or {}).get("secret", {}).get("secretName")
+            if not secret:
+                problems.append(f"{rid}: no Secret mounted at queue.url_file {queue.get('url_file')}")
+                continue
+            if secret in seen_secrets:
+                problems.append(f"{rid}: shares its broker Secret {secret} with {seen_secrets[secret]}; one user per role")
+            seen_secrets[secret] = rid
+            user = user_by_secret.get(secret)
+            if secret in default_users or user is None:
+                problems.append(
+                    f"{rid}: its broker URL Secret {secret} is not the credentials of a User of its "
+                    "own (broker-users.yaml), so it would connect as the default/admin user or another"
+                )
+                continue
+            uname = user["metadata"]["name"]
+            if user["spec"].get("tags"):
+                problems.append(f"User {uname}: has tags {user['spec']['tags']}; herald's users need none")
+            if len(roles) != 1:
+                problems.append(f"{rid}: runs roles {roles}; production runs one role per user")
+                continue
+            role_of_user[uname] = roles[0]
+            example = overlay_dir / f"secrets.example/url-{roles[0]}.example"
+            shown = example.relative_to(REPO) if example.is_relative_to(REPO) else example
+            if not example.exists():
+                problems.append(f"{rid}: no {shown} showing its broker URL")
+            else:
+                url = example.read_text().strip()
+                if not url.startswith("amqps://"):
+                    problems.append(f"{shown}: the queue URL is not amqps://")
+                if url.split("://", 1)[-1].split(":", 1)[0] != uname:
+                    problems.append(f"{shown}: the URL's user is not {uname}")
+
+    needed, refused = role_resources(prefix, retry_queue_names(prefix, retry))
+    for uname, role in sorted(role_of_user.items()):
+        pms = perms_by_user.get(uname, [])
+        if len(pms) != 1:
+            problems.append(f"User {uname}: {len(pms)} Permission objects, want exactly 1")
+            continue
+        spec = pms[0]["spec"]["permissions"]
+        for kind in ("configure", "write", "read"):
+            rx = spec.get(kind)
+            where = f"Permission {pms[0]['metadata']['name']} {kind} {rx!r}"
+            if rx is None:
+                problems.append(f"{where}: missing")
+                continue
+            if rx.strip() in (".*", "^.*$", ".+", "^.+$", ""):
+                if rx.strip() != "" or needed[role][kind]:
+                    problems.append(f"{where}: grants everything (or nothing where {role} needs access)")
+                continue
+            if not (rx.startswith("^") and rx.endswith("$")):
+                problems.append(f"{where}: not anchored ^...$ (RabbitMQ matches anywhere in the name)")
+            try:
+                compiled = re.compile(rx)
+            except re.error as e:
+                problems.append(f"{where}: not a regex: {e}")
+                continue
+            for name in needed[role][kind]:
+                if not compiled.search(name):
+                    problems.append(f"{where}: does not match {name!r}, which the {role} role uses")
+            for name in refused[role][kind]:
+                if compiled.search(name):
+                    problems.append(f"{where}: matches {name!r}, which the {role} role does not need")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------
 # metrics
 
 
@@ -391,6 +736,7 @@ def main(argv):
     ok = {
         "validate": lambda: cmd_validate(*args),
         "invariants": lambda: cmd_invariants(*args),
+        "security": lambda: cmd_security(*args),
         "metrics": lambda: cmd_metrics(*args),
         "runbooks": lambda: cmd_runbooks(*args),
     }[cmd]()

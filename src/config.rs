@@ -92,6 +92,7 @@ pub struct Settings {
     /// `[apps.<name>]`: the apps besides `default` (which the top-level keys define).
     #[serde(default)]
     pub apps: BTreeMap<String, AppSettings>,
+    pub inbox: InboxSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -140,6 +141,7 @@ pub struct NotifySettings {
     /// The `default` app's `max_notify_rate` (see [`AppSettings::max_notify_rate`]).
     #[serde(default)]
     pub max_notify_rate: Option<f64>,
+    pub max_frame_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -147,12 +149,14 @@ pub struct NotifySettings {
 pub struct QueueSettings {
     pub url: Secret,
     pub url_file: String,
+    pub ca_file: String,
     pub prefix: String,
     #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub retry_after: Duration,
     pub memory_capacity: usize,
+    pub memory_max_bytes: usize,
     pub prefetch: u16,
     #[serde(with = "humantime_serde")]
     pub reconnect_min: Duration,
@@ -230,6 +234,7 @@ pub struct ApnsSettings {
     pub sandbox_endpoint: String,
     pub default_environment: crate::domain::ApnsEnvironment,
     pub ca_file: String,
+    pub allow_insecure_endpoints: bool,
     pub concurrency: usize,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
@@ -244,6 +249,7 @@ pub struct FcmSettings {
     pub service_account_file: String,
     pub endpoint: String,
     pub ca_file: String,
+    pub allow_insecure_endpoints: bool,
     pub concurrency: usize,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
@@ -283,6 +289,8 @@ pub struct AppApnsSettings {
     pub sandbox_endpoint: String,
     pub default_environment: Option<crate::domain::ApnsEnvironment>,
     pub ca_file: String,
+    /// Not inherited from `[apns]`: each app opts in to cleartext off loopback itself.
+    pub allow_insecure_endpoints: bool,
     pub concurrency: Option<usize>,
     #[serde(with = "humantime_serde")]
     pub timeout: Option<Duration>,
@@ -298,6 +306,8 @@ pub struct AppFcmSettings {
     /// Empty = Google's (`https://fcm.googleapis.com`).
     pub endpoint: String,
     pub ca_file: String,
+    /// Not inherited from `[fcm]`: each app opts in to cleartext off loopback itself.
+    pub allow_insecure_endpoints: bool,
     pub concurrency: Option<usize>,
     #[serde(with = "humantime_serde")]
     pub timeout: Option<Duration>,
@@ -461,6 +471,12 @@ impl Settings {
         if self.auth.device_token_ttl.is_zero() {
             return Err(invalid("auth.device_token_ttl", "must be positive"));
         }
+        // The live frame must fit whatever a provider-routed notification already may carry
+        // (a 4 KiB payload plus the frame's own fields), and stays under the 16 MiB a
+        // WebSocket frame is allowed to be here (gateway.max_frame_bytes has the same cap).
+        if !(8 * 1024..=16 * 1024 * 1024).contains(&self.notify.max_frame_bytes) {
+            return Err(invalid("notify.max_frame_bytes", "must be 8 KiB to 16 MiB"));
+        }
         if self.notify.max_targets == 0 {
             return Err(invalid("notify.max_targets", "must be at least 1"));
         }
@@ -481,6 +497,13 @@ impl Settings {
         }
         if self.queue.memory_capacity == 0 {
             return Err(invalid("queue.memory_capacity", "must be at least 1"));
+        }
+        // At least one body of the largest size accepted, or the queue could take nothing.
+        if self.queue.memory_max_bytes < self.http.max_body_bytes {
+            return Err(invalid(
+                "queue.memory_max_bytes",
+                "must be at least http.max_body_bytes",
+            ));
         }
         if self.queue.prefetch == 0 {
             return Err(invalid("queue.prefetch", "must be at least 1"));
@@ -504,6 +527,9 @@ impl Settings {
                 .parse::<lapin::uri::AMQPUri>()
                 .map_err(|e| invalid("queue.url", format!("not a valid AMQP URI: {e}")))?;
         }
+        let url = self.queue_url()?;
+        crate::queue::tls::check_ca_file(url.as_ref().map(Secret::expose), &self.queue.ca_file)
+            .map_err(|e| invalid("queue.ca_file", e))?;
         if self.retry.base_delay.is_zero() || self.retry.base_delay > self.retry.max_delay {
             return Err(invalid(
                 "retry.base_delay",
@@ -566,6 +592,7 @@ impl Settings {
         }
         self.apps()?;
         self.device_token_secret()?;
+        self.inbox.validate()?;
         Ok(())
     }
 
@@ -616,6 +643,28 @@ impl Settings {
             let p = &app.key_prefix;
             app.apns.limits().validate(format!("{p}apns"))?;
             app.fcm.limits().validate(format!("{p}fcm"))?;
+            // apns.topic becomes the apns-topic header: a control character there would be
+            // refused by the HTTP client on every send, dead-lettering everything as a
+            // provider configuration error. Refused here instead, at start-up.
+            if !header_safe(&app.apns.topic) {
+                return Err(invalid(
+                    format!("{p}apns.topic"),
+                    "must not contain control characters or spaces (it is the apns-topic header)",
+                ));
+            }
+            for (key, url) in [
+                ("endpoint", &app.apns.endpoint),
+                ("sandbox_endpoint", &app.apns.sandbox_endpoint),
+            ] {
+                if !matches!(url.as_str(), "production" | "sandbox") {
+                    let key = format!("{p}apns.{key}");
+                    crate::providers::check_url(&key, url, app.apns.allow_insecure_endpoints)
+                        .map_err(|e| invalid(key, format!("{e:#}")))?;
+                }
+            }
+            let key = format!("{p}fcm.endpoint");
+            crate::providers::check_url(&key, &app.fcm.endpoint, app.fcm.allow_insecure_endpoints)
+                .map_err(|e| invalid(key, format!("{e:#}")))?;
             let hook = &app.webhook_url;
             if !(hook.is_empty() || hook.starts_with("http://") || hook.starts_with("https://")) {
                 return Err(invalid(
@@ -822,6 +871,7 @@ impl AppApnsSettings {
                 .default_environment
                 .unwrap_or(crate::domain::ApnsEnvironment::Production),
             ca_file: self.ca_file.clone(),
+            allow_insecure_endpoints: self.allow_insecure_endpoints,
             concurrency: self.concurrency.unwrap_or(base.concurrency),
             timeout: self.timeout.unwrap_or(base.timeout),
             breaker_failures: self.breaker_failures.unwrap_or(base.breaker_failures),
@@ -842,12 +892,19 @@ impl AppFcmSettings {
                 self.endpoint.clone()
             },
             ca_file: self.ca_file.clone(),
+            allow_insecure_endpoints: self.allow_insecure_endpoints,
             concurrency: self.concurrency.unwrap_or(base.concurrency),
             timeout: self.timeout.unwrap_or(base.timeout),
             breaker_failures: self.breaker_failures.unwrap_or(base.breaker_failures),
             breaker_cooldown: self.breaker_cooldown.unwrap_or(base.breaker_cooldown),
         }
     }
+}
+
+/// Fit for an HTTP header value that names something (a topic, a collapse id): no control
+/// characters, no whitespace.
+pub fn header_safe(s: &str) -> bool {
+    !s.chars().any(|c| c.is_control() || c.is_whitespace())
 }
 
 /// Up to 100 characters of `[A-Za-z0-9-_.]`: safe inside AMQP exchange and queue names
@@ -871,6 +928,15 @@ fn read_api_keys_file(
             continue;
         }
         keys.push(parse_api_key(key.clone(), line)?);
+    }
+    // A configured key source that holds no key is a mistake (an unmounted Secret, a
+    // template never filled in), not a request for a generated key: that would start an
+    // API whose only key went to stdout, i.e. the log stream.
+    if keys.is_empty() {
+        return Err(invalid(
+            key,
+            format!("{path} holds no API key (only blank lines or comments)"),
+        ));
     }
     Ok(keys)
 }
@@ -902,6 +968,157 @@ fn parse_api_key(
         return Err(invalid(key, "an API key must be at least 16 characters"));
     }
     Ok(sha2::Sha256::digest(entry.as_bytes()).into())
+}
+
+/// `[inbox]`: the offline inbox (src/inbox/); config/default.toml says why each default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboxSettings {
+    pub url: Secret,
+    pub url_file: String,
+    pub max_per_device: usize,
+    pub max_bytes_per_device: usize,
+    #[serde(with = "humantime_serde")]
+    pub reap_interval: Duration,
+    pub reap_batch: usize,
+    pub memory_max_bytes: usize,
+    pub pool_size: u32,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl InboxSettings {
+    /// The per-device bounds the store enforces.
+    pub fn limits(&self) -> crate::inbox::InboxLimits {
+        crate::inbox::InboxLimits {
+            max_per_device: self.max_per_device,
+            max_bytes_per_device: self.max_bytes_per_device,
+        }
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        if !(1..=10_000).contains(&self.max_per_device) {
+            return Err(invalid(
+                "inbox.max_per_device",
+                "must be between 1 and 10000",
+            ));
+        }
+        // At least one frame of any size the gateway may send; at most what an i32 column
+        // of sizes sums to safely.
+        if !(1024..=i32::MAX as usize).contains(&self.max_bytes_per_device) {
+            return Err(invalid(
+                "inbox.max_bytes_per_device",
+                "must be between 1 KiB and 2 GiB",
+            ));
+        }
+        if self.reap_interval.is_zero() {
+            return Err(invalid("inbox.reap_interval", "must be positive"));
+        }
+        if self.reap_batch == 0 {
+            return Err(invalid("inbox.reap_batch", "must be at least 1"));
+        }
+        if self.memory_max_bytes < self.max_bytes_per_device {
+            return Err(invalid(
+                "inbox.memory_max_bytes",
+                "must be at least inbox.max_bytes_per_device",
+            ));
+        }
+        if self.pool_size == 0 {
+            return Err(invalid("inbox.pool_size", "must be at least 1"));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(invalid("inbox.connect_timeout", "must be positive"));
+        }
+        if let Some(url) = self.url()? {
+            let u = url.expose();
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                // The message never repeats the URL: it may hold a password.
+                return Err(invalid(
+                    "inbox.url",
+                    "must start with postgres:// or postgresql:// (or be empty)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The inbox database URL (`inbox.url`, else the contents of `inbox.url_file`);
+    /// `None` means no PostgreSQL inbox.
+    pub fn url(&self) -> Result<Option<Secret>, SettingsError> {
+        if !self.url.is_empty() {
+            return Ok(Some(self.url.clone()));
+        }
+        if self.url_file.is_empty() {
+            return Ok(None);
+        }
+        let text = read_secret_file("inbox.url_file", &self.url_file)?;
+        Ok(Some(Secret::new(text.trim())).filter(|s| !s.is_empty()))
+    }
+}
+
+impl Settings {
+    /// The PostgreSQL inbox URL, if one is configured (see [`InboxSettings::url`]).
+    pub fn inbox_url(&self) -> Result<Option<Secret>, SettingsError> {
+        self.inbox.url()
+    }
+}
+
+#[cfg(test)]
+mod inbox_settings_tests {
+    use super::*;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        Settings::load(Sources {
+            env_vars: Some(
+                vars.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Sources::default()
+        })
+    }
+
+    #[test]
+    fn inbox_defaults_and_url_file() {
+        let s = Settings::defaults();
+        assert_eq!(s.inbox.max_per_device, 100);
+        assert!(s.inbox_url().unwrap().is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("url");
+        std::fs::write(&file, "postgres://herald:pw@db/herald\n").unwrap();
+        let s = load(&[("HERALD__INBOX__URL_FILE", file.to_str().unwrap())]).unwrap();
+        assert_eq!(
+            s.inbox_url().unwrap().unwrap().expose(),
+            "postgres://herald:pw@db/herald"
+        );
+    }
+
+    #[test]
+    fn bad_inbox_values_name_their_key_and_hide_the_url() {
+        let err = load(&[("HERALD__INBOX__URL", "mysql://u:hunter2@x/db")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("inbox.url") && !err.contains("hunter2"),
+            "{err}"
+        );
+        for (var, value, key) in [
+            ("HERALD__INBOX__MAX_PER_DEVICE", "0", "inbox.max_per_device"),
+            (
+                "HERALD__INBOX__MAX_BYTES_PER_DEVICE",
+                "10",
+                "inbox.max_bytes_per_device",
+            ),
+            ("HERALD__INBOX__REAP_INTERVAL", "0s", "inbox.reap_interval"),
+            ("HERALD__INBOX__POOL_SIZE", "0", "inbox.pool_size"),
+        ] {
+            let err = load(&[(var, value)]).unwrap_err().to_string();
+            assert!(
+                err.contains(key),
+                "{var}={value}: `{err}` does not name {key}"
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -965,6 +1182,22 @@ mod tests {
                 "HERALD__FCM__BREAKER_COOLDOWN",
                 "0s",
                 "fcm.breaker_cooldown",
+            ),
+            (
+                "HERALD__NOTIFY__MAX_FRAME_BYTES",
+                "1000",
+                "notify.max_frame_bytes",
+            ),
+            (
+                "HERALD__QUEUE__MEMORY_MAX_BYTES",
+                "1000",
+                "queue.memory_max_bytes",
+            ),
+            ("HERALD__APNS__TOPIC", "com.example\u{7}app", "apns.topic"),
+            (
+                "HERALD__FCM__ENDPOINT",
+                "http://fcm.example.com",
+                "fcm.endpoint",
             ),
         ];
         for (var, value, key) in cases {

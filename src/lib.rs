@@ -17,6 +17,7 @@
 //! - [`providers`]: APNs and FCM: payloads, auth, HTTP/2 transports, one outcome class per
 //!   answer, a bulkhead and circuit breaker per provider.
 //! - [`queue`]: the queue contract and its two backends, embedded and RabbitMQ.
+//! - [`inbox`]: the offline inbox: pending notifications per device; memory and PostgreSQL.
 //! - [`metrics`]: every metric herald exports.
 //! - [`telemetry`]: logging setup.
 //!
@@ -32,6 +33,7 @@ pub mod events;
 pub mod gateway;
 pub mod http_error;
 pub mod http_server;
+pub mod inbox;
 pub mod metrics;
 pub mod providers;
 pub mod queue;

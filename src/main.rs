@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use herald::config::{Settings, Sources};
+use herald::config::{Role, Settings, Sources};
+use herald::metrics::Metrics;
+use herald::providers::Providers;
 use herald::startup::Application;
 
 #[derive(Parser)]
@@ -26,8 +28,9 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Load and validate the configuration, print the effective settings (secrets
-    /// redacted), and exit: non-zero with the offending key if anything is wrong.
+    /// Load and validate the configuration (with the provider key files `serve` would
+    /// load), print the effective settings (secrets redacted), and exit: 2 with the
+    /// offending key if anything is wrong.
     CheckConfig {
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -35,7 +38,7 @@ enum Command {
     /// The reference device client: hold a session, print each notification as one JSON
     /// line on stdout, ack it, reconnect with backoff. Exits 3 if the token is refused.
     Connect {
-        /// e.g. ws://localhost:8080/v1/connect
+        /// e.g. ws://localhost:8080/v1/connect, or wss://... through a TLS front
         #[arg(long)]
         url: String,
         /// A device token (POST /v1/devices/{device_id}/token).
@@ -47,6 +50,9 @@ enum Command {
         /// Largest reconnect delay.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         backoff_max: std::time::Duration,
+        /// Extra CA bundle (PEM) trusted for wss:// on top of the system roots.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -60,12 +66,14 @@ fn main() -> ExitCode {
             token,
             backoff_min,
             backoff_max,
+            ca_file,
         } => {
             return connect(herald::client::ConnectOptions {
                 url,
                 token,
                 backoff_min,
                 backoff_max: backoff_max.max(backoff_min),
+                ca_file,
             });
         }
     };
@@ -77,6 +85,15 @@ fn main() -> ExitCode {
         }
     };
     if check_only {
+        // `serve` reads the provider key files (and checks apns.key_id, team_id, topic,
+        // endpoints, CA files) when it builds the providers, on a node with the dispatcher
+        // role: the same build runs here, so check-config refuses what serve would.
+        if settings.has_role(Role::Dispatcher)
+            && let Err(e) = Providers::from_settings(&settings, &Metrics::new())
+        {
+            eprintln!("herald: {e:#}");
+            return ExitCode::from(2);
+        }
         println!("{settings:#?}");
         match settings.apps_summary() {
             Ok(summary) => print!("{summary}"),
@@ -139,7 +156,8 @@ fn connect(opts: herald::client::ConnectOptions) -> ExitCode {
             ExitCode::from(match e {
                 herald::client::ClientError::Unauthorized(_) => 3,
                 herald::client::ClientError::Replaced => 4,
-                herald::client::ClientError::BadUrl(_) => 2,
+                herald::client::ClientError::BadUrl(_)
+                | herald::client::ClientError::BadCaFile(_) => 2,
             })
         }
     }

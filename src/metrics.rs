@@ -53,6 +53,7 @@ pub struct Metrics {
     pub sessions_refused: IntCounterVec,
     pub ping_rtt: Histogram,
     pub frames: IntCounterVec,
+    pub frames_unwritable: IntCounter,
     pub acks: IntCounter,
     pub ack_timeouts: IntCounter,
     pub deliveries: IntCounterVec,
@@ -202,6 +203,11 @@ impl Metrics {
                 "WebSocket frames by direction (in, out).",
                 &["direction"],
             ),
+            frames_unwritable: counter(
+                &r,
+                "herald_gateway_frames_unwritable_total",
+                "Notification frames this node could not write (larger than its outgoing buffer); dropped, session kept, delivery falls back.",
+            ),
             acks: counter(
                 &r,
                 "herald_gateway_acks_total",
@@ -297,6 +303,7 @@ impl Metrics {
             "shutdown",
             "protocol_error",
             "slow_consumer",
+            "server_error",
         ] {
             m.sessions_closed.with_label_values(&[r]);
         }

@@ -57,6 +57,7 @@ impl Application {
         let gateway = settings.has_role(Role::Gateway).then(|| {
             Gateway::new(
                 settings.gateway.clone(),
+                settings.notify.max_frame_bytes,
                 device_tokens.clone(),
                 metrics.clone(),
                 stop.gateway.clone(),
@@ -113,6 +114,7 @@ impl Application {
                 max_ttl: settings.notify.max_ttl,
             },
             max_body_bytes: settings.http.max_body_bytes,
+            max_frame_bytes: settings.notify.max_frame_bytes,
             retry_after: settings.queue.retry_after,
             shutdown: shutdown.clone(),
         };

@@ -41,6 +41,8 @@ pub struct AppState {
     pub metrics: Metrics,
     pub limits: NotifyLimits,
     pub max_body_bytes: usize,
+    /// `notify.max_frame_bytes`: the largest live notification frame accepted.
+    pub max_frame_bytes: usize,
     pub retry_after: Duration,
     pub shutdown: Shutdown,
 }

@@ -33,7 +33,7 @@ pub async fn notify(
     let body = read_body(payload, state.max_body_bytes).await?;
     // serde_path_to_error names the field at fault ("targets[3].device_id: ...").
     let de = &mut serde_json::Deserializer::from_slice(&body);
-    let request: NotifyRequest = serde_path_to_error::deserialize(de).map_err(|e| {
+    let request: NotifyRequest = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         match inner.classify() {
@@ -44,9 +44,17 @@ pub async fn notify(
             _ => ApiError::InvalidJson(inner.to_string()),
         }
     })?;
+    // The body is exactly one JSON value: `{...} xx` is not "a request with some noise",
+    // it is a body some other layer may read differently (a proxy, a logger, a WAF).
+    de.end().map_err(|e| {
+        ApiError::InvalidJson(format!(
+            "the body must be exactly one JSON value; found more after it: {e}"
+        ))
+    })?;
     let mut notification = request.parse(state.limits, SystemTime::now())?;
     notification.app = caller.app().clone();
     providers::check_payload_sizes(&notification)?;
+    check_live_frame(&notification, state.max_frame_bytes)?;
 
     let span = tracing::info_span!("notify", id = %notification.id, app = %notification.app, targets = notification.targets.len());
     let started = Instant::now();
@@ -78,6 +86,20 @@ pub async fn notify(
             })
         }
     }
+}
+
+/// The notification frame a device's session would be sent must fit `notify.max_frame_bytes`.
+/// A target with only a `device_id` has no provider payload limit behind it, so without
+/// this the only bound would be the request body (1 MiB): too big for a session's outgoing
+/// buffer, and refused here rather than failing on every delivery attempt.
+fn check_live_frame(n: &crate::domain::QueuedNotification, limit: usize) -> Result<(), ApiError> {
+    let size = crate::gateway::protocol::notification_json(n).len();
+    if size > limit {
+        return Err(ApiError::InvalidRequest(format!(
+            "the live notification frame would be {size} bytes; the limit is {limit} (notify.max_frame_bytes)"
+        )));
+    }
+    Ok(())
 }
 
 /// `application/json`, with or without parameters such as `charset=utf-8`.

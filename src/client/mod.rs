@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
+use tokio_tungstenite::Connector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -38,6 +39,8 @@ pub struct ConnectOptions {
     pub token: String,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Extra CA bundle (PEM) trusted for `wss://`, on top of the system roots.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// Why the client stopped for good (a lost connection is never one: it reconnects).
@@ -53,6 +56,8 @@ pub enum ClientError {
     Replaced,
     #[error("bad --url: {0}")]
     BadUrl(String),
+    #[error("bad --ca-file: {0}")]
+    BadCaFile(String),
 }
 
 /// How one connection ended.
@@ -76,9 +81,12 @@ pub async fn run(
     let mut seen = lru::LruCache::new(
         NonZeroUsize::new(DEDUPE_CAPACITY).expect("DEDUPE_CAPACITY is not zero"),
     );
+    // Built once: the roots do not change between reconnects, and a bad --ca-file is fatal
+    // at start rather than on every attempt.
+    let tls = tls_connector(&opts)?;
     let mut failures: u32 = 0;
     loop {
-        let delay = match connect_once(&opts, &mut seen, out, &stop).await {
+        let delay = match connect_once(&opts, tls.clone(), &mut seen, out, &stop).await {
             End::Stopped => return Ok(()),
             End::Fatal(e) => return Err(e),
             End::ReconnectAfter(d) => {
@@ -114,8 +122,55 @@ pub fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
     Duration::from_millis(rand::random_range(0..=ms))
 }
 
+/// The TLS set-up for `wss://` URLs (rustls, like every other TLS herald speaks): the
+/// system's roots plus the `--ca-file` bundle. `None` for `ws://`, which needs none.
+fn tls_connector(opts: &ConnectOptions) -> Result<Option<Connector>, ClientError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    if !opts.url.starts_with("wss://") {
+        if opts.ca_file.is_some() {
+            tracing::warn!("--ca-file is only used for wss:// URLs");
+        }
+        return Ok(None);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for e in &native.errors {
+        tracing::warn!(error = %e, "could not load some system root certificates");
+    }
+    let (_, ignored) = roots.add_parsable_certificates(native.certs);
+    if ignored > 0 {
+        tracing::debug!(ignored, "system root certificates rustls could not use");
+    }
+    if let Some(path) = &opts.ca_file {
+        let bad =
+            |e: &dyn std::fmt::Display| ClientError::BadCaFile(format!("{}: {e}", path.display()));
+        let mut added = 0;
+        for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))? {
+            roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(bad(&"holds no PEM certificate"));
+        }
+    }
+    if roots.is_empty() {
+        return Err(ClientError::BadCaFile(
+            "no trusted root certificates: the system has none; pass --ca-file".into(),
+        ));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::BadCaFile(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(Connector::Rustls(std::sync::Arc::new(config))))
+}
+
 async fn connect_once(
     opts: &ConnectOptions,
+    tls: Option<Connector>,
     seen: &mut lru::LruCache<String, ()>,
     out: &mut (dyn Write + Send),
     stop: &CancellationToken,
@@ -134,7 +189,8 @@ async fn connect_once(
     };
     request.headers_mut().insert("authorization", auth);
     let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER_BYTES);
-    let connecting = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+    let connecting =
+        tokio_tungstenite::connect_async_tls_with_config(request, Some(config), true, tls);
     let mut ws = tokio::select! {
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting) => match r {
             Ok(Ok((ws, _))) => ws,

@@ -329,6 +329,20 @@ impl NotifyRequest {
             if key.is_empty() || key.len() > 64 {
                 return bad("collapse_key must be 1-64 bytes".into());
             }
+            // It becomes the apns-collapse-id header: a control character would be refused
+            // by the HTTP client at send time and dead-letter the target as a provider
+            // configuration error. Refused here, where the caller can fix it.
+            if key.chars().any(char::is_control) {
+                return bad("collapse_key must not contain control characters".into());
+            }
+        }
+        if let Some(topic) = &self.apns.topic
+            && (topic.is_empty() || !crate::config::header_safe(topic))
+        {
+            return bad(
+                "apns.topic must be non-empty, without control characters or spaces (it is the apns-topic header)"
+                    .into(),
+            );
         }
         let ttl = match &self.ttl {
             None => limits.default_ttl,

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::IntCounter;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -67,6 +67,9 @@ pub struct Gateway(Arc<Inner>);
 
 struct Inner {
     settings: GatewaySettings,
+    /// `notify.max_frame_bytes`: the largest notification frame this node writes; sizes the
+    /// outgoing WebSocket buffer, apart from the inbound `gateway.max_frame_bytes`.
+    max_notification_frame_bytes: usize,
     tokens: DeviceTokens,
     metrics: Metrics,
     frames_in: IntCounter,
@@ -99,11 +102,13 @@ impl Gateway {
     /// cancelled; [`Gateway::shutdown`] does that in order.
     pub fn new(
         settings: GatewaySettings,
+        max_notification_frame_bytes: usize,
         tokens: DeviceTokens,
         metrics: Metrics,
         stop: CancellationToken,
     ) -> Self {
         Gateway(Arc::new(Inner {
+            max_notification_frame_bytes,
             admission: Admission::new(settings.max_session_rate, settings.session_burst),
             frames_in: metrics.frames.with_label_values(&["in"]),
             frames_out: metrics.frames.with_label_values(&["out"]),
@@ -171,17 +176,25 @@ impl Gateway {
             frame: protocol::notification_json(n),
             acked,
         });
-        match handle.sender().try_send(out) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                // The device stopped reading: close it rather than buffer more.
-                tracing::info!(device = %device, "send buffer full: closing slow session");
+        // One deadline for room in the send buffer and for the ack: a delivery still ends
+        // within ack_timeout.
+        let deadline = tokio::time::Instant::now() + self.0.settings.ack_timeout;
+        // A full buffer is not yet a slow device: a burst (several dispatchers, each with
+        // `queue.prefetch` deliveries in flight, can aim more than `send_buffer` frames at
+        // one busy device at once) fills it while the device reads on. Wait for room; a
+        // buffer that stays full for the whole ack_timeout means the session could not write
+        // one frame in that time, i.e. the device stopped reading: close it rather than
+        // buffer more.
+        match tokio::time::timeout_at(deadline, handle.sender().send(out)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_closed)) => return LiveOutcome::Offline,
+            Err(_full_too_long) => {
+                tracing::info!(device = %device, "send buffer full for ack_timeout: closing slow session");
                 handle.close(CloseKind::SlowConsumer);
                 return LiveOutcome::Offline;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => return LiveOutcome::Offline,
         }
-        match tokio::time::timeout(self.0.settings.ack_timeout, ack).await {
+        match tokio::time::timeout_at(deadline, ack).await {
             Ok(Ok(())) => LiveOutcome::Acked,
             // The session ended before the ack: the frame may or may not have arrived.
             Ok(Err(_)) => LiveOutcome::Offline,

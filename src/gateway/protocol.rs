@@ -27,6 +27,9 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4004;
     /// RFC 6455's "message too big": a frame larger than `max_frame_bytes`.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// RFC 6455's "internal error": the server failed to write a frame. Not the client's
+    /// doing; reconnect with backoff.
+    pub const INTERNAL_ERROR: u16 = 1011;
 }
 
 /// Why a session ended; the `reason` label of `herald_gateway_sessions_closed_total`.
@@ -39,6 +42,8 @@ pub enum CloseKind {
     ProtocolError,
     TooBig,
     SlowConsumer,
+    /// A write failed on the server's side (never counted as the client's close).
+    ServerError,
 }
 
 impl CloseKind {
@@ -50,6 +55,7 @@ impl CloseKind {
             CloseKind::Shutdown => "shutdown",
             CloseKind::ProtocolError | CloseKind::TooBig => "protocol_error",
             CloseKind::SlowConsumer => "slow_consumer",
+            CloseKind::ServerError => "server_error",
         }
     }
 
@@ -63,6 +69,7 @@ impl CloseKind {
             CloseKind::ProtocolError => close::PROTOCOL_ERROR,
             CloseKind::TooBig => close::MESSAGE_TOO_BIG,
             CloseKind::SlowConsumer => close::SLOW_CONSUMER,
+            CloseKind::ServerError => close::INTERNAL_ERROR,
         })
     }
 }

@@ -93,6 +93,7 @@ pub(super) async fn run(gateway: Gateway, device: DeviceKey, ws: WebSocketStream
             CloseKind::ProtocolError => "protocol violation".into(),
             CloseKind::TooBig => "frame too big".into(),
             CloseKind::SlowConsumer => "slow consumer".into(),
+            CloseKind::ServerError => "server error".into(),
             CloseKind::ClientClosed => String::new(),
         };
         let frame = CloseFrame {
@@ -175,7 +176,20 @@ impl Session<'_> {
                     Some(out) => {
                         let Outbound { id, frame, acked } = *out;
                         self.pending.insert(id, acked);
-                        self.send(Message::text(frame)).await
+                        match self.write(Message::text(frame)).await {
+                            // This node could not write the frame (bigger than its outgoing
+                            // buffer: accepted under a larger notify.max_frame_bytes, say).
+                            // Not the device's doing, so its session stays: the frame is
+                            // dropped, its deliverer sees `Offline` and falls back.
+                            Err(Failed::Unwritable(e)) => {
+                                self.pending.remove(&id);
+                                self.gateway.0.metrics.frames_unwritable.inc();
+                                tracing::warn!(device = %device, notification = %id, error = %e,
+                                    "notification frame could not be written (server side): dropped, session kept");
+                                Ok(())
+                            }
+                            r => r.map_err(Failed::close_kind),
+                        }
                     }
                     // The table dropped our handle, which happens only after a kill
                     // (replaced, shutdown) whose reason is already set.
@@ -193,9 +207,14 @@ impl Session<'_> {
         self.control.reason()
     }
 
+    /// Writes one frame; a failure closes the session (see [`Failed::close_kind`]).
+    async fn send(&mut self, msg: Message) -> Result<(), CloseKind> {
+        self.write(msg).await.map_err(Failed::close_kind)
+    }
+
     /// Writes one frame. A device that does not read makes this wait; the wait still ends
     /// on a kill (e.g. slow consumer, shutdown) or on the pong deadline.
-    async fn send(&mut self, msg: Message) -> Result<(), CloseKind> {
+    async fn write(&mut self, msg: Message) -> Result<(), Failed> {
         let deadline = self.pong_deadline;
         let pong_missed = async move {
             match deadline {
@@ -209,10 +228,10 @@ impl Session<'_> {
                     self.gateway.frame_out();
                     Ok(())
                 }
-                Err(_) => Err(CloseKind::ClientClosed),
+                Err(e) => Err(Failed::classify(e)),
             },
-            _ = self.control.killed() => Err(self.killed()),
-            _ = pong_missed => Err(CloseKind::PongTimeout),
+            _ = self.control.killed() => Err(Failed::Closed(self.killed())),
+            _ = pong_missed => Err(Failed::Closed(CloseKind::PongTimeout)),
         }
     }
 
@@ -306,6 +325,42 @@ impl Session<'_> {
             return Err(CloseKind::ProtocolError);
         }
         Ok(())
+    }
+}
+
+/// Why a write did not happen: whose fault decides what the session does next.
+enum Failed {
+    /// The session is over, for this reason (the device went away, a kill, a pong timeout).
+    Closed(CloseKind),
+    /// The frame does not fit the outgoing buffer; nothing was written and the socket is
+    /// still good. This node's sizing, never the device's doing.
+    Unwritable(WsError),
+    /// Any other write error: the server's side failed (a state or protocol bug).
+    Server(WsError),
+}
+
+impl Failed {
+    fn classify(e: WsError) -> Failed {
+        match e {
+            // The socket or the peer is gone: the device's side (or its network).
+            WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => {
+                Failed::Closed(CloseKind::ClientClosed)
+            }
+            e @ (WsError::WriteBufferFull(_) | WsError::Capacity(_)) => Failed::Unwritable(e),
+            e => Failed::Server(e),
+        }
+    }
+
+    /// When the frame was not a notification (hello, pong, error), the session closes; a
+    /// server-side failure with 1011, counted as `server_error`, never as `client_closed`.
+    fn close_kind(self) -> CloseKind {
+        match self {
+            Failed::Closed(kind) => kind,
+            Failed::Unwritable(e) | Failed::Server(e) => {
+                tracing::warn!(error = %e, "websocket write failed on the server side: closing the session");
+                CloseKind::ServerError
+            }
+        }
     }
 }
 

@@ -93,10 +93,12 @@ async fn upgrade(
         // 0: every frame is written out at once; notification frames are latency-bound,
         // and nothing is held back in a per-session buffer.
         .write_buffer_size(0)
-        // A bounded queue of unsent bytes for a device that stopped reading; past it the
-        // write fails and the session closes (the send buffer above it is the primary
-        // guard: gateway.send_buffer).
-        .max_write_buffer_size(max * 4)
+        // The most unsent bytes tungstenite holds. Sized from what the server writes (the
+        // largest notification frame, notify.max_frame_bytes), not from what devices may
+        // send: a frame bigger than this cannot be written at all. Twice it leaves room
+        // for a control or error frame queued behind one large notification. A device
+        // that stops reading is stopped earlier, by gateway.send_buffer (4004).
+        .max_write_buffer_size(gateway.0.max_notification_frame_bytes * 2)
         .max_frame_size(Some(max))
         .max_message_size(Some(max));
     let ws = WebSocketStream::from_partially_read(io, early, Role::Server, Some(config)).await;

@@ -20,6 +20,9 @@ pub mod fcm;
 mod transport;
 
 use std::collections::HashMap;
+
+pub use transport::check_url;
+
 use std::time::Duration;
 
 pub use apns::ApnsClient;

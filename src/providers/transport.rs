@@ -23,15 +23,31 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// even accept connections should fail fast and count toward the circuit breaker.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// An endpoint URL as the design's scheme rules read it.
-pub(crate) fn check_url(key: &str, url: &str) -> anyhow::Result<String> {
+/// An endpoint URL as the design's scheme rules read it: `https://`, or cleartext `http://`
+/// only to a loopback host (a local double, a sidecar) unless `allow_insecure` (the
+/// provider's `allow_insecure_endpoints`) says the operator means it. Cleartext elsewhere
+/// would put provider JWTs, OAuth2 assertions and device tokens on the network.
+pub fn check_url(key: &str, url: &str, allow_insecure: bool) -> anyhow::Result<String> {
     let url = url.trim_end_matches('/');
     let parsed =
         reqwest::Url::parse(url).with_context(|| format!("{key}: `{url}` is not a URL"))?;
     anyhow::ensure!(
         matches!(parsed.scheme(), "https" | "http") && parsed.host().is_some(),
-        "{key}: `{url}` must be an https:// URL (or http:// for a local double)"
+        "{key}: `{url}` must be an https:// URL (or http:// to a loopback host)"
     );
+    if parsed.scheme() == "http" {
+        let host = parsed.host_str().unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        anyhow::ensure!(
+            loopback || allow_insecure,
+            "{key}: `{url}` is cleartext http:// to a host that is not loopback; use https://, \
+             or set allow_insecure_endpoints = true in this provider's section if you mean it"
+        );
+    }
     Ok(url.to_owned())
 }
 
@@ -89,9 +105,6 @@ pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Durati
     )
 }
 
-/// A transport error as an outcome. Every one of them is transient (timeouts, refused or
-/// reset connections, a stream reset mid-answer) except a request reqwest could not even
-/// build. The URL is stripped: it holds the device token.
 /// A provider's answer, read whole: status, Retry-After, body.
 pub(crate) struct Reply {
     pub status: u16,
@@ -126,6 +139,9 @@ pub(crate) async fn send_timed(
     result
 }
 
+/// A transport error as an outcome. Every one of them is transient (timeouts, refused or
+/// reset connections, a stream reset mid-answer) except a request reqwest could not even
+/// build. The URL is stripped: it holds the device token.
 pub(crate) fn transport_error(provider: &str, e: reqwest::Error) -> ProviderOutcome {
     let kind = if e.is_timeout() {
         "timeout"
@@ -282,14 +298,23 @@ mod tests {
     #[test]
     fn urls_follow_the_scheme_rules() {
         assert_eq!(
-            check_url("k", "https://api.example.com/").unwrap(),
+            check_url("k", "https://api.example.com/", false).unwrap(),
             "https://api.example.com"
         );
-        assert!(check_url("k", "http://127.0.0.1:9").is_ok());
-        let err = check_url("apns.endpoint", "ftp://x")
+        assert!(check_url("k", "http://127.0.0.1:9", false).is_ok());
+        let err = check_url("apns.endpoint", "ftp://x", false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("apns.endpoint"), "{err}");
-        assert!(check_url("k", "nonsense").is_err());
+        // Cleartext only to loopback, unless the operator allows it.
+        for local in ["http://localhost:9", "http://[::1]:9", "http://127.1.2.3"] {
+            assert!(check_url("k", local, false).is_ok(), "{local}");
+        }
+        let err = check_url("fcm.endpoint", "http://fcm.example.com", false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("allow_insecure_endpoints"), "{err}");
+        assert!(check_url("k", "http://fcm.example.com", true).is_ok());
+        assert!(check_url("k", "nonsense", false).is_err());
     }
 }

@@ -14,6 +14,10 @@ use crate::metrics::Metrics;
 /// Dead letters kept in memory; past this the oldest is dropped (and logged). A bound,
 /// because an embedded install has no operator draining a dead-letter queue.
 const DEAD_LETTER_CAPACITY: usize = 10_000;
+/// Bytes of dead letters kept in memory, on top of `queue.memory_max_bytes`: 10,000 dead
+/// letters of up to 1 MiB each would otherwise be 10 GiB. 64 MiB keeps a few hundred large
+/// ones (or all 10,000 typical ~2 KiB ones) for an operator to look at, within a pod's budget.
+const DEAD_LETTER_MAX_BYTES: usize = 64 * 1024 * 1024;
 
 struct Message {
     body: Vec<u8>,
@@ -42,24 +46,34 @@ impl Fifo {
     }
 }
 
+/// What the work queue holds: ready + handed out + waiting out a retry delay.
+#[derive(Default)]
+struct Held {
+    messages: usize,
+    bytes: usize,
+}
+
 pub struct MemoryQueue {
     work: Fifo,
     dead: Fifo,
-    /// Messages held in the work queue: ready + handed out + waiting out a retry delay.
-    held: Mutex<usize>,
+    held: Mutex<Held>,
     capacity: usize,
+    /// `queue.memory_max_bytes`: bodies held, in bytes. The message count alone does not
+    /// bound memory (100,000 messages of up to 1 MiB each).
+    max_bytes: usize,
     closed: tokio_util::sync::CancellationToken,
     metrics: Metrics,
 }
 
 impl MemoryQueue {
-    pub fn new(capacity: usize, metrics: Metrics) -> Self {
+    pub fn new(capacity: usize, max_bytes: usize, metrics: Metrics) -> Self {
         metrics.broker_connected.set(1);
         MemoryQueue {
             work: Fifo::default(),
             dead: Fifo::default(),
-            held: Mutex::new(0),
+            held: Mutex::new(Held::default()),
             capacity,
+            max_bytes,
             closed: Default::default(),
             metrics,
         }
@@ -71,11 +85,15 @@ impl MemoryQueue {
         }
         {
             let mut held = self.held.lock().expect("queue lock");
-            if *held >= self.capacity {
+            if held.messages >= self.capacity {
                 return Err(QueueError::Full(self.capacity));
             }
-            *held += 1;
-            self.metrics.queue_depth.set(*held as i64);
+            if held.bytes + body.len() > self.max_bytes {
+                return Err(QueueError::FullBytes(self.max_bytes));
+            }
+            held.messages += 1;
+            held.bytes += body.len();
+            self.metrics.queue_depth.set(held.messages as i64);
         }
         self.work.push_back(Message {
             body,
@@ -104,20 +122,23 @@ impl MemoryQueue {
         }
     }
 
-    fn release(&self) {
+    fn release(&self, bytes: usize) {
         let mut held = self.held.lock().expect("queue lock");
-        *held = held.saturating_sub(1);
-        self.metrics.queue_depth.set(*held as i64);
+        held.messages = held.messages.saturating_sub(1);
+        held.bytes = held.bytes.saturating_sub(bytes);
+        self.metrics.queue_depth.set(held.messages as i64);
     }
 
     /// Queues a copy to be delivered after `delay`. Counted in `held` while it waits, so the
-    /// capacity bound covers delayed work; never refused for capacity, since the original
-    /// it replaces is released by the ack that follows.
+    /// capacity bounds cover delayed work; never refused for capacity, since the original
+    /// it replaces is released by the ack that follows (a retry copy is never larger than
+    /// its original by more than its attempt record).
     pub fn schedule_retry(self: &Arc<Self>, body: Vec<u8>, delay: Duration) {
         {
             let mut held = self.held.lock().expect("queue lock");
-            *held += 1;
-            self.metrics.queue_depth.set(*held as i64);
+            held.messages += 1;
+            held.bytes += body.len();
+            self.metrics.queue_depth.set(held.messages as i64);
         }
         let queue = self.clone();
         tokio::spawn(async move {
@@ -135,10 +156,17 @@ impl MemoryQueue {
 
     pub fn park_dead(&self, body: Vec<u8>, reason: &str) {
         let mut dead = self.dead.ready.lock().expect("queue lock");
-        if dead.len() >= DEAD_LETTER_CAPACITY {
-            dead.pop_front();
+        // Summed on each park: dead letters are rare, and 10,000 lengths are quick to add.
+        let mut bytes: usize = dead.iter().map(|m| m.body.len()).sum();
+        while !dead.is_empty()
+            && (dead.len() >= DEAD_LETTER_CAPACITY || bytes + body.len() > DEAD_LETTER_MAX_BYTES)
+        {
+            if let Some(old) = dead.pop_front() {
+                bytes -= old.body.len();
+            }
             tracing::warn!(
                 capacity = DEAD_LETTER_CAPACITY,
+                max_bytes = DEAD_LETTER_MAX_BYTES,
                 "embedded dead-letter queue full: dropped the oldest dead letter"
             );
         }
@@ -212,9 +240,9 @@ impl MemoryHandle {
     pub fn ack(self) {
         let kind = self.kind;
         let queue = self.queue.clone();
-        self.settle();
+        let m = self.settle();
         if kind == QueueKind::Work {
-            queue.release();
+            queue.release(m.body.len());
         }
     }
 

@@ -16,6 +16,7 @@
 mod memory;
 mod rabbitmq;
 pub mod reconnect;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -38,6 +39,8 @@ pub enum QueueError {
     Timeout(Duration),
     #[error("the embedded queue is full ({0} messages)")]
     Full(usize),
+    #[error("the embedded queue is full ({0} bytes, queue.memory_max_bytes)")]
+    FullBytes(usize),
     #[error("the broker refused the message: {0}")]
     Refused(String),
     #[error("the queue is shut down")]
@@ -50,7 +53,7 @@ impl QueueError {
         match self {
             QueueError::Unavailable(_) | QueueError::Closed => "unavailable",
             QueueError::Timeout(_) => "timeout",
-            QueueError::Full(_) => "full",
+            QueueError::Full(_) | QueueError::FullBytes(_) => "full",
             QueueError::Refused(_) => "nacked",
         }
     }
@@ -103,6 +106,7 @@ impl Queue {
         Ok(match settings.queue_url()? {
             None => Queue::Memory(Arc::new(MemoryQueue::new(
                 settings.queue.memory_capacity,
+                settings.queue.memory_max_bytes,
                 metrics.clone(),
             ))),
             Some(url) => Queue::Rabbit(RabbitQueue::start(

@@ -368,9 +368,12 @@ impl RabbitQueue {
             )
             .into(),
         );
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, props))
-            .await
-            .map_err(|_| anyhow::anyhow!("connection timed out after {CONNECT_TIMEOUT:?}"))??;
+        let conn = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            super::tls::connect(uri, props, &self.settings.ca_file),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("connection timed out after {CONNECT_TIMEOUT:?}"))??;
         let publish = conn.create_channel().await?;
         if let Err(e) = self.topology.declare(&publish).await {
             let _ = conn.close(200, "topology declaration failed".into()).await;

@@ -107,7 +107,7 @@ async fn unroutable_is_offline_from_the_broker_and_no_reply_means_fallback() {
     let vhost = TestVhost::new();
     let apns = ApnsDouble::start().await;
     let (base, dir, _stop) = dispatch_node(&vhost, &apns).await;
-    let n = gw::notification(10);
+    let n = crate::support::fixtures::notification_with_data(10);
 
     // Nothing bound for this device: the broker returns the publish, well before any
     // deadline (ack_timeout 300 ms + reply_margin 200 ms).

@@ -10,10 +10,9 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-#[path = "../gateway/helpers.rs"]
-#[allow(dead_code)]
-mod gw;
+use support::gateway as gw;
 
+mod broker_users;
 mod in_process;
 mod nodes;
 mod processes;

@@ -182,7 +182,8 @@ pub async fn notify(http: &reqwest::Client, base: &str, device: &str) -> Option<
         .map(str::to_owned)
 }
 
-/// What a device saw: notification ids (with counts), and each close code.
+/// What a device saw: notification ids (with counts), and each session's close code (1006
+/// when it ended without a close frame).
 #[derive(Default)]
 pub struct Seen {
     pub ids: HashMap<String, u32>,
@@ -226,6 +227,9 @@ impl Device {
                     continue;
                 };
                 s.lock().unwrap().sessions += 1;
+                // RFC 6455's 1006 (abnormal closure) stands for a session that ended without
+                // a close frame, so a test can tell "closed with code X" from "cut".
+                let mut close = 1006;
                 while let Some(Ok(msg)) = ws.next().await {
                     match msg {
                         Message::Text(t) => {
@@ -240,15 +244,13 @@ impl Device {
                             }
                         }
                         Message::Close(f) => {
-                            s.lock()
-                                .unwrap()
-                                .closes
-                                .push(f.map(|f| u16::from(f.code)).unwrap_or(1005));
+                            close = f.map(|f| u16::from(f.code)).unwrap_or(1005);
                             break;
                         }
                         _ => {}
                     }
                 }
+                s.lock().unwrap().closes.push(close);
                 i += 1;
             }
         });

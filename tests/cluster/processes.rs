@@ -190,13 +190,16 @@ async fn sigterm_to_each_role_during_a_stream_loses_nothing() {
         "disp1 exit 0"
     );
     rx.recv().await.unwrap();
+    let before = device.seen.lock().unwrap().closes.clone();
     gw1.sigterm();
     assert!(gw1.wait_exit(Duration::from_secs(10)).await, "gw1 exit 0");
     let accepted = streaming.await.unwrap();
     assert_eq!(accepted.len(), 1500);
+    let closes = device.seen.lock().unwrap().closes.clone();
     assert!(
-        device.seen.lock().unwrap().closes.contains(&4002),
-        "gw1 told the device to reconnect elsewhere"
+        closes.contains(&4002),
+        "gw1 told the device to reconnect elsewhere; session close codes: {before:?} before \
+         gw1's SIGTERM, {closes:?} at the end"
     );
     assert_all_delivered(&accepted, &[&device], &apns).await;
 }

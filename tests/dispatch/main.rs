@@ -6,9 +6,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-#[path = "../gateway/helpers.rs"]
-#[allow(dead_code)]
-mod gw;
+use support::gateway as gw;
 
 mod harness;
 

@@ -7,7 +7,9 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+use support::gateway as helpers;
+
 mod client_cli;
-mod helpers;
+mod outbound;
 mod sessions;
 mod tokens;

@@ -8,6 +8,7 @@ use herald::gateway::protocol::close;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::helpers::*;
+use crate::support::fixtures::notification_with_data;
 use crate::support::wait_for;
 
 #[tokio::test]
@@ -42,7 +43,7 @@ async fn a_client_that_stops_answering_pings_is_declared_dead() {
     );
     assert!(!app.directory.is_connected(&d));
     assert_eq!(
-        app.directory.deliver(&d, &notification(10)).await,
+        app.directory.deliver(&d, &notification_with_data(10)).await,
         LiveOutcome::Offline
     );
     assert_eq!(app.metric("herald_gateway_sessions_active"), 0.0);
@@ -73,7 +74,7 @@ async fn acked_and_not_acked() {
     let (ws, _) = connect(&app, "silent").await;
     let mut silent_rx = spawn_reader(ws);
 
-    let n = notification(10);
+    let n = notification_with_data(10);
     assert_eq!(
         app.directory.deliver(&device("acker"), &n).await,
         LiveOutcome::Acked
@@ -88,7 +89,7 @@ async fn acked_and_not_acked() {
         "provider routes never go to devices"
     );
 
-    let n = notification(10);
+    let n = notification_with_data(10);
     let started = Instant::now();
     assert_eq!(
         app.directory.deliver(&device("silent"), &n).await,
@@ -114,7 +115,7 @@ async fn a_newer_session_replaces_the_older() {
     let (code, _) = expect_close(&mut old).await;
     assert_eq!(code, close::REPLACED);
     let mut rx = spawn_acker(new);
-    let n = notification(10);
+    let n = notification_with_data(10);
     assert_eq!(
         app.directory.deliver(&device("phone-1"), &n).await,
         LiveOutcome::Acked
@@ -145,7 +146,7 @@ async fn a_slow_reader_is_closed_without_stalling_others() {
             let dir = app.directory.clone();
             let d = d.clone();
             tasks.push(tokio::spawn(async move {
-                dir.deliver(&d, &notification(60_000)).await
+                dir.deliver(&d, &notification_with_data(60_000)).await
             }));
         }
         let closed = app.closed("slow_consumer") == 1.0;
@@ -154,7 +155,7 @@ async fn a_slow_reader_is_closed_without_stalling_others() {
     .await;
     assert!(!app.directory.is_connected(&d));
     // The other session is unaffected.
-    let n = notification(10);
+    let n = notification_with_data(10);
     assert_eq!(
         app.directory.deliver(&device("fast"), &n).await,
         LiveOutcome::Acked
@@ -181,6 +182,47 @@ async fn a_slow_reader_is_closed_without_stalling_others() {
             Some(Err(_)) | None => break,
         }
     }
+    app.stop().await;
+}
+
+/// A burst of deliveries larger than the send buffer, to a device that reads and acks
+/// everything: the buffer fills for a moment (every deliverer runs before the session task
+/// writes a frame), which is not a slow device. Several dispatchers with `queue.prefetch`
+/// in flight each do this to one busy device; closing it with 4004 moved a healthy device
+/// off its node (`tests/cluster/processes.rs::sigterm_to_each_role_during_a_stream_…`).
+#[tokio::test]
+async fn a_burst_larger_than_the_send_buffer_to_a_reading_device_is_all_acked() {
+    let mut s = settings();
+    s.gateway.send_buffer = 4;
+    // The burst is what is under test, not the heartbeat or the ack round trip on a loaded
+    // machine.
+    s.gateway.ping_interval = Duration::from_secs(30);
+    s.gateway.pong_timeout = Duration::from_secs(10);
+    s.gateway.ack_timeout = Duration::from_secs(5);
+    let app = spawn(s).await;
+    let (ws, _) = connect(&app, "busy").await;
+    let mut frames = spawn_acker(ws);
+    let d = device("busy");
+    let burst: Vec<_> = (0..40)
+        .map(|_| {
+            let (dir, d) = (app.directory.clone(), d.clone());
+            tokio::spawn(async move { dir.deliver(&d, &notification_with_data(10)).await })
+        })
+        .collect();
+    for t in burst {
+        let outcome = t.await.unwrap();
+        let closes = ["slow_consumer", "pong_timeout", "client_closed"].map(|r| app.closed(r));
+        assert_eq!(
+            outcome,
+            LiveOutcome::Acked,
+            "sessions closed (slow consumer, pong timeout, client): {closes:?}"
+        );
+    }
+    for _ in 0..40 {
+        assert_eq!(frames.recv().await.expect("frame")["type"], "notification");
+    }
+    assert_eq!(app.closed("slow_consumer"), 0.0);
+    assert!(app.directory.is_connected(&d));
     app.stop().await;
 }
 
@@ -249,7 +291,7 @@ async fn shutdown_finishes_in_flight_acks_then_says_reconnect_elsewhere() {
     let app = spawn(s).await;
     let (mut ws, _) = connect(&app, "phone-1").await;
     let dir = app.directory.clone();
-    let n = notification(10);
+    let n = notification_with_data(10);
     let id = n.id.to_string();
     let delivery = tokio::spawn(async move { dir.deliver(&device("phone-1"), &n).await });
     let frame = next_json(&mut ws).await;

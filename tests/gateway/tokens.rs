@@ -6,6 +6,7 @@ use base64::Engine;
 use tokio_tungstenite::tungstenite;
 
 use crate::helpers::*;
+use crate::support::fixtures::notification_with_data;
 use crate::support::{self, wait_for};
 
 fn claims(sub: &str, exp_offset: i64) -> serde_json::Value {
@@ -120,12 +121,12 @@ async fn a_token_only_reaches_its_own_device() {
     let (ws, hello) = connect(&app, "phone-a").await;
     assert_eq!(hello["device_id"], "phone-a");
     let mut rx = spawn_acker(ws);
-    let other = notification(10);
+    let other = notification_with_data(10);
     assert_eq!(
         app.directory.deliver(&device("phone-b"), &other).await,
         herald::directory::LiveOutcome::Offline
     );
-    let mine = notification(10);
+    let mine = notification_with_data(10);
     assert_eq!(
         app.directory.deliver(&device("phone-a"), &mine).await,
         herald::directory::LiveOutcome::Acked

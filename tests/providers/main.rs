@@ -7,20 +7,20 @@ mod support;
 
 mod apns;
 mod apps;
+mod endpoints;
 mod fcm;
 mod resilience;
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use herald::config::Settings;
-use herald::domain::{
-    ApnsRoute, ApnsToken, FcmToken, NotifyLimits, NotifyRequest, QueuedNotification,
-};
+use herald::domain::{ApnsRoute, ApnsToken, FcmToken, QueuedNotification};
 use herald::metrics::Metrics;
 use herald::providers::Providers;
 
 use support::apns_double::ApnsDouble;
 use support::fcm_double::FcmDouble;
+pub use support::fixtures::notification;
 
 /// Settings with both providers off and short limits; `configure` a double to turn one on.
 pub fn settings() -> Settings {
@@ -46,17 +46,6 @@ pub fn with_fcm(double: &FcmDouble) -> (Providers, Metrics) {
     let mut s = settings();
     double.configure(&mut s);
     providers(&s)
-}
-
-/// A queued notification as the API would make it from this notify body.
-pub fn notification(body: serde_json::Value) -> QueuedNotification {
-    let req: NotifyRequest = serde_json::from_value(body).expect("valid notify body");
-    let limits = NotifyLimits {
-        max_targets: 1000,
-        default_ttl: Duration::from_secs(3600),
-        max_ttl: Duration::from_secs(28 * 86400),
-    };
-    req.parse(limits, SystemTime::now()).expect("parses")
 }
 
 /// A plain alert for one device.

@@ -1,6 +1,12 @@
-//! Shared test support: an app on port 0, a RabbitMQ vhost per test, small waiting helpers.
+//! Shared test support: an app on port 0, a RabbitMQ vhost per test, small waiting helpers,
+//! the one [`fixtures`] builder of queued notifications, the gateway's WebSocket helpers
+//! ([`gateway`]) and the provider doubles.
 //!
-//! Each integration binary includes this with `#[path = "../support/mod.rs"] mod support;`.
+//! Every helper more than one test binary uses lives here, and nowhere else. Each binary
+//! (a directory under `tests/` with a `main.rs`) mounts it once, with
+//! `#[path = "../support/mod.rs"] mod support;`: a directory binary's `mod support;` would
+//! look under its own directory, and a separate helper crate would be one more workspace
+//! member to build for a few hundred lines.
 #![allow(dead_code)]
 
 use std::future::Future;
@@ -214,3 +220,5 @@ pub fn notify_body(devices: &[&str]) -> serde_json::Value {
 
 pub mod apns_double;
 pub mod fcm_double;
+pub mod fixtures;
+pub mod gateway;

@@ -75,7 +75,11 @@ impl ApnsClient {
         let endpoint = |key: &str, value: &str| match value {
             "production" => Ok(PRODUCTION.to_owned()),
             "sandbox" => Ok(SANDBOX.to_owned()),
-            url => check_url(&format!("{prefix}apns.{key}"), url),
+            url => check_url(
+                &format!("{prefix}apns.{key}"),
+                url,
+                s.allow_insecure_endpoints,
+            ),
         };
         let limits = s.limits();
         Ok(Some(ApnsClient {

@@ -1,9 +1,12 @@
 //! The APNs JSON payload (`aps` dictionary plus custom keys).
 //!
-//! Built with serde_json rather than a2's payload builder: a2's builder owns its own
-//! `Payload` type tied to its client, while herald needs the bytes for its own transport and
-//! for the size check at the API edge. The keys follow Apple's "Generating a remote
-//! notification" reference.
+//! Built with serde_json rather than a2's payload builder. a2's builder is not tied to its
+//! client (`DefaultNotificationBuilder::build()` returns a `Payload` that serializes on its
+//! own), but a2 0.10's `aps` has no `thread-id`, which herald's `notification.thread_id`
+//! maps to, and a2 is not a dependency anyway (its client cannot reach a custom endpoint:
+//! see `providers/apns/mod.rs` and ARCHITECTURE.md). Here the same function feeds the
+//! transport and the size check at the API edge. The keys follow Apple's "Generating a
+//! remote notification" reference.
 
 use serde_json::{Map, Value, json};
 

@@ -50,12 +50,16 @@ impl FcmClient {
             // oauth names the key without the app; say which app's it is.
             Err(e) => return Err(e.context(format!("in {}", prefix.trim_end_matches('.')))),
         };
-        let base = check_url(&format!("{prefix}fcm.endpoint"), &s.endpoint)?;
+        let base = check_url(
+            &format!("{prefix}fcm.endpoint"),
+            &s.endpoint,
+            s.allow_insecure_endpoints,
+        )?;
         let limits = s.limits();
         let http = http_client(&format!("{prefix}fcm.ca_file"), &s.ca_file, limits.timeout)?;
         Ok(Some(FcmClient {
             send_url: format!("{base}/v1/projects/{}/messages:send", sa.project_id),
-            tokens: oauth::AccessTokens::new(&sa, http.clone())?,
+            tokens: oauth::AccessTokens::new(&sa, http.clone(), s.allow_insecure_endpoints)?,
             http,
             bulkhead: Bulkhead::new("fcm", limits),
             metrics: metrics.clone(),

@@ -5,8 +5,11 @@
 //! gcp_auth builds its own hyper client with only the system roots (so a private token
 //! endpoint behind `fcm.ca_file` cannot be reached), keeps its cache private with no way to
 //! drop a token FCM just refused with 401, and returns one opaque error type, where herald
-//! must tell "token endpoint down" (transient) from "key revoked" (configuration). yup-oauth2
-//! has the same client and cache shape. The exchange itself is one signed POST.
+//! must tell "token endpoint down" (transient) from "key revoked" (configuration).
+//! yup-oauth2 12 can take a client with a custom CA (`with_client`), but it reads the token
+//! endpoint's answer by its body alone, ignoring the HTTP status and `Retry-After`: herald
+//! could not tell an overloaded endpoint (503, try later) from a refused key, nor wait as
+//! long as Google asks. The exchange itself is one signed POST.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -96,11 +99,15 @@ impl ServiceAccount {
 }
 
 impl AccessTokens {
-    pub(crate) fn new(sa: &ServiceAccount, http: reqwest::Client) -> anyhow::Result<Self> {
+    pub(crate) fn new(
+        sa: &ServiceAccount,
+        http: reqwest::Client,
+        allow_insecure: bool,
+    ) -> anyhow::Result<Self> {
         const KEY: &str = "fcm.service_account_file";
         let key = EncodingKey::from_rsa_pem(sa.private_key.as_bytes())
             .map_err(|e| anyhow::anyhow!("{KEY}: private_key is not an RSA PEM key: {e}"))?;
-        let token_uri = check_url(&format!("{KEY}: token_uri"), &sa.token_uri)?;
+        let token_uri = check_url(&format!("{KEY}: token_uri"), &sa.token_uri, allow_insecure)?;
         let tokens = AccessTokens {
             http,
             key,

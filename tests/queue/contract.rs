@@ -2,13 +2,13 @@
 //! vhost per test on the real broker). Each `contract!` line is one behaviour, two tests.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use herald::config::Settings;
-use herald::domain::{NotifyLimits, NotifyRequest, QueuedNotification};
 use herald::metrics::Metrics;
 use herald::queue::{Queue, QueueKind};
 
+use crate::support::fixtures::notification_for as notification;
 use crate::support::{TestVhost, test_settings};
 
 /// A queue under test, with the vhost it lives in (deleted when this drops).
@@ -73,22 +73,6 @@ contract!(
     dead_letter_parks_it_with_the_reason,
     ack_is_final,
 );
-
-fn notification(device: &str) -> QueuedNotification {
-    let req: NotifyRequest = serde_json::from_value(serde_json::json!({
-        "targets": [{"device_id": device}], "data": {"k": "v"}
-    }))
-    .unwrap();
-    req.parse(
-        NotifyLimits {
-            max_targets: 10,
-            default_ttl: Duration::from_secs(60),
-            max_ttl: Duration::from_secs(3600),
-        },
-        SystemTime::now(),
-    )
-    .unwrap()
-}
 
 async fn next(c: &mut herald::queue::Consumer) -> herald::queue::Delivery {
     tokio::time::timeout(Duration::from_secs(10), c.next())

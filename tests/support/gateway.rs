@@ -1,14 +1,12 @@
-//! Gateway test helpers: an app with its directory, raw WebSocket clients, notifications.
+//! Gateway test helpers: an app with its directory, raw WebSocket clients, device tokens.
+//! Used by the gateway, dispatch and cluster binaries.
 
-use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use herald::config::{Secret, Settings};
 use herald::directory::Directory;
-use herald::domain::{
-    DeviceId, DeviceKey, NotificationId, Priority, QueuedNotification, unix_millis,
-};
+use herald::domain::{DeviceId, DeviceKey};
 use herald::gateway::DeviceTokens;
 use herald::shutdown::Shutdown;
 use herald::startup::Application;
@@ -19,8 +17,6 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::support;
-
 pub const SECRET: &str = "gateway-test-secret-0123456789abcdef";
 pub const WAIT: Duration = Duration::from_secs(5);
 
@@ -28,7 +24,7 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Short heartbeat intervals and a known signing secret.
 pub fn settings() -> Settings {
-    let mut s = support::test_settings();
+    let mut s = super::test_settings();
     s.auth.device_token_secret = Secret::new(SECRET);
     s.gateway.ping_interval = Duration::from_millis(100);
     s.gateway.pong_timeout = Duration::from_millis(200);
@@ -98,27 +94,6 @@ pub fn token(device_id: &str) -> String {
         .mint(&device(device_id).device)
         .expect("mints")
         .0
-}
-
-pub fn notification(payload_bytes: usize) -> QueuedNotification {
-    let now = unix_millis(SystemTime::now());
-    let mut data = BTreeMap::new();
-    data.insert("k".to_owned(), "v".repeat(payload_bytes.max(1)));
-    QueuedNotification {
-        app: Default::default(),
-        id: NotificationId::generate(),
-        accepted_at_ms: now,
-        expires_at_ms: now + 60_000,
-        priority: Priority::High,
-        collapse_key: None,
-        notification: None,
-        data,
-        apns: Default::default(),
-        android: Default::default(),
-        targets: vec![],
-        attempt: 0,
-        history: Vec::new(),
-    }
 }
 
 /// Connects with the token in the Authorization header; returns the socket or the

@@ -1,0 +1,290 @@
+//! The production overlay's per-role broker users, for real: the exact permission regexes
+//! of `deploy/k8s/overlays/production/broker-users.yaml` (read from that file, so the test
+//! proves what ships) given to three users on a test vhost, one `herald serve` process per
+//! role each with its own user, and every broker path driven through them: a live delivery
+//! (api publish, dispatcher consume, directory routing, gateway reply), a retry (the
+//! default exchange into a retry queue), a dead letter, and outcome events. Then the
+//! negative side: what a role does not need, it is refused.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+use crate::nodes::{Device, Node, node_env, notify};
+use crate::support::apns_double::{ApnsDouble, Reply};
+use crate::support::{TestVhost, rabbitmqctl, wait_for};
+
+const USERS_YAML: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/deploy/k8s/overlays/production/broker-users.yaml"
+);
+
+/// role -> [configure, write, read], from the Permission objects of broker-users.yaml.
+fn shipped_permissions() -> HashMap<String, [String; 3]> {
+    let text = std::fs::read_to_string(USERS_YAML).expect("broker-users.yaml readable");
+    let mut out = HashMap::new();
+    for doc in text.split("\n---\n") {
+        if !doc.contains("\nkind: Permission\n") {
+            continue;
+        }
+        let field = |key: &str| -> String {
+            let line = doc
+                .lines()
+                .map(str::trim)
+                .find(|l| l.starts_with(&format!("{key}: ")))
+                .unwrap_or_else(|| panic!("no {key} in a Permission of {USERS_YAML}"));
+            let value = line[key.len() + 2..].trim();
+            value.trim_matches('\'').to_owned()
+        };
+        let user = doc
+            .split("userReference:")
+            .nth(1)
+            .and_then(|r| r.lines().map(str::trim).find(|l| l.starts_with("name: ")))
+            .expect("userReference.name")["name: herald-".len()..]
+            .to_owned();
+        out.insert(user, [field("configure"), field("write"), field("read")]);
+    }
+    out
+}
+
+/// Three broker users with the shipped permissions on the test's vhost; deleted on drop.
+struct RoleUsers {
+    names: Vec<String>,
+    vhost: String,
+}
+
+impl RoleUsers {
+    fn create(vhost: &TestVhost) -> RoleUsers {
+        let perms = shipped_permissions();
+        let mut names = Vec::new();
+        for role in ["api", "dispatcher", "gateway"] {
+            let [configure, write, read] = perms
+                .get(role)
+                .unwrap_or_else(|| panic!("no Permission for herald-{role} in {USERS_YAML}"));
+            let user = format!("{}-{role}", vhost.name);
+            rabbitmqctl(&["add_user", &user, &user]);
+            names.push(user.clone());
+            rabbitmqctl(&[
+                "set_permissions",
+                "-p",
+                &vhost.name,
+                &user,
+                configure,
+                write,
+                read,
+            ]);
+        }
+        RoleUsers {
+            names,
+            vhost: vhost.name.clone(),
+        }
+    }
+
+    fn url(&self, role: &str) -> String {
+        let user = format!("{}-{role}", self.vhost);
+        format!("amqp://{user}:{user}@127.0.0.1:5672/{}", self.vhost)
+    }
+}
+
+impl Drop for RoleUsers {
+    fn drop(&mut self) {
+        for user in &self.names {
+            let _ = std::process::Command::new("rabbitmqctl")
+                .args(["-q", "delete_user", user])
+                .output();
+        }
+    }
+}
+
+fn env_for(base: &[(String, String)], url: String) -> Vec<(String, String)> {
+    let mut env: Vec<_> = base
+        .iter()
+        .filter(|(k, _)| k != "HERALD__QUEUE__URL")
+        .cloned()
+        .collect();
+    env.push(("HERALD__QUEUE__URL".into(), url));
+    env
+}
+
+async fn metric(http: &reqwest::Client, node: &Node, name: &str) -> f64 {
+    let text = http
+        .get(format!("{}/metrics", node.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in {}'s /metrics", node.name))
+}
+
+/// A publish as `url`'s user, confirmed: Ok if the broker took it, Err with the broker's
+/// refusal otherwise (ACCESS_REFUSED closes the channel).
+async fn try_publish(url: &str, exchange: &str, key: &str) -> Result<(), String> {
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let result = async {
+        ch.basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            BasicProperties::default(),
+        )
+        .await?
+        .await
+    }
+    .await
+    .map(|_| ())
+    .map_err(|e| e.to_string());
+    let _ = conn.close(200, "done".into()).await;
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_runs_with_only_its_shipped_broker_permissions() {
+    let vhost = TestVhost::new();
+    let users = RoleUsers::create(&vhost);
+    let apns = ApnsDouble::start().await;
+    let base = node_env(&vhost.url, &apns);
+    let api = Node::start("api", &env_for(&base, users.url("api")), "api").await;
+    let gateway = Node::start("gw", &env_for(&base, users.url("gateway")), "gateway").await;
+    let dispatcher = Node::start(
+        "disp",
+        &env_for(&base, users.url("dispatcher")),
+        "dispatcher",
+    )
+    .await;
+    let http = reqwest::Client::new();
+
+    // A test-owned queue (as guest) on the events exchange: the dispatcher's events land.
+    let guest = Connection::connect(&vhost.url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = guest.create_channel().await.unwrap();
+    ch.queue_declare(
+        "test.events".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "test.events".into(),
+        "herald.events".into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+
+    // Live, across processes: api -> work queue -> dispatcher -> herald.sessions ->
+    // gateway's node queue -> device ack -> reply over the default exchange.
+    let device = Device::start("phone-perm", vec![gateway.ws_url.clone()]);
+    device.wait_sessions(1).await;
+    let id = notify(&http, &api.base, "phone-perm").await.expect("202");
+    device.wait_got(&id).await;
+
+    // Offline, APNs answers 503 once: a retry through the default exchange and a retry
+    // queue, which dead-letters back to work; the second attempt is delivered.
+    apns.reply_next(1, Reply::reason(503, "ServiceUnavailable"));
+    let before = apns.request_count();
+    let id = notify(&http, &api.base, "phone-away").await.expect("202");
+    wait_for(
+        Duration::from_secs(20),
+        "the retried APNs attempt",
+        || async { (apns.request_count() >= before + 2).then_some(()) },
+    )
+    .await;
+
+    // Offline, APNs refuses herald's credentials: a dead letter to herald.dead.
+    apns.reply_next(1, Reply::reason(403, "InvalidProviderToken"));
+    notify(&http, &api.base, "phone-gone").await.expect("202");
+    wait_for(Duration::from_secs(20), "a dead letter", || async {
+        (vhost.queue_len("herald.dead") == Some(1)).then_some(())
+    })
+    .await;
+    wait_for(Duration::from_secs(10), "outcome events", || async {
+        (vhost.queue_len("test.events").unwrap_or(0) >= 3).then_some(())
+    })
+    .await;
+    let _ = id;
+
+    // Nothing was refused along the way: a refused operation closes the channel and the
+    // process reconnects.
+    for node in [&api, &gateway, &dispatcher] {
+        assert_eq!(
+            metric(&http, node, "herald_broker_reconnects_total").await,
+            0.0,
+            "{} reconnected: a broker operation was refused",
+            node.name
+        );
+    }
+
+    // What a role does not need, it cannot do.
+    let refused = |r: Result<(), String>, what: &str| {
+        let e = r.expect_err(what);
+        assert!(
+            e.contains("ACCESS_REFUSED") || e.contains("403"),
+            "{what}: {e}"
+        );
+    };
+    let (api_url, gw_url) = (users.url("api"), users.url("gateway"));
+    refused(
+        try_publish(&api_url, "herald.sessions", "phone-perm").await,
+        "api publishing a delivery to a session",
+    );
+    refused(
+        try_publish(&api_url, "", "herald.work").await,
+        "api publishing through the default exchange",
+    );
+    refused(
+        try_publish(&api_url, "herald.events", "delivered.live").await,
+        "api forging an outcome event",
+    );
+    refused(
+        try_publish(&gw_url, "herald.events", "delivered.live").await,
+        "gateway forging an outcome event",
+    );
+    try_publish(&users.url("dispatcher"), "herald.events", "test.allowed")
+        .await
+        .expect("the dispatcher publishes events");
+
+    let _ = guest.close(200, "done".into()).await;
+}
+
+/// Whichever role connects first creates the topology, and RabbitMQ checks more on
+/// creation than on a re-declaration (read on a queue with a dead-letter exchange): so
+/// each role, alone on a fresh vhost, must be able to create everything it declares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_alone_creates_its_topology_on_a_fresh_vhost() {
+    let apns = ApnsDouble::start().await;
+    for role in ["api", "dispatcher", "gateway"] {
+        let vhost = TestVhost::new();
+        let users = RoleUsers::create(&vhost);
+        let env = env_for(&node_env(&vhost.url, &apns), users.url(role));
+        // Node::start waits for /readyz 200: connected, topology declared, consumers up.
+        let node = Node::start(role, &env, role).await;
+        let queues = rabbitmqctl(&["list_queues", "-p", &vhost.name, "name"]);
+        for q in ["herald.work", "herald.dead", "herald.retry.100ms"] {
+            assert!(
+                queues.lines().any(|l| l == q),
+                "{role} did not create {q}: {queues}"
+            );
+        }
+        drop(node);
+    }
+}

@@ -1,0 +1,186 @@
+//! PostgreSQL-only behaviour: migrations at start, and connection loss (what a database
+//! restart or failover does) giving a typed transient error, then recovery by the pool.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use herald::inbox::{DEFAULT_APP, Inbox, InboxError, PostgresInbox};
+
+use crate::contract::{LIMITS, entry, pool};
+use crate::pg::TestDb;
+
+#[tokio::test]
+async fn migrations_apply_once_and_a_second_node_starts_on_the_same_schema() {
+    let db = TestDb::create().await;
+    // Two nodes starting together: the migrator's lock lets one apply, the other waits.
+    let (a, b) = tokio::join!(
+        PostgresInbox::connect(&db.url, pool(2), LIMITS),
+        PostgresInbox::connect(&db.url, pool(2), LIMITS)
+    );
+    let (a, b) = (
+        Inbox::Postgres(Arc::new(a.unwrap())),
+        Inbox::Postgres(Arc::new(b.unwrap())),
+    );
+    let e = entry(None);
+    a.store(DEFAULT_APP, "d", e.clone()).await.unwrap();
+    let seen = b.pending(DEFAULT_APP, "d", None, 10).await.unwrap();
+    assert_eq!(seen[0].id, e.id, "one shared inbox across nodes");
+    if let Inbox::Postgres(p) = &a {
+        let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+            .fetch_one(p.pool())
+            .await
+            .unwrap();
+        assert_eq!(applied, 1);
+    }
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_a_transient_error() {
+    // A port nothing listens on (bound then released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut settings = pool(1);
+    settings.acquire_timeout = Duration::from_millis(500);
+    let err = PostgresInbox::connect(
+        &format!("postgres://postgres:secret-pw@127.0.0.1:{port}/x"),
+        settings,
+        LIMITS,
+    )
+    .await
+    .err()
+    .expect("no database there");
+    assert!(err.is_transient(), "{err:?}");
+    assert!(!err.to_string().contains("secret-pw"), "{err}");
+}
+
+#[tokio::test]
+async fn killed_idle_connections_give_a_transient_error_then_recover() {
+    let db = TestDb::create().await;
+    let pg = Arc::new(
+        PostgresInbox::connect(&db.url, pool(2), LIMITS)
+            .await
+            .unwrap(),
+    );
+    let inbox = Inbox::Postgres(pg.clone());
+    let before = entry(None);
+    inbox.store(DEFAULT_APP, "d", before.clone()).await.unwrap();
+    assert!(db.terminate_connections().await >= 1);
+    // The next operation runs on a connection the server closed: a typed transient error,
+    // never a panic or a hang.
+    let err = inbox
+        .store(DEFAULT_APP, "d", entry(None))
+        .await
+        .expect_err("the pooled connection was killed");
+    assert!(matches!(err, InboxError::Unavailable(_)), "{err:?}");
+    assert!(err.is_transient());
+    // The pool drops dead connections and opens new ones: within a few attempts (at most
+    // one per pooled connection) operations succeed again.
+    let after = entry(None);
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match inbox.store(DEFAULT_APP, "d", after.clone()).await {
+            Ok(_) => break,
+            Err(e) => assert!(e.is_transient() && attempts <= 3, "{e:?} after {attempts}"),
+        }
+    }
+    // Nothing committed before the loss is lost; the write after it landed.
+    let ids: Vec<_> = inbox
+        .pending(DEFAULT_APP, "d", None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(ids, vec![before.id, after.id]);
+    assert!(db.connection_count().await >= 1, "the pool reconnected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_killed_mid_stream_lose_no_committed_entry() {
+    let db = TestDb::create().await;
+    let inbox = Inbox::Postgres(Arc::new(
+        PostgresInbox::connect(&db.url, pool(4), LIMITS)
+            .await
+            .unwrap(),
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Writers store continuously (each to its own device, so no cap applies) and record
+    // which stores returned Ok and which failed.
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (inbox, stop) = (inbox.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let device = format!("w{w}");
+            let (mut ok, mut failed) = (Vec::new(), 0usize);
+            while !stop.load(Ordering::Relaxed) {
+                let e = entry(None);
+                match inbox.store(DEFAULT_APP, &device, e.clone()).await {
+                    Ok(_) => ok.push(e.id),
+                    Err(err) => {
+                        assert!(err.is_transient(), "{err:?}");
+                        failed += 1;
+                    }
+                }
+            }
+            (device, ok, failed)
+        }));
+    }
+    // Wait until every writer has some committed stores, kill all connections twice while
+    // they write, then wait until writes succeed again.
+    let count = |inbox: Inbox| async move { inbox.pending_count().await };
+    let mut killed = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut last = 0;
+    while killed < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "writers made no progress"
+        );
+        if let Ok(n) = count(inbox.clone()).await
+            && n >= last + 40
+        {
+            db.terminate_connections().await;
+            killed += 1;
+            last = n;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "no recovery");
+        if let Ok(n) = count(inbox.clone()).await
+            && n >= last + 40
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = 0;
+    for w in writers {
+        let (device, ok, failed) = w.await.unwrap();
+        failures += failed;
+        let stored: Vec<_> = inbox
+            .pending(DEFAULT_APP, &device, None, 10_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.id)
+            .collect();
+        // Every store that returned Ok is there (an Err store may or may not have
+        // committed: the dispatcher retries it, and a retry stores it once).
+        for id in &ok {
+            assert!(stored.contains(id), "{device}: committed entry {id} lost");
+        }
+    }
+    assert!(
+        failures >= 1,
+        "killing connections mid-stream surfaced no error"
+    );
+}
