@@ -1314,6 +1314,14 @@ mod tests {
                 load_toml("[apps.shop]\napi_keys = [\"short\"]\n"),
                 "apps.shop.api_keys",
             ),
+            (
+                load_toml("[apps.shop.apns]\nsandbox_endpoint = \"http://10.1.2.3:443\"\n"),
+                "apps.shop.apns.sandbox_endpoint",
+            ),
+            (
+                load_toml("[apps.shop.apns]\ntopic = \"com.example shop\"\n"),
+                "apps.shop.apns.topic",
+            ),
         ];
         for (result, want) in cases {
             let err = result.map(|_| ()).unwrap_err().to_string();
