@@ -223,25 +223,8 @@ fn with_app_claim(token: &str, app: &str) -> String {
 }
 
 async fn open(w: &World, token: &str) -> tokio::sync::mpsc::UnboundedReceiver<Value> {
-    let mut ws = crate::gw::try_connect(&w.app, Some(token))
-        .await
-        .expect("connects");
-    let hello = crate::gw::next_json(&mut ws).await;
-    assert_eq!(hello["type"], "hello", "{hello}");
+    let (ws, _) = crate::gw::connect_with(&w.app, token).await;
     crate::gw::spawn_acker(ws)
-}
-
-/// The next notification frame's id.
-async fn next_id(frames: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> String {
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(10), frames.recv())
-            .await
-            .expect("a frame in time")
-            .expect("session open");
-        if frame["type"] == "notification" {
-            return frame["id"].as_str().unwrap().to_owned();
-        }
-    }
 }
 
 crate::delivery::on_both_backends!(the_same_device_id_in_two_apps_is_two_devices);
@@ -272,16 +255,25 @@ async fn the_same_device_id_in_two_apps_is_two_devices(backend: Backend) {
     );
     // The first frame default's session gets is default's own notification.
     let first = w.notify(live("phone-1")).await;
-    assert_eq!(next_id(&mut default_frames).await, first);
+    assert_eq!(
+        crate::gw::next_notification_id(&mut default_frames).await,
+        first
+    );
 
     // Now phone-1 of shop connects with a token shop's key minted: a second device, so
     // default's session is not replaced.
     let shop_token = minted(&w, SHOP_KEY, "phone-1").await;
     let mut shop_frames = open(&w, &shop_token).await;
     let to_shop = notify_as(&w, SHOP_KEY, live("phone-1")).await;
-    assert_eq!(next_id(&mut shop_frames).await, to_shop);
+    assert_eq!(
+        crate::gw::next_notification_id(&mut shop_frames).await,
+        to_shop
+    );
     let to_default = w.notify(live("phone-1")).await;
-    assert_eq!(next_id(&mut default_frames).await, to_default);
+    assert_eq!(
+        crate::gw::next_notification_id(&mut default_frames).await,
+        to_default
+    );
     assert_eq!(
         w.metric("herald_gateway_sessions_active{app=\"shop\"}"),
         1.0

@@ -113,12 +113,41 @@ pub async fn try_connect(app: &GwApp, token: Option<&str>) -> Result<Ws, tungste
 
 /// Connects and reads the hello frame.
 pub async fn connect(app: &GwApp, device_id: &str) -> (Ws, Value) {
-    let mut ws = try_connect(app, Some(&token(device_id)))
-        .await
-        .expect("connects");
+    connect_with(app, &token(device_id)).await
+}
+
+/// Connects with `token` and reads the hello frame.
+pub async fn connect_with(app: &GwApp, token: &str) -> (Ws, Value) {
+    let mut ws = try_connect(app, Some(token)).await.expect("connects");
     let hello = next_json(&mut ws).await;
     assert_eq!(hello["type"], "hello", "{hello}");
     (ws, hello)
+}
+
+/// A token for device `device_id` of app `app`.
+pub fn token_in(app: &str, device_id: &str) -> String {
+    DeviceTokens::new(Some(&Secret::new(SECRET)), Duration::from_secs(60))
+        .mint_in(
+            &herald::domain::AppId::parse(app).expect("app name"),
+            &device(device_id).device,
+        )
+        .expect("mints")
+        .0
+}
+
+/// The id of the next notification frame an acker (or reader) reports.
+pub async fn next_notification_id(
+    frames: &mut tokio::sync::mpsc::UnboundedReceiver<Value>,
+) -> String {
+    loop {
+        let frame = tokio::time::timeout(WAIT, frames.recv())
+            .await
+            .expect("a frame within the wait")
+            .expect("the session is open");
+        if frame["type"] == "notification" {
+            return frame["id"].as_str().expect("an id").to_owned();
+        }
+    }
 }
 
 /// The next text frame as JSON (pings are answered by tungstenite while reading).
