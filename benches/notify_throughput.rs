@@ -146,6 +146,9 @@ fn api_only<'a>(queue_url: Option<&str>) -> Vec<(&'a str, String)> {
     let mut env = vec![
         ("HERALD__ROLES", "api".to_owned()),
         ("HERALD__QUEUE__MEMORY_CAPACITY", "10000000".to_owned()),
+        // Nothing drains the embedded queue: its byte bound (128 MiB by default, ~60,000 of
+        // these messages) would turn later phases into 503s. 4 GiB holds every phase.
+        ("HERALD__QUEUE__MEMORY_MAX_BYTES", "4294967296".to_owned()),
     ];
     if let Some(url) = queue_url {
         env.push(("HERALD__QUEUE__URL", url.to_owned()));
