@@ -132,11 +132,10 @@ impl ApiKeys {
     }
 }
 
-/// Two digests compared in constant time, as four 64-bit words: `subtle`'s byte-slice
-/// compare costs ~100 ns a key (an optimisation barrier per byte), which with every app's
-/// keys compared on every request (20 apps, 96 keys) took a fifth of the notify path's CPU
-/// (docs/benchmarks.md, "Apps"); four word compares keep it constant-time at an eighth of
-/// that.
+/// Two digests compared in constant time, as four 64-bit words. `subtle`'s byte-slice
+/// compare puts an optimisation barrier on each byte; with every app's keys compared on
+/// every request, 20 apps (96 keys) measured 15-30% slower than 1 app with it, and within
+/// noise to 6% with this (docs/benchmarks.md, "Apps: 1 app against 20").
 fn digest_eq(a: &[u8; 32], b: &[u8; 32]) -> subtle::Choice {
     let word = |d: &[u8; 32], i: usize| {
         let mut w = [0u8; 8];
