@@ -1,7 +1,8 @@
 //! End to end through a real herald process:
 //!
-//! 1. Live delivery latency, POST → the device holds the frame, p50/p99, at a steady rate
-//!    spread over connected devices, on the embedded queue and on RabbitMQ.
+//! 1. Live delivery latency versus load, POST → the device holds the frame, p50/p99/p99.9,
+//!    at offered rates from 1k to 20k notifications/s (open loop) spread over 1,000
+//!    connected devices, on the embedded queue and on RabbitMQ, with the CPU split.
 //! 2. Fallback throughput: notifications for offline devices, each target an APNs token,
 //!    POST → queue → dispatcher → APNs double; beside a raw HTTP/2 client's ceiling against
 //!    the same double in the same run.
@@ -24,23 +25,55 @@ use futures::{SinkExt, StreamExt};
 use herald::config::Secret;
 use herald::domain::DeviceId;
 use herald::gateway::DeviceTokens;
-use server::{KEY, Server};
+use server::{KEY, Server, cpu_time};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const SECRET: &str = "bench-device-secret-0123456789abcdef";
-const DEVICES: usize = 200;
-const RATE_PER_SEC: u64 = 500;
-const LIVE_SECONDS: u64 = 8;
+/// POSTs in flight at most: past it the generator, not herald, would hold the
+/// file-descriptor budget (20,000 per process here); a step that hits it reports a lower
+/// achieved rate instead of opening sockets without bound.
+const MAX_IN_FLIGHT: usize = 2_000;
 const FALLBACK_NOTIFICATIONS: usize = 200;
 const TARGETS_EACH: usize = 100;
 
 type Received = Arc<Mutex<HashMap<u64, Instant>>>;
 
-/// Connects `DEVICES` devices that ack every notification and note when each `seq` arrived.
-async fn connect_devices(server: &Server, received: Received) {
+/// Live-delivery curve knobs: `BENCH_RATES` (comma-separated notifications/s, default
+/// 1000,5000,10000,20000), `BENCH_DEVICES` (default 1000), `BENCH_LIVE_SECONDS` per step
+/// (default 5).
+struct Curve {
+    rates: Vec<u64>,
+    devices: usize,
+    seconds: u64,
+}
+
+impl Curve {
+    fn from_env() -> Curve {
+        let rates = std::env::var("BENCH_RATES")
+            .unwrap_or_else(|_| "1000,5000,10000,20000".to_owned())
+            .split(',')
+            .filter_map(|r| r.trim().parse().ok())
+            .collect();
+        Curve {
+            rates,
+            devices: env_or("BENCH_DEVICES", 1000),
+            seconds: env_or("BENCH_LIVE_SECONDS", 5),
+        }
+    }
+}
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Connects `devices` devices that ack every notification and note when each `seq` arrived.
+async fn connect_devices(server: &Server, devices: usize, received: Received) {
     let tokens = DeviceTokens::new(Some(&Secret::new(SECRET)), Duration::from_secs(600));
-    for i in 0..DEVICES {
+    for i in 0..devices {
         let device = DeviceId::parse(format!("dev-{i}")).unwrap();
         let (token, _) = tokens.mint(&device).unwrap();
         let mut req = format!("ws://{}/v1/connect", server.addr)
@@ -75,53 +108,120 @@ async fn connect_devices(server: &Server, received: Received) {
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// POSTs at a steady rate for LIVE_SECONDS; returns (p50, p99, delivered, sent).
-async fn live_latency(server: &Server) -> (Duration, Duration, usize, usize) {
-    let received: Received = Arc::default();
-    connect_devices(server, received.clone()).await;
-    let client = reqwest::Client::new();
+/// One step of the curve.
+struct Step {
+    offered: u64,
+    /// POSTs actually started per second (below `offered` when the generator fell behind).
+    achieved: f64,
+    p50: Duration,
+    p99: Duration,
+    p999: Duration,
+    delivered: usize,
+    sent: usize,
+    /// CPU per second of the step, in cores: herald, the bench process (load generator and
+    /// devices), the broker.
+    cpu: (f64, f64, f64),
+}
+
+/// Offers `rate` POSTs per second for `seconds`, open loop (sent on schedule whether or not
+/// earlier ones were answered, in 1 ms batches), round robin over `devices` devices.
+/// Latency runs from each POST's *scheduled* time to the device holding the frame, so a
+/// generator or server that falls behind shows in the figures instead of hiding
+/// (coordinated omission).
+async fn live_step(
+    server: &Server,
+    client: &reqwest::Client,
+    received: &Received,
+    first_seq: u64,
+    rate: u64,
+    devices: usize,
+    seconds: u64,
+) -> Step {
     let sent: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE_PER_SEC));
-    let total = RATE_PER_SEC * LIVE_SECONDS;
-    let mut posts = Vec::new();
-    for seq in 0..total {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let total = rate * seconds;
+    let url = format!("{}/v1/notify", server.base);
+    let pids = (server.child.id().to_string(), broker_pid());
+    let cpu0 = (cpu_time(&pids.0), cpu_time("self"), cpu_time(&pids.1));
+    let started = Instant::now();
+    let mut seq = first_seq;
+    let mut posts = Vec::with_capacity(total as usize);
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let mut due = 0u64;
+    while seq < first_seq + total {
         tick.tick().await;
-        let body = serde_json::json!({
-            "targets": [{"device_id": format!("dev-{}", seq as usize % DEVICES)}],
-            "data": {"seq": seq.to_string()},
-        });
-        let req = client
-            .post(format!("{}/v1/notify", server.base))
-            .bearer_auth(KEY)
-            .json(&body);
-        sent.lock().unwrap().insert(seq, Instant::now());
-        posts.push(tokio::spawn(async move {
-            req.send().await.is_ok_and(|r| r.status() == 202)
-        }));
+        // Everything scheduled up to now, so a late tick sends a bigger batch.
+        let elapsed = started.elapsed();
+        let until = ((elapsed.as_secs_f64() * rate as f64) as u64).min(total);
+        while due < until {
+            let scheduled = started + Duration::from_secs_f64(due as f64 / rate as f64);
+            let permit = in_flight.clone().acquire_owned().await.unwrap();
+            let body = serde_json::json!({
+                "targets": [{"device_id": format!("dev-{}", seq as usize % devices)}],
+                "data": {"seq": seq.to_string()},
+            });
+            let req = client.post(&url).bearer_auth(KEY).json(&body);
+            sent.lock().unwrap().insert(seq, scheduled);
+            posts.push(tokio::spawn(async move {
+                let ok = req.send().await.is_ok_and(|r| r.status() == 202);
+                drop(permit);
+                ok
+            }));
+            seq += 1;
+            due += 1;
+        }
     }
+    let sending = started.elapsed();
+    let mut accepted = 0;
     for p in posts {
-        assert!(p.await.unwrap(), "every POST accepted");
+        accepted += usize::from(p.await.unwrap());
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    while received.lock().unwrap().len() < total as usize && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let want = |r: &HashMap<u64, Instant>| (first_seq..seq).filter(|s| r.contains_key(s)).count();
+    while want(&received.lock().unwrap()) < accepted && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = (
+        cpu_time(&pids.0).saturating_sub(cpu0.0).as_secs_f64() / wall,
+        cpu_time("self").saturating_sub(cpu0.1).as_secs_f64() / wall,
+        cpu_time(&pids.1).saturating_sub(cpu0.2).as_secs_f64() / wall,
+    );
     let received = received.lock().unwrap();
     let sent = sent.lock().unwrap();
-    let mut lat: Vec<Duration> = received
-        .iter()
-        .filter_map(|(seq, at)| sent.get(seq).map(|s| at.saturating_duration_since(*s)))
+    let mut lat: Vec<Duration> = (first_seq..seq)
+        .filter_map(|s| Some(received.get(&s)?.saturating_duration_since(*sent.get(&s)?)))
         .collect();
     lat.sort();
-    (
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.99),
-        lat.len(),
-        total as usize,
-    )
+    Step {
+        offered: rate,
+        achieved: total as f64 / sending.as_secs_f64(),
+        p50: percentile(&lat, 0.5),
+        p99: percentile(&lat, 0.99),
+        p999: percentile(&lat, 0.999),
+        delivered: lat.len(),
+        sent: total as usize,
+        cpu,
+    }
+}
+
+/// The RabbitMQ node's process (beam.smp), to charge its CPU too.
+fn broker_pid() -> String {
+    let out = std::process::Command::new("pgrep")
+        .args(["-o", "beam.smp"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 fn apns_env(double: &apns_double::ApnsDouble) -> Vec<(&'static str, String)> {
@@ -178,22 +278,48 @@ async fn main() {
     let url = vhost.url.clone();
     let double = apns_double::ApnsDouble::start().await;
 
+    let curve = Curve::from_env();
     println!(
-        "| live delivery, {RATE_PER_SEC}/s over {DEVICES} devices for {LIVE_SECONDS}s | p50 | p99 | delivered |"
+        "| live delivery, {} devices, {} s per step | offered /s | achieved /s | p50 | p99 | p99.9 | delivered | CPU cores: herald + bench + broker |",
+        curve.devices, curve.seconds
     );
-    println!("|---|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---|");
     for (name, queue) in [("embedded queue", None), ("RabbitMQ", Some(url.clone()))] {
         let mut env = apns_env(&double);
         if let Some(u) = &queue {
             env.push(("HERALD__QUEUE__URL", u.clone()));
         }
         let server = Server::start(&env).await;
-        let (p50, p99, got, sent) = live_latency(&server).await;
-        println!(
-            "| {name} | {:.2} ms | {:.2} ms | {got}/{sent} |",
-            p50.as_secs_f64() * 1e3,
-            p99.as_secs_f64() * 1e3
-        );
+        let received: Received = Arc::default();
+        connect_devices(&server, curve.devices, received.clone()).await;
+        let client = reqwest::Client::new();
+        let mut first_seq = 0;
+        for &rate in &curve.rates {
+            let s = live_step(
+                &server,
+                &client,
+                &received,
+                first_seq,
+                rate,
+                curve.devices,
+                curve.seconds,
+            )
+            .await;
+            first_seq += rate * curve.seconds;
+            println!(
+                "| {name} | {} | {:.0} | {:.2} ms | {:.2} ms | {:.2} ms | {}/{} | {:.2} + {:.2} + {:.2} |",
+                s.offered,
+                s.achieved,
+                ms(s.p50),
+                ms(s.p99),
+                ms(s.p999),
+                s.delivered,
+                s.sent,
+                s.cpu.0,
+                s.cpu.1,
+                s.cpu.2,
+            );
+        }
     }
 
     println!();

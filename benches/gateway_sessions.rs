@@ -272,6 +272,9 @@ async fn driver() {
         // protects a node from a reconnect storm would turn most of them away.
         .env("HERALD__GATEWAY__MAX_SESSION_RATE", "1000000")
         .env("HERALD__GATEWAY__SESSION_BURST", "1000000")
+        // 4,750 sessions per source address in ~2 s: far past the per-address limit.
+        .env("HERALD__GATEWAY__IP_CONNECTS_PER_SECOND", "1000000")
+        .env("HERALD__GATEWAY__IP_CONNECT_BURST", "1000000")
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -366,6 +369,7 @@ fn notification() -> QueuedNotification {
         data,
         apns: Default::default(),
         android: Default::default(),
+        qos: Default::default(),
         targets: vec![],
         attempt: 0,
         history: Vec::new(),

@@ -25,8 +25,12 @@ mod server;
 
 use env::env_or;
 
-use server::{KEY, Server, cpu_time};
+use server::{KEY, Server, broker_socket_counts, context_switches, cpu_time};
 const CONCURRENCIES: &[usize] = &[1, 8, 32, 128, 512];
+/// The raw client's AMQP connection name, to find its broker-side counters.
+const RAW_CONNECTION: &str = "herald-bench raw publisher";
+/// herald names its connection "herald <work queue> pid <pid>".
+const HERALD_CONNECTION: &str = "herald herald.work pid";
 
 fn body() -> serde_json::Value {
     serde_json::json!({
@@ -38,6 +42,17 @@ fn body() -> serde_json::Value {
         "data": {"thread": "t-1"},
         "ttl": "1h"
     })
+}
+
+/// The properties herald puts on a work message (`message_properties` in
+/// src/queue/rabbitmq.rs), so the raw client publishes the same bytes.
+fn herald_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_app_id("herald".into())
+        .with_timestamp(1_700_000_000)
+        .with_message_id("0193c5e0-7b1a-7c3e-9f00-000000000000".into())
 }
 
 fn seconds() -> Duration {
@@ -88,13 +103,28 @@ struct Cost {
     client: Duration,
     broker: Duration,
     cores_busy: f64,
+    /// Context switches per message of the publishing process (herald, or this process
+    /// for the raw client): its thread hand-offs.
+    switches: f64,
+    /// The broker's socket reads and writes per message on the publishing connection.
+    broker_reads: f64,
+    broker_writes: f64,
 }
 
+/// Runs one phase and charges its CPU, context switches and broker socket operations to
+/// the messages it got through. `publisher` is the process holding the AMQP connection
+/// (herald's pid, or "self" for the raw client), `connection` a part of its connection
+/// name as the broker lists it.
 async fn measure<F: std::future::Future<Output = f64>>(
     herald_pid: Option<&str>,
+    vhost: &str,
+    connection: &str,
     phase: F,
 ) -> (f64, Cost) {
     let broker = broker_pid();
+    let publisher = herald_pid.unwrap_or("self");
+    let (r0, w0) = broker_socket_counts(vhost, connection);
+    let s0 = context_switches(publisher);
     let (h0, c0, b0) = (
         herald_pid.map(cpu_time).unwrap_or_default(),
         cpu_time("self"),
@@ -110,11 +140,16 @@ async fn measure<F: std::future::Future<Output = f64>>(
         .saturating_sub(h0);
     let c = cpu_time("self").saturating_sub(c0);
     let b = cpu_time(&broker).saturating_sub(b0);
+    let s = context_switches(publisher).saturating_sub(s0);
+    let (r1, w1) = broker_socket_counts(vhost, connection);
     let cost = Cost {
         herald: h.div_f64(n),
         client: c.div_f64(n),
         broker: b.div_f64(n),
         cores_busy: (h + c + b).as_secs_f64() / wall.as_secs_f64(),
+        switches: s as f64 / n,
+        broker_reads: r1.saturating_sub(r0) as f64 / n,
+        broker_writes: w1.saturating_sub(w0) as f64 / n,
     };
     (rate, cost)
 }
@@ -187,9 +222,12 @@ async fn main() {
 
     // Raw lapin: same broker, same exchange and quorum queue herald publishes to (declared
     // by the herald server above), persistent + mandatory + confirmed, as herald does.
-    let conn = Connection::connect(&url, ConnectionProperties::default())
-        .await
-        .unwrap();
+    let conn = Connection::connect(
+        &url,
+        ConnectionProperties::default().with_connection_name(RAW_CONNECTION.into()),
+    )
+    .await
+    .unwrap();
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
@@ -197,13 +235,15 @@ async fn main() {
     let ch = Arc::new(ch);
 
     println!(
-        "| concurrency | raw lapin publish+confirm /s | API → RabbitMQ /s | ratio | API → embedded /s | raw: client + broker CPU µs/msg, cores busy | API: herald + client + broker CPU µs/msg, cores busy |"
+        "| concurrency | raw lapin publish+confirm /s | API → RabbitMQ /s | ratio | API → embedded /s | raw: client + broker CPU µs/msg, cores busy | API: herald + client + broker CPU µs/msg, cores busy | context switches/msg, raw client · herald | broker socket reads + writes/msg, raw · herald |"
     );
-    println!("|---:|---:|---:|---:|---:|---|---|");
+    println!("|---:|---:|---:|---:|---:|---|---|---|---|");
     for &c in CONCURRENCIES {
         let (ch2, msg) = (ch.clone(), message_len.clone());
         let (raw, raw_cost) = measure(
             None,
+            &vhost.name,
+            RAW_CONNECTION,
             drive(c, move || {
                 let (ch, msg) = (ch2.clone(), msg.clone());
                 async move {
@@ -216,7 +256,7 @@ async fn main() {
                                 ..Default::default()
                             },
                             &msg,
-                            BasicProperties::default().with_delivery_mode(2),
+                            herald_properties(),
                         )
                         .await;
                     match confirm {
@@ -228,10 +268,16 @@ async fn main() {
         )
         .await;
         let herald_pid = rabbit.child.id().to_string();
-        let (rmq, api_cost) = measure(Some(&herald_pid), api_rate(&rabbit.base, c)).await;
+        let (rmq, api_cost) = measure(
+            Some(&herald_pid),
+            &vhost.name,
+            HERALD_CONNECTION,
+            api_rate(&rabbit.base, c),
+        )
+        .await;
         let mem = api_rate(&embedded.base, c).await;
         println!(
-            "| {c} | {raw:.0} | {rmq:.0} | {:.0}% | {mem:.0} | {:.0} + {:.0}, {:.2} | {:.0} + {:.0} + {:.0}, {:.2} |",
+            "| {c} | {raw:.0} | {rmq:.0} | {:.0}% | {mem:.0} | {:.0} + {:.0}, {:.2} | {:.0} + {:.0} + {:.0}, {:.2} | {:.1} · {:.1} | {:.2} + {:.2} · {:.2} + {:.2} |",
             100.0 * rmq / raw,
             us(raw_cost.client),
             us(raw_cost.broker),
@@ -240,6 +286,12 @@ async fn main() {
             us(api_cost.client),
             us(api_cost.broker),
             api_cost.cores_busy,
+            raw_cost.switches,
+            api_cost.switches,
+            raw_cost.broker_reads,
+            raw_cost.broker_writes,
+            api_cost.broker_reads,
+            api_cost.broker_writes,
         );
     }
     drop(embedded);

@@ -7,14 +7,15 @@
 #   1. lints deploy/Dockerfile (hadolint, then checkov's Dockerfile policies);
 #   2. renders every overlay with `kubectl kustomize`;
 #   3. validates each rendered object: built-in kinds strictly against the Kubernetes
-#      schemas (kubernetes-validate), custom resources (RabbitmqCluster, ServiceMonitor,
-#      PrometheusRule, cert-manager and messaging-topology resources) against
-#      deploy/schemas/crds.yaml;
+#      schemas (kubernetes-validate), custom resources (RabbitmqCluster, CloudNativePG
+#      Cluster, ServiceMonitor, PrometheusRule, cert-manager and messaging-topology
+#      resources) against deploy/schemas/crds.yaml;
 #   4. checks herald's own invariants (probes, drain timing, security context, secrets as
-#      read-only files), the lock-down (NetworkPolicies for every pod, 8080 and AMQP only
-#      from named sources, amqps:// with a mounted CA, one least-privilege broker user per
-#      role, never the default/admin one) and runs checkov's Kubernetes policies (skips:
-#      deploy/checkov.yaml);
+#      read-only files), the lock-down (NetworkPolicies for every pod, 8080, AMQP and
+#      PostgreSQL only from named sources, amqps:// with a mounted CA, one least-privilege
+#      broker user per role, never the default/admin one, the inbox URL a mounted Secret
+#      of the dispatcher and gateway only, with sslmode verify-full against a mounted CA)
+#      and runs checkov's Kubernetes policies (skips: deploy/checkov.yaml);
 #   5. checks that every metric the Grafana dashboard and the alerts query exists in
 #      METRICS_FILE, and that every alert links its runbook in docs/operations.md.
 # With HERALD_BUILD_IMAGE=1 it also builds the image with buildah (needs a registry that

@@ -12,10 +12,15 @@ Each subcommand prints what it checked and exits non-zero on any failure:
                          NetworkPolicy, 8080 and the broker's AMQP ports only from named
                          sources, amqps:// with a mounted CA, one broker user per herald
                          role (never the default/admin user), and anchored permission
-                         regexes that reach exactly the exchanges and queues each role uses
+                         regexes that reach exactly the exchanges and queues each role uses;
+                         the inbox's PostgreSQL: its URL a mounted Secret file of the
+                         dispatcher and gateway only (never inline), sslmode verify-full
+                         (or verify-ca/require) with a mounted CA, 5432 only from those
+                         two roles, its own instances and the CloudNativePG operator, no
+                         cleartext, no network superuser
   metrics METRICS_FILE   every metric the dashboard and the alerts query exists in a real
-                         /metrics output of herald, and every label they match on is one
-                         herald puts on that metric
+                         /metrics output of herald, and every label they match or group
+                         (`by`) on is one herald puts on that metric
   runbooks               every alert links a section of docs/operations.md that exists
 
 Run by deploy/check.sh inside its venv (PyYAML, jsonschema, kubernetes-validate,
@@ -220,6 +225,19 @@ def cmd_invariants(path):
 
 HERALD_POD = {"app.kubernetes.io/name": "herald"}
 AMQP_PORTS = (5671, 5672)
+POSTGRES_PORT = 5432
+# The herald roles that use the offline inbox: the dispatcher stores, the gateway replays.
+# The api role never touches it, so it must not hold its credentials or reach 5432.
+INBOX_ROLES = ("dispatcher", "gateway")
+# The CloudNativePG operator's pods (its Helm chart and manifests label them so); the one
+# peer outside herald's namespace that may reach PostgreSQL.
+CNPG_OPERATOR_POD = {"app.kubernetes.io/name": "cloudnative-pg"}
+# What the example inbox URL's sslmode may be: TLS always, never disable/allow/prefer,
+# which fall back to cleartext. verify-full also checks the server's name against its
+# certificate; verify-ca (managed services whose certificate does not name the host, e.g.
+# Cloud SQL's per-instance CA) and require check the CA only, and require only with an
+# sslrootcert (sqlx then verifies like verify-ca; without one it verifies nothing).
+INBOX_SSLMODES = ("verify-full", "verify-ca", "require")
 
 
 def selects(selector, labels):
@@ -297,13 +315,17 @@ def role_resources(prefix, retry_queues):
     - api: publishes to the work exchange (covered above).
     - dispatcher: consumes work; publish_retry (default exchange), publish_dead (dead
       exchange), publish_event (events exchange); ClusterDirectory (src/directory/
-      cluster.rs) declares the sessions exchange and publishes deliveries to it.
+      cluster/) declares the presence exchange and its own {prefix}.presence.<32 hex>
+      queue, binds and consumes it, and publishes deliveries and snapshot requests to node
+      queues through the default exchange.
     - gateway: ClusterDirectory with a gateway: declares and consumes the exclusive
-      {prefix}.node.<node id> queue, binds it to the sessions exchange, publishes kicks to
-      that exchange and replies through the default exchange (direct reply-to).
+      {prefix}.node.<node id> queue (never bound), publishes presence deltas and heartbeats
+      to the presence exchange, declares/binds/consumes its own presence queue, and
+      replies through the default exchange (direct reply-to).
     """
     p = prefix
     node = [f"{p}.node.0194f6c2e5a47b3c8d9e0f1a2b3c4d5e", f"{p}.node.gw-1"]
+    presence_q = [f"{p}.presence.019ad9f0c1a27c3e8b4d5f6a7b8c9d0e"]
     common_needed = {
         "configure": [f"{p}.work", f"{p}.dead", f"{p}.events", *retry_queues],
         "write": [f"{p}.work", f"{p}.dead"],
@@ -312,34 +334,35 @@ def role_resources(prefix, retry_queues):
     # Names no herald user needs: other apps' queues, server-named queues, look-alikes
     # that only an unanchored or too-wide regex would match.
     outside = ["amq.gen-JzTY20BRgKO", "other.work", f"x{p}.work", f"{p}.work.x", f"{p}x.dead",
-               f"{p}.retry.ms", f"{p}.retry.10msx", f"{p}.node.", "amq.topic"]
+               f"{p}.retry.ms", f"{p}.retry.10msx", f"{p}.node.", "amq.topic",
+               f"{p}.presence.", f"{p}.presence.xyz", f"{p}.sessions"]
     needed = {
         "api": common_needed,
         "dispatcher": {
-            "configure": common_needed["configure"] + [f"{p}.sessions"],
-            "write": common_needed["write"] + [f"{p}.events", f"{p}.sessions", "amq.default"],
-            "read": common_needed["read"],
+            "configure": common_needed["configure"] + [f"{p}.presence", *presence_q],
+            "write": common_needed["write"] + [f"{p}.events", *presence_q, "amq.default"],
+            "read": common_needed["read"] + [f"{p}.presence", *presence_q],
         },
         "gateway": {
-            "configure": common_needed["configure"] + [f"{p}.sessions", *node],
-            "write": common_needed["write"] + [f"{p}.sessions", "amq.default", *node],
-            "read": common_needed["read"] + [f"{p}.sessions", *node],
+            "configure": common_needed["configure"] + [f"{p}.presence", *presence_q, *node],
+            "write": common_needed["write"] + [f"{p}.presence", *presence_q, "amq.default"],
+            "read": common_needed["read"] + [f"{p}.presence", *presence_q, *node],
         },
     }
     refused = {
         "api": {
-            "configure": outside + [f"{p}.sessions", *node],
-            "write": outside + [f"{p}.sessions", f"{p}.events", "amq.default", *node],
-            "read": outside + [f"{p}.sessions", f"{p}.events", *node],
+            "configure": outside + [f"{p}.presence", *presence_q, *node],
+            "write": outside + [f"{p}.presence", *presence_q, f"{p}.events", "amq.default", *node],
+            "read": outside + [f"{p}.presence", *presence_q, f"{p}.events", *node],
         },
         "dispatcher": {
             "configure": outside + node,
-            "write": outside + node,
-            "read": outside + [f"{p}.sessions", f"{p}.events", *node],
+            "write": outside + [f"{p}.presence", *node],
+            "read": outside + [f"{p}.events", *node],
         },
         "gateway": {
             "configure": outside,
-            "write": outside + [f"{p}.events"],
+            "write": outside + [f"{p}.events", *node],
             "read": outside + [f"{p}.events"],
         },
     }
@@ -349,12 +372,16 @@ def role_resources(prefix, retry_queues):
 def cmd_security(path):
     docs = load_docs(path)
     problems = security_problems(docs, DEPLOY / "k8s/overlays" / Path(path).stem)
-    count = {k: sum(1 for d in docs if d.get("kind") == k) for k in ("NetworkPolicy", "Deployment", "RabbitmqCluster")}
+    count = {
+        k: sum(1 for d in docs if d.get("kind") == k)
+        for k in ("NetworkPolicy", "Deployment", "RabbitmqCluster", "Cluster")
+    }
     return fail(
         problems,
-        f"security: {count['NetworkPolicy']} NetworkPolicies over {count['Deployment']} Deployment(s) "
-        f"and {count['RabbitmqCluster']} RabbitmqCluster(s); amqps, per-role broker users and "
-        f"permission regexes in {Path(path).name}",
+        f"security: {count['NetworkPolicy']} NetworkPolicies over {count['Deployment']} Deployment(s), "
+        f"{count['RabbitmqCluster']} RabbitmqCluster(s) and {count['Cluster']} PostgreSQL Cluster(s); "
+        f"amqps, per-role broker users, permission regexes and the inbox's TLS, Secret and "
+        f"reach in {Path(path).name}",
     )
 
 
@@ -431,6 +458,144 @@ def security_problems(docs, overlay_dir):
 
     if clusters:
         problems += broker_client_problems(docs, kinds, deployments, clusters, overlay_dir)
+    problems += inbox_problems(docs, kinds, deployments, policies_for, overlay_dir)
+    return problems
+
+
+def container_roles(c):
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    return env, [r.strip() for r in (env.get("HERALD__ROLES") or "").split(",") if r.strip()]
+
+
+def mounted_volume(c, volumes, file_path):
+    """The volume that provides `file_path` in container `c`, if any."""
+    for m in c.get("volumeMounts", []):
+        mp = m["mountPath"].rstrip("/")
+        if not file_path.startswith(mp + "/"):
+            continue
+        v = volumes.get(m["name"], {})
+        src = v.get("secret") or v.get("configMap") or {}
+        items = src.get("items")
+        rel = file_path[len(mp) + 1:]
+        if items is None or any(i["path"] == rel for i in items):
+            return v
+    return None
+
+
+def inbox_problems(docs, kinds, deployments, policies_for, overlay_dir):
+    """The offline inbox's PostgreSQL (CloudNativePG Clusters) and herald's use of it."""
+    from urllib.parse import parse_qs, urlsplit
+
+    problems = []
+    pg_clusters = [c for c in kinds.get("Cluster", []) if c.get("apiVersion", "").startswith("postgresql.cnpg.io/")]
+    defaults, overlay = herald_toml(docs)
+    inbox = {**defaults.get("inbox", {}), **overlay.get("inbox", {})}
+    if inbox.get("url"):
+        problems.append("herald.toml sets inbox.url inline: the database password would sit in a ConfigMap; use url_file")
+    if not pg_clusters:
+        return problems
+
+    # The server: TLS only, no superuser over the network, its pods behind a policy.
+    for pc in pg_clusters:
+        rid = resource_id(pc)
+        name = pc["metadata"]["name"]
+        spec = pc["spec"]
+        if spec.get("enableSuperuserAccess") is True:
+            problems.append(f"{rid}: enableSuperuserAccess is true: a postgres superuser password in a Secret, usable over the network")
+        hba = [" ".join(r.split()) for r in (spec.get("postgresql") or {}).get("pg_hba") or []]
+        if "hostnossl all all all reject" not in hba:
+            problems.append(f"{rid}: pg_hba has no 'hostnossl all all all reject': cleartext connections stay possible")
+        labels = {"cnpg.io/cluster": name, "cnpg.io/podRole": "instance"}
+        mine = [np for np in policies_for(labels) if "Ingress" in np["spec"].get("policyTypes", ["Ingress"])]
+        if not mine:
+            problems.append(f"{rid}: no NetworkPolicy restricts ingress to the PostgreSQL pods (NetworkPolicy missing)")
+        for np in mine:
+            for i, rule in enumerate(np["spec"].get("ingress") or []):
+                if not admits_port(rule.get("ports"), POSTGRES_PORT, ("postgresql", "postgres")):
+                    continue
+                where = f"{resource_id(np)} ingress[{i}] (5432 of {rid})"
+                if not rule.get("from"):
+                    problems.append(f"{where}: admits every source")
+                for peer in rule.get("from") or []:
+                    ps = peer.get("podSelector")
+                    if set(peer) == {"podSelector"} and narrow(ps) and selects(ps, labels):
+                        continue  # its own instances: replication
+                    if set(peer) == {"podSelector"} and narrow(ps) \
+                            and (ps.get("matchLabels") or {}).get("app.kubernetes.io/name") == "herald":
+                        api_pod = {**HERALD_POD, "app.kubernetes.io/component": "api"}
+                        if selects(ps, api_pod) or selects(ps, HERALD_POD):
+                            problems.append(f"{where}: peer {peer} admits herald pods other than the dispatcher and gateway (the api role never uses the inbox)")
+                        continue
+                    if set(peer) == {"namespaceSelector", "podSelector"} and narrow(peer["namespaceSelector"]) \
+                            and narrow(ps) and selects(ps, CNPG_OPERATOR_POD):
+                        continue  # the operator
+                    problems.append(
+                        f"{where}: peer {peer} is not herald's dispatcher/gateway pods, the cluster's own "
+                        "instances or the CloudNativePG operator"
+                    )
+
+    # herald's side: the URL as a mounted Secret file for the inbox roles only, TLS with a
+    # mounted CA, and a way out to 5432.
+    inbox_secrets = set()
+    example = overlay_dir / "secrets.example/inbox-url.example"
+    shown = example.relative_to(REPO) if example.is_relative_to(REPO) else example
+    url = example.read_text().strip() if example.exists() else None
+    if url is None:
+        problems.append(f"no {shown} showing the inbox URL")
+    else:
+        parts = urlsplit(url)
+        query = parse_qs(parts.query)
+        if parts.scheme not in ("postgres", "postgresql"):
+            problems.append(f"{shown}: the inbox URL is not postgres://")
+        mode = (query.get("sslmode") or [None])[0]
+        if mode not in INBOX_SSLMODES:
+            problems.append(f"{shown}: sslmode is {mode!r}, want one of {', '.join(INBOX_SSLMODES)} (TLS, never a cleartext fallback)")
+        elif mode == "require" and not query.get("sslrootcert"):
+            problems.append(f"{shown}: sslmode=require without sslrootcert verifies no certificate; add the CA (or use verify-full)")
+    rootcert = (parse_qs(urlsplit(url).query).get("sslrootcert") or [None])[0] if url else None
+    pg_pods = [{"cnpg.io/cluster": pc["metadata"]["name"], "cnpg.io/podRole": "instance"} for pc in pg_clusters]
+    for d in deployments:
+        rid = resource_id(d)
+        pod = d["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        pod_labels = d["spec"]["template"]["metadata"].get("labels", {})
+        for c in pod["containers"]:
+            env, roles = container_roles(c)
+            if "HERALD__INBOX__URL" in env:
+                problems.append(f"{rid}: sets HERALD__INBOX__URL (a password in the pod spec); mount inbox.url_file")
+            uses = any(r in INBOX_ROLES for r in roles)
+            url_file = env.get("HERALD__INBOX__URL_FILE", inbox.get("url_file") or "")
+            if not uses:
+                if url_file:
+                    problems.append(f"{rid}: runs {roles}, which never use the inbox, yet sets inbox.url_file")
+                continue
+            if not url_file:
+                problems.append(f"{rid}: runs {roles} without inbox.url_file: no durable inbox in cluster mode")
+                continue
+            vol = mounted_volume(c, volumes, url_file)
+            secret = ((vol or {}).get("secret") or {}).get("secretName")
+            if not secret:
+                problems.append(f"{rid}: no Secret mounted at inbox.url_file {url_file}")
+            else:
+                inbox_secrets.add(secret)
+            if rootcert and not mounted_volume(c, volumes, rootcert):
+                problems.append(f"{rid}: nothing mounted at the inbox URL's sslrootcert {rootcert}")
+            out = [
+                rule for np in policies_for(pod_labels) if "Egress" in np["spec"].get("policyTypes", [])
+                for rule in np["spec"].get("egress") or []
+                if admits_port(rule.get("ports"), POSTGRES_PORT)
+                and any(selects(peer.get("podSelector"), lbl) for peer in rule.get("to") or [] for lbl in pg_pods)
+            ]
+            if not out:
+                problems.append(f"{rid}: no NetworkPolicy egress rule lets it reach PostgreSQL's 5432")
+    # The api role holds no inbox credentials.
+    for d in deployments:
+        pod = d["spec"]["template"]["spec"]
+        if any(any(r in INBOX_ROLES for r in container_roles(c)[1]) for c in pod["containers"]):
+            continue
+        for v in pod.get("volumes", []):
+            if (v.get("secret") or {}).get("secretName") in inbox_secrets:
+                problems.append(f"{resource_id(d)}: mounts the inbox Secret {v['secret']['secretName']}, which its role never uses")
     return problems
 
 
@@ -580,6 +745,14 @@ def parse_metrics_file(path):
     return found
 
 
+def family(name):
+    """A histogram series' family name (herald_x_bucket -> herald_x); other names as is."""
+    for suffix in HISTOGRAM_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def grafana_to_promql(expr):
     """Replace Grafana's $variables so the expression parses as PromQL."""
     expr = re.sub(r"\$__(rate_interval|interval|range)\b|\$\{__(rate_interval|interval|range)\}", "5m", expr)
@@ -631,6 +804,25 @@ def selectors(expr):
     return found
 
 
+def grouping_labels(expr):
+    """-> [(labels of a `by (...)`, names of the metrics it aggregates)] in a PromQL query."""
+    import promql_parser
+
+    found = []
+
+    def visit(node):
+        if isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None \
+                and str(node.modifier.type).endswith("By"):
+            inner = []
+            promql_parser.walk(
+                node.expr, lambda n: inner.append(n.name) if isinstance(n, promql_parser.VectorSelector) else None
+            )
+            found.append((list(node.modifier.labels), inner))
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return found
+
+
 def cmd_metrics(metrics_file):
     exported = parse_metrics_file(metrics_file)
     herald = sorted(n for n in exported if n.startswith("herald_"))
@@ -675,6 +867,24 @@ def cmd_metrics(metrics_file):
                     problems.append(
                         f"{where}: {name} is matched on label {m.name!r}, which herald does not "
                         f"export on it (has: {', '.join(sorted(labels)) or 'none'})"
+                    )
+        # `sum by (label)` on a label the metric does not have yields one unlabelled series
+        # instead of one per value: a panel or alert that silently stops splitting.
+        for labels, names in grouping_labels(grafana_to_promql(expr)):
+            if not names or any(n in EXTERNAL_METRICS or n not in exported and family(n) not in exported for n in names):
+                continue
+            known = set(TARGET_LABELS)
+            for n in names:
+                known |= exported.get(n, set()) | exported.get(family(n), set())
+                known |= {lbl for k in (family(n) + "_bucket", family(n) + "_sum", family(n) + "_count")
+                          for lbl in exported.get(k, set())}
+            if not all(exported.get(n) or exported.get(family(n)) or exported.get(family(n) + "_bucket") for n in names):
+                continue  # a family without labelled samples yet: its labels are unknown
+            for lbl in labels:
+                if lbl not in known:
+                    problems.append(
+                        f"{where}: groups by {lbl!r}, which none of {', '.join(sorted(set(names)))} has "
+                        f"(has: {', '.join(sorted(known - TARGET_LABELS)) or 'none'})"
                     )
     herald_used = sorted(u for u in used if u not in EXTERNAL_METRICS)
     return fail(

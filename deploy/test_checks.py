@@ -120,7 +120,7 @@ class Security(unittest.TestCase):
 
     def test_a_permission_that_reaches_another_role(self):
         perms = by(self.docs, "Permission", "herald-gateway")["spec"]["permissions"]
-        perms["write"] = perms["write"].replace("sessions|", "sessions|events|")
+        perms["write"] = perms["write"].replace("presence|", "presence|events|")
         self.assertFails("matches 'herald.events', which the gateway role does not need")
 
     def test_a_permission_missing_what_the_role_uses(self):
@@ -134,6 +134,102 @@ class Security(unittest.TestCase):
             "[queue]\n", '[queue]\nurl = "amqps://u:p@h:5671/herald"\n'
         )
         self.assertFails("sets queue.url inline")
+
+    # --- the offline inbox's PostgreSQL (postgres.yaml, networkpolicy-postgres.yaml) ---
+
+    def with_example(self, text):
+        """Point the overlay at a copy of secrets.example whose inbox URL is `text`."""
+        import shutil
+        import tempfile
+
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        shutil.copytree(self.overlay / "secrets.example", Path(tmp.name) / "secrets.example")
+        (Path(tmp.name) / "secrets.example/inbox-url.example").write_text(text)
+        self.overlay = Path(tmp.name)
+
+    def inbox_url(self):
+        return (self.overlay / "secrets.example/inbox-url.example").read_text().strip()
+
+    def test_missing_postgres_network_policy(self):
+        self.docs.remove(by(self.docs, "NetworkPolicy", "herald-postgres"))
+        self.assertFails("PostgreSQL pods (NetworkPolicy missing)")
+
+    def test_postgres_from_any_pod(self):
+        by(self.docs, "NetworkPolicy", "herald-postgres")["spec"]["ingress"][0].pop("from")
+        self.assertFails("admits every source")
+
+    def test_postgres_from_the_api_role(self):
+        peer = by(self.docs, "NetworkPolicy", "herald-postgres")["spec"]["ingress"][0]["from"][0]
+        peer["podSelector"].pop("matchExpressions")
+        self.assertFails("admits herald pods other than the dispatcher and gateway")
+
+    def test_postgres_from_another_namespace(self):
+        rule = by(self.docs, "NetworkPolicy", "herald-postgres")["spec"]["ingress"][0]
+        rule["from"].append({"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "x"}}})
+        self.assertFails("is not herald's dispatcher/gateway pods")
+
+    def test_no_egress_to_postgres(self):
+        self.docs.remove(by(self.docs, "NetworkPolicy", "herald-inbox"))
+        self.assertFails("Deployment/herald/herald-dispatcher: no NetworkPolicy egress rule lets it reach PostgreSQL")
+
+    def test_cleartext_postgres(self):
+        by(self.docs, "Cluster", "herald-postgres")["spec"]["postgresql"].pop("pg_hba")
+        self.assertFails("cleartext connections stay possible")
+
+    def test_network_superuser(self):
+        by(self.docs, "Cluster", "herald-postgres")["spec"]["enableSuperuserAccess"] = True
+        self.assertFails("enableSuperuserAccess is true")
+
+    def test_inbox_url_inline_in_the_config(self):
+        cm = next(d for d in self.docs if d.get("kind") == "ConfigMap")
+        cm["data"]["herald.toml"] = cm["data"]["herald.toml"].replace(
+            "[inbox]\n", '[inbox]\nurl = "postgres://herald:p@h:5432/herald"\n'
+        )
+        self.assertFails("sets inbox.url inline")
+
+    def test_inbox_url_in_the_environment(self):
+        env = container(by(self.docs, "Deployment", "herald-gateway"))["env"]
+        env.append({"name": "HERALD__INBOX__URL", "value": "postgres://herald:p@h:5432/herald"})
+        self.assertFails("sets HERALD__INBOX__URL")
+
+    def test_inbox_url_file_not_a_mounted_secret(self):
+        c = container(by(self.docs, "Deployment", "herald-dispatcher"))
+        c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != "inbox"]
+        self.assertFails("herald-dispatcher: no Secret mounted at inbox.url_file")
+
+    def test_an_inbox_role_without_the_inbox(self):
+        c = container(by(self.docs, "Deployment", "herald-gateway"))
+        c["env"] = [e for e in c["env"] if e["name"] != "HERALD__INBOX__URL_FILE"]
+        self.assertFails("herald-gateway: runs ['gateway'] without inbox.url_file")
+
+    def test_the_api_role_holds_the_inbox_secret(self):
+        d = by(self.docs, "Deployment", "herald-api")
+        d["spec"]["template"]["spec"]["volumes"].append({"name": "inbox", "secret": {"secretName": "herald-inbox"}})
+        self.assertFails("herald-api: mounts the inbox Secret herald-inbox")
+
+    def test_inbox_ca_not_mounted(self):
+        c = container(by(self.docs, "Deployment", "herald-gateway"))
+        c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != "inbox-ca"]
+        self.assertFails("herald-gateway: nothing mounted at the inbox URL's sslrootcert")
+
+    def test_inbox_url_without_tls(self):
+        url = self.inbox_url()
+        self.with_example(url.replace("sslmode=verify-full", "sslmode=prefer"))
+        self.assertFails("inbox-url.example: sslmode is 'prefer'")
+        self.with_example(url.split("?")[0])
+        self.assertFails("inbox-url.example: sslmode is None")
+
+    def test_inbox_url_with_require_passes_only_with_a_ca(self):
+        url = self.inbox_url()
+        self.with_example(url.replace("sslmode=verify-full", "sslmode=require"))
+        self.assertEqual(self.problems(), "")
+        self.with_example(url.split("?")[0] + "?sslmode=require")
+        self.assertFails("sslmode=require without sslrootcert verifies no certificate")
+
+    def test_inbox_url_not_postgres(self):
+        self.with_example(self.inbox_url().replace("postgres://", "mysql://"))
+        self.assertFails("the inbox URL is not postgres://")
 
 
 if __name__ == "__main__":

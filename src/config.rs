@@ -181,17 +181,100 @@ pub struct DispatcherSettings {
     pub target_concurrency: usize,
 }
 
+/// `[events]`: the outcome event sinks (src/events.rs); config/default.toml says why each
+/// default. The webhook URL may carry a credential (basic auth, a query token), so it is a
+/// [`Secret`] like the signing key: `check-config` and logs never show it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventsSettings {
-    pub webhook_url: String,
+    pub webhook_url: Secret,
+    pub webhook_url_file: String,
+    pub webhook_secret: Secret,
+    pub webhook_secret_file: String,
+    pub ca_file: String,
     pub webhook_batch: usize,
     #[serde(with = "humantime_serde")]
     pub webhook_flush: Duration,
     #[serde(with = "humantime_serde")]
     pub webhook_timeout: Duration,
     pub webhook_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub webhook_backoff_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub webhook_backoff_max: Duration,
+    #[serde(with = "humantime_serde")]
+    pub webhook_retry_after_max: Duration,
     pub buffer: usize,
+}
+
+impl EventsSettings {
+    /// The webhook URL (`events.webhook_url`, else the contents of
+    /// `events.webhook_url_file`); `None` means no webhook.
+    pub fn webhook_url(&self) -> Result<Option<Secret>, SettingsError> {
+        if !self.webhook_url.is_empty() {
+            return Ok(Some(self.webhook_url.clone()));
+        }
+        if self.webhook_url_file.is_empty() {
+            return Ok(None);
+        }
+        let text = read_secret_file("events.webhook_url_file", &self.webhook_url_file)?;
+        Ok(Some(Secret::new(text.trim())).filter(|s| !s.is_empty()))
+    }
+
+    /// The webhook signing key (`events.webhook_secret`, else the contents of
+    /// `events.webhook_secret_file`), parsed from its `whsec_<base64>` form.
+    pub fn webhook_key(&self) -> Result<Option<crate::events::SigningKey>, SettingsError> {
+        let text = if !self.webhook_secret.is_empty() {
+            self.webhook_secret.clone()
+        } else if !self.webhook_secret_file.is_empty() {
+            Secret::new(
+                read_secret_file("events.webhook_secret_file", &self.webhook_secret_file)?.trim(),
+            )
+        } else {
+            return Ok(None);
+        };
+        crate::events::SigningKey::parse(text.expose())
+            .map(Some)
+            .map_err(|e| invalid("events.webhook_secret", e))
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        if self.webhook_batch == 0 || self.buffer == 0 || self.webhook_attempts == 0 {
+            return Err(invalid(
+                "events",
+                "webhook_batch, webhook_attempts and buffer must be at least 1",
+            ));
+        }
+        if self.webhook_timeout.is_zero() {
+            return Err(invalid("events.webhook_timeout", "must be positive"));
+        }
+        if self.webhook_backoff_min.is_zero() || self.webhook_backoff_min > self.webhook_backoff_max
+        {
+            return Err(invalid(
+                "events.webhook_backoff_min",
+                "must be positive and at most events.webhook_backoff_max",
+            ));
+        }
+        if !self.ca_file.is_empty() {
+            crate::events::read_ca_file(&self.ca_file).map_err(|e| invalid("events.ca_file", e))?;
+        }
+        let key = self.webhook_key()?;
+        if let Some(url) = self.webhook_url()? {
+            // The messages never repeat the URL: it may hold a credential.
+            crate::events::check_webhook_url(url.expose())
+                .map_err(|e| invalid("events.webhook_url", e))?;
+            // No unsigned webhook: see config/default.toml, events.webhook_secret.
+            if key.is_none() {
+                return Err(invalid(
+                    "events.webhook_secret",
+                    "is required when events.webhook_url is set: every POST is signed \
+                     (Standard Webhooks); generate one with \
+                     `echo whsec_$(openssl rand -base64 32)`",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -210,6 +293,13 @@ pub struct GatewaySettings {
     pub reconnect_spread: Duration,
     pub max_session_rate: u32,
     pub session_burst: u32,
+    pub max_sessions: usize,
+    pub device_connects_per_minute: u32,
+    pub device_connect_burst: u32,
+    pub ip_connects_per_second: u32,
+    pub ip_connect_burst: u32,
+    pub trusted_proxies: Vec<String>,
+    pub allow_query_token: bool,
 }
 
 /// `[cluster]`: the directory across nodes (used when `queue.url` is RabbitMQ).
@@ -221,6 +311,12 @@ pub struct ClusterSettings {
     pub reply_margin: Duration,
     #[serde(with = "humantime_serde")]
     pub register_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub node_lease: Duration,
+    #[serde(with = "humantime_serde")]
+    pub hop_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -319,8 +415,14 @@ pub struct AppFcmSettings {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AppEventsSettings {
-    /// This app's events go here (batched as `[events]` says); empty = no webhook.
-    pub webhook_url: String,
+    /// This app's events go here (batched as `[events]` says); empty = no webhook. A
+    /// [`Secret`]: the URL may carry a credential.
+    pub webhook_url: Secret,
+    /// This app's webhook signing key (`whsec_<base64>`); required with `webhook_url`, and
+    /// per app so one app's receiver cannot forge another app's events.
+    pub webhook_secret: Secret,
+    /// A file holding `webhook_secret` instead.
+    pub webhook_secret_file: String,
 }
 
 /// Google's FCM base URL, the default of an app's `fcm.endpoint`.
@@ -335,7 +437,10 @@ pub struct AppConfig {
     pub api_keys: Vec<[u8; 32]>,
     pub apns: ApnsSettings,
     pub fcm: FcmSettings,
-    pub webhook_url: String,
+    /// Empty = no webhook for this app.
+    pub webhook_url: Secret,
+    /// Signs the app's webhook POSTs; checked present when `webhook_url` is set.
+    pub webhook_key: Option<crate::events::SigningKey>,
     pub max_notify_rate: Option<f64>,
     /// The config key prefix errors name: `""` for `default`, `apps.<name>.` otherwise.
     pub key_prefix: String,
@@ -542,15 +647,7 @@ impl Settings {
                 "must be at least 1",
             ));
         }
-        if self.events.webhook_batch == 0
-            || self.events.buffer == 0
-            || self.events.webhook_attempts == 0
-        {
-            return Err(invalid(
-                "events",
-                "webhook_batch, webhook_attempts and buffer must be at least 1",
-            ));
-        }
+        self.events.validate()?;
         if !(1..=30).contains(&self.retry.max_attempts) {
             return Err(invalid("retry.max_attempts", "must be between 1 and 30"));
         }
@@ -569,6 +666,37 @@ impl Settings {
                 "gateway.max_session_rate and gateway.session_burst must be at least 1",
             ));
         }
+        for (key, v) in [
+            ("gateway.max_sessions", self.gateway.max_sessions as u64),
+            (
+                "gateway.device_connects_per_minute",
+                u64::from(self.gateway.device_connects_per_minute),
+            ),
+            (
+                "gateway.device_connect_burst",
+                u64::from(self.gateway.device_connect_burst),
+            ),
+            (
+                "gateway.ip_connects_per_second",
+                u64::from(self.gateway.ip_connects_per_second),
+            ),
+            (
+                "gateway.ip_connect_burst",
+                u64::from(self.gateway.ip_connect_burst),
+            ),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        for proxy in &self.gateway.trusted_proxies {
+            if crate::gateway::IpNet::parse(proxy).is_none() {
+                return Err(invalid(
+                    "gateway.trusted_proxies",
+                    "each entry is an IP address or a CIDR block (10.0.0.0/8, fd00::/8)",
+                ));
+            }
+        }
         if !amqp_name_part(&self.cluster.node_id) {
             return Err(invalid(
                 "cluster.node_id",
@@ -577,6 +705,24 @@ impl Settings {
         }
         if self.cluster.register_timeout.is_zero() {
             return Err(invalid("cluster.register_timeout", "must be positive"));
+        }
+        for (key, d) in [
+            (
+                "cluster.heartbeat_interval",
+                self.cluster.heartbeat_interval,
+            ),
+            ("cluster.node_lease", self.cluster.node_lease),
+            ("cluster.hop_timeout", self.cluster.hop_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be positive"));
+            }
+        }
+        if self.cluster.node_lease < 2 * self.cluster.heartbeat_interval {
+            return Err(invalid(
+                "cluster.node_lease",
+                "must be at least twice cluster.heartbeat_interval (one lost heartbeat must not kill a node)",
+            ));
         }
         if !(1024..=16 * 1024 * 1024).contains(&self.gateway.max_frame_bytes) {
             return Err(invalid(
@@ -605,7 +751,8 @@ impl Settings {
             api_keys: self.api_keys()?,
             apns: self.apns.clone(),
             fcm: self.fcm.clone(),
-            webhook_url: self.events.webhook_url.clone(),
+            webhook_url: self.events.webhook_url()?.unwrap_or_default(),
+            webhook_key: self.events.webhook_key()?,
             max_notify_rate: self.notify.max_notify_rate,
             key_prefix: String::new(),
         }];
@@ -628,12 +775,28 @@ impl Settings {
                     &app.api_keys_file,
                 )?);
             }
+            let webhook_key = if !app.events.webhook_secret.is_empty() {
+                Some(app.events.webhook_secret.clone())
+            } else if !app.events.webhook_secret_file.is_empty() {
+                let key = format!("{prefix}events.webhook_secret_file");
+                Some(Secret::new(
+                    read_secret_file(key, &app.events.webhook_secret_file)?.trim(),
+                ))
+            } else {
+                None
+            }
+            .map(|s| {
+                crate::events::SigningKey::parse(s.expose())
+                    .map_err(|e| invalid(format!("{prefix}events.webhook_secret"), e))
+            })
+            .transpose()?;
             apps.push(AppConfig {
                 id,
                 api_keys,
                 apns: app.apns.resolve(&self.apns),
                 fcm: app.fcm.resolve(&self.fcm),
                 webhook_url: app.events.webhook_url.clone(),
+                webhook_key,
                 max_notify_rate: app.max_notify_rate,
                 key_prefix: prefix,
             });
@@ -665,12 +828,19 @@ impl Settings {
             let key = format!("{p}fcm.endpoint");
             crate::providers::check_url(&key, &app.fcm.endpoint, app.fcm.allow_insecure_endpoints)
                 .map_err(|e| invalid(key, format!("{e:#}")))?;
-            let hook = &app.webhook_url;
-            if !(hook.is_empty() || hook.starts_with("http://") || hook.starts_with("https://")) {
-                return Err(invalid(
-                    format!("{p}events.webhook_url"),
-                    "must be an http:// or https:// URL",
-                ));
+            if !app.webhook_url.is_empty() {
+                // The messages never repeat the URL: it may hold a credential.
+                crate::events::check_webhook_url(app.webhook_url.expose())
+                    .map_err(|e| invalid(format!("{p}events.webhook_url"), e))?;
+                // No unsigned webhook, per app as at the top level.
+                if app.webhook_key.is_none() {
+                    return Err(invalid(
+                        format!("{p}events.webhook_secret"),
+                        "is required when the app's events.webhook_url is set: every POST is \
+                         signed (Standard Webhooks); generate one with \
+                         `echo whsec_$(openssl rand -base64 32)`",
+                    ));
+                }
             }
             if let Some(rate) = app.max_notify_rate
                 && !(rate.is_finite() && rate > 0.0)
@@ -743,7 +913,7 @@ impl Settings {
                     app.fcm.endpoint
                 );
             }
-            let hook = match reqwest::Url::parse(&app.webhook_url) {
+            let hook = match reqwest::Url::parse(app.webhook_url.expose()) {
                 Ok(url) => format!(
                     "{}://{}/… (redacted)",
                     url.scheme(),
@@ -988,14 +1158,6 @@ pub struct InboxSettings {
 }
 
 impl InboxSettings {
-    /// The per-device bounds the store enforces.
-    pub fn limits(&self) -> crate::inbox::InboxLimits {
-        crate::inbox::InboxLimits {
-            max_per_device: self.max_per_device,
-            max_bytes_per_device: self.max_bytes_per_device,
-        }
-    }
-
     fn validate(&self) -> Result<(), SettingsError> {
         if !(1..=10_000).contains(&self.max_per_device) {
             return Err(invalid(
@@ -1061,6 +1223,35 @@ impl Settings {
     pub fn inbox_url(&self) -> Result<Option<Secret>, SettingsError> {
         self.inbox.url()
     }
+}
+
+/// An endpoint URL as the design's scheme rules read it: `https://`, or cleartext `http://`
+/// only to a loopback host (a local double, a sidecar) unless `allow_insecure` (the
+/// provider's `allow_insecure_endpoints`) says the operator means it. Cleartext elsewhere
+/// would put provider JWTs, OAuth2 assertions and device tokens on the network.
+pub fn check_url(key: &str, url: &str, allow_insecure: bool) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let url = url.trim_end_matches('/');
+    let parsed =
+        reqwest::Url::parse(url).with_context(|| format!("{key}: `{url}` is not a URL"))?;
+    anyhow::ensure!(
+        matches!(parsed.scheme(), "https" | "http") && parsed.host().is_some(),
+        "{key}: `{url}` must be an https:// URL (or http:// to a loopback host)"
+    );
+    if parsed.scheme() == "http" {
+        let host = parsed.host_str().unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        anyhow::ensure!(
+            loopback || allow_insecure,
+            "{key}: `{url}` is cleartext http:// to a host that is not loopback; use https://, \
+             or set allow_insecure_endpoints = true in this provider's section if you mean it"
+        );
+    }
+    Ok(url.to_owned())
 }
 
 #[cfg(test)]
@@ -1178,6 +1369,8 @@ mod tests {
             ("HERALD__ROLES", "api,cook", "roles"),
             ("HERALD__QUEUE__NO_SUCH_KEY", "1", "no_such_key"),
             ("HERALD__APNS__CONCURRENCY", "0", "apns.concurrency"),
+            ("HERALD__CLUSTER__NODE_LEASE", "600ms", "cluster.node_lease"),
+            ("HERALD__CLUSTER__HOP_TIMEOUT", "0s", "cluster.hop_timeout"),
             (
                 "HERALD__FCM__BREAKER_COOLDOWN",
                 "0s",
@@ -1249,6 +1442,10 @@ mod tests {
                 "HERALD__APPS__PAY__EVENTS__WEBHOOK_URL",
                 "http://127.0.0.1:1/pay",
             ),
+            (
+                "HERALD__APPS__PAY__EVENTS__WEBHOOK_SECRET",
+                "whsec_MDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDA=",
+            ),
         ])
         .unwrap();
         let apps = s.apps().unwrap();
@@ -1266,7 +1463,8 @@ mod tests {
         // Limits inherit from the top level; credentials never do.
         assert_eq!(pay.apns.concurrency, 7);
         assert_eq!(shop.apns.concurrency, s.apns.concurrency);
-        assert_eq!(pay.webhook_url, "http://127.0.0.1:1/pay");
+        assert_eq!(pay.webhook_url.expose(), "http://127.0.0.1:1/pay");
+        assert!(pay.webhook_key.is_some());
         assert!(apps[0].webhook_url.is_empty());
     }
 
@@ -1311,6 +1509,11 @@ mod tests {
                 "apps.shop.events.webhook_url",
             ),
             (
+                // A per-app webhook is signed with its own key: no key, no webhook.
+                load_toml("[apps.shop.events]\nwebhook_url = \"https://hooks.example.com/x\"\n"),
+                "apps.shop.events.webhook_secret",
+            ),
+            (
                 load_toml("[apps.shop]\napi_keys = [\"short\"]\n"),
                 "apps.shop.api_keys",
             ),
@@ -1335,7 +1538,7 @@ mod tests {
             "[auth]\napi_keys = [\"default-key-0123456789\"]\n\
              [apps.shop]\napi_keys = [\"shop-secret-key-0123456789\"]\n\
              [apps.shop.apns]\nkey_file = \"/run/secrets/shop.p8\"\nkey_id = \"KEY1\"\nteam_id = \"TEAM1\"\ntopic = \"com.example.shop\"\n\
-             [apps.shop.events]\nwebhook_url = \"https://hooks.example.com/x?token=hook-secret\"\n",
+             [apps.shop.events]\nwebhook_url = \"https://hooks.example.com/x?token=hook-secret\"\nwebhook_secret = \"whsec_MDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDA=\"\n",
         )
         .unwrap();
         let out = s.apps_summary().unwrap();

@@ -4,7 +4,8 @@
 //! one JSON [`Event`] (documented in docs/events.md), published to the `{prefix}.events`
 //! topic exchange on RabbitMQ (routing key `<app>.<type>.<channel>`, e.g.
 //! `shop.token_dead.apns`) and, when the app's `events.webhook_url` is set, POSTed to it in
-//! batches on either backend: each app's events to its own webhook only.
+//! batches on either backend: each app's events to its own webhook only, each POST signed
+//! the Standard Webhooks way with that app's key ([`Webhook`], docs/events.md "Verifying").
 //!
 //! Emitting never blocks a delivery: events go through a bounded buffer and are dropped
 //! (and counted) when it is full. Events report on deliveries; they must not hold them up.
@@ -14,21 +15,38 @@
 //! buffer still holds, the RabbitMQ sink waits for its publishes' confirms, and
 //! [`Events::flushed`] resolves when both are done (within the grace period).
 
+use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use anyhow::Context as _;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use hmac::{KeyInit as _, Mac as _};
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{AppConfig, EventsSettings};
-use crate::domain::{AppId, DeviceId, QueuedNotification};
+use crate::config::{AppConfig, EventsSettings, Secret};
+use crate::domain::{AppId, DeviceId, NotificationId, QueuedNotification};
 use crate::metrics::Metrics;
 use crate::queue::Queue;
+use crate::queue::backoff_with_jitter;
+use crate::queue::reconnect::Backoff;
 
 /// RabbitMQ event publishes awaiting their confirms at once.
 const RABBIT_IN_FLIGHT: usize = 64;
+
+/// TCP + TLS connect deadline of a webhook POST, apart from `events.webhook_timeout`: a
+/// receiver that does not even accept connections fails fast into the backoff.
+const WEBHOOK_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Signing key bounds, decoded bytes. The Standard Webhooks spec asks for a random secret of
+/// at least 24 bytes (192 bits) and at most 64 (512 bits); HMAC-SHA256 hashes a longer key
+/// down anyway, and a shorter one is guessable.
+const KEY_MIN_BYTES: usize = 24;
+const KEY_MAX_BYTES: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -41,6 +59,15 @@ pub enum EventKind {
     Expired,
     /// Retries exhausted or a configuration error: parked in the dead-letter queue.
     DeadLettered,
+    /// No session and no working provider route: kept in the device's offline inbox, sent
+    /// right after its next `hello` (within the ttl).
+    Stored,
+    /// Dropped from a device's inbox for a newer one (past `inbox.max_per_device` or
+    /// `inbox.max_bytes_per_device`): never delivered.
+    InboxOverflow,
+    /// Dropped from a device's inbox because a newer notification with the same
+    /// `collapse_key` took its place (`reason` names it): never delivered.
+    Replaced,
 }
 
 impl EventKind {
@@ -50,6 +77,9 @@ impl EventKind {
             EventKind::TokenDead => "token_dead",
             EventKind::Expired => "expired",
             EventKind::DeadLettered => "dead_lettered",
+            EventKind::Stored => "stored",
+            EventKind::InboxOverflow => "inbox_overflow",
+            EventKind::Replaced => "replaced",
         }
     }
 }
@@ -70,7 +100,9 @@ pub struct Event {
     pub token: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// Delivery attempts made, counting this one.
+    /// Delivery attempts made, counting this one. Absent (0) where it is not known: an
+    /// inbox entry reaped or dropped after it left the queue.
+    #[serde(skip_serializing_if = "is_zero")]
     pub attempt: u32,
     /// RFC 3339, UTC, milliseconds.
     pub at: String,
@@ -87,6 +119,29 @@ impl Event {
             token: None,
             reason: None,
             attempt: n.attempt + 1,
+            at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        }
+    }
+
+    /// An event about notification `id` for `device` where only the ids are at hand (the
+    /// offline inbox: its entries hold the frame, not the queued message). `app` is the
+    /// inbox key's app, written from an [`AppId`]; one that no longer parses is `default`.
+    pub fn about(
+        kind: EventKind,
+        app: &str,
+        id: NotificationId,
+        device: &str,
+        attempt: u32,
+    ) -> Event {
+        Event {
+            kind,
+            app: AppId::parse(app).unwrap_or_default(),
+            notification_id: id.to_string(),
+            device_id: device.to_owned(),
+            channel: None,
+            token: None,
+            reason: None,
+            attempt,
             at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
         }
     }
@@ -115,6 +170,10 @@ impl Event {
             None => format!("{}.{}", self.app, self.kind.as_str()),
         }
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Where events go. Cheap to clone.
@@ -165,21 +224,17 @@ impl Events {
             });
         }
         for app in apps.iter().filter(|a| !a.webhook_url.is_empty()) {
+            // Settings::apps refuses a URL without a key; checked again here because
+            // `Events::start` is public and a sink that cannot sign must not exist.
+            let key = app.webhook_key.clone().with_context(|| {
+                format!(
+                    "{}events.webhook_url is set but {}events.webhook_secret is not",
+                    app.key_prefix, app.key_prefix
+                )
+            })?;
+            let hook = Webhook::new(&app.webhook_url, key, settings)?;
             let (tx, rx) = mpsc::channel(settings.buffer);
-            let client = reqwest::Client::builder()
-                .timeout(settings.webhook_timeout)
-                .build()?;
-            let settings = EventsSettings {
-                webhook_url: app.webhook_url.clone(),
-                ..settings.clone()
-            };
-            tasks.spawn(webhook_sink(
-                rx,
-                client,
-                settings,
-                metrics.clone(),
-                stop.clone(),
-            ));
+            tasks.spawn(hook.run(rx, metrics.clone(), stop.clone()));
             sinks.push(Sink {
                 name: "webhook",
                 app: Some(app.id.clone()),
@@ -269,63 +324,292 @@ async fn rabbit_sink(
     }
 }
 
-async fn webhook_sink(
-    mut rx: mpsc::Receiver<Event>,
-    client: reqwest::Client,
-    settings: EventsSettings,
-    metrics: Metrics,
-    stop: CancellationToken,
-) {
-    loop {
-        // Wait for the first event of a batch, then fill it for at most webhook_flush.
-        // Once stopped, only what the buffer still holds: the dispatcher has finished, so
-        // nothing more is coming.
-        let first = tokio::select! {
-            e = rx.recv() => e,
-            _ = stop.cancelled() => rx.try_recv().ok(),
-        };
-        let Some(first) = first else { return };
-        let mut batch = vec![first];
-        let flush_at = tokio::time::Instant::now() + settings.webhook_flush;
-        while batch.len() < settings.webhook_batch {
-            match tokio::time::timeout_at(flush_at, rx.recv()).await {
-                Ok(Some(e)) => batch.push(e),
-                Ok(None) | Err(_) => break,
-            }
+/// A webhook signing key: the bytes behind a Standard Webhooks `whsec_<base64>` secret.
+/// `Debug` never shows them.
+#[derive(Clone)]
+pub struct SigningKey(Vec<u8>);
+
+impl SigningKey {
+    /// Parses `whsec_<base64>` (standard alphabet, padded), 24 to 64 bytes once decoded.
+    /// The prefix is required, as the spec's serialization has it: it tells a signing
+    /// secret from any other base64 at a glance, and a secret pasted without it is more
+    /// likely some other value than this one. Errors never repeat the secret.
+    pub fn parse(text: &str) -> Result<SigningKey, String> {
+        let b64 = text
+            .strip_prefix("whsec_")
+            .ok_or("must be `whsec_` followed by the base64 of 24 to 64 random bytes")?;
+        let bytes = BASE64
+            .decode(b64)
+            .map_err(|_| "the part after `whsec_` is not valid base64".to_owned())?;
+        if !(KEY_MIN_BYTES..=KEY_MAX_BYTES).contains(&bytes.len()) {
+            return Err(format!(
+                "decodes to {} bytes; the Standard Webhooks spec asks for {KEY_MIN_BYTES} to \
+                 {KEY_MAX_BYTES} random bytes",
+                bytes.len()
+            ));
         }
-        post_batch(&client, &settings, &metrics, &batch).await;
+        Ok(SigningKey(bytes))
+    }
+
+    /// The `webhook-signature` value for one attempt: `v1,` + base64 of
+    /// HMAC-SHA256(key, `{id}.{timestamp}.{body}`), the Standard Webhooks symmetric scheme.
+    pub fn sign(&self, id: &str, timestamp: u64, body: &[u8]) -> String {
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0)
+            .expect("HMAC takes a key of any length");
+        mac.update(id.as_bytes());
+        mac.update(b".");
+        mac.update(timestamp.to_string().as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
     }
 }
 
-/// POSTs one batch, retrying with exponential backoff; a batch that keeps failing is
-/// dropped and counted, so a dead webhook cannot grow memory without bound.
-async fn post_batch(
-    client: &reqwest::Client,
-    settings: &EventsSettings,
-    metrics: &Metrics,
-    batch: &[Event],
-) {
-    let mut delay = Duration::from_millis(500);
-    for attempt in 1..=settings.webhook_attempts {
-        let res = client.post(&settings.webhook_url).json(batch).send().await;
-        match res {
-            Ok(r) if r.status().is_success() => {
-                metrics
-                    .events_published
-                    .with_label_values(&["webhook"])
-                    .inc_by(batch.len() as u64);
-                return;
-            }
-            Ok(r) => tracing::warn!(status = %r.status(), attempt, "event webhook refused a batch"),
-            Err(e) => tracing::warn!(error = %e, attempt, "event webhook unreachable"),
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SigningKey([redacted])")
+    }
+}
+
+/// Checks a webhook URL: `https://`, or cleartext `http://` only to a loopback host (a
+/// local receiver or sidecar). Events carry provider tokens (`token_dead`) and device ids;
+/// the signature proves where they came from but hides nothing, so elsewhere they must be
+/// encrypted. The error never repeats the URL: it may hold a credential.
+pub fn check_webhook_url(url: &str) -> Result<reqwest::Url, String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("is not a URL ({e})"))?;
+    let host = match (parsed.scheme(), parsed.host_str()) {
+        (_, None) => return Err("has no host".into()),
+        ("https", _) => return Ok(parsed),
+        ("http", Some(host)) => host.trim_start_matches('[').trim_end_matches(']'),
+        _ => return Err("must be an https:// URL (or http:// to a loopback host)".into()),
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        return Err(
+            "is cleartext http:// to a host that is not loopback; events carry provider \
+             tokens, so use https://"
+                .into(),
+        );
+    }
+    Ok(parsed)
+}
+
+/// Reads `events.ca_file`: a PEM bundle of at least one certificate, trusted on top of the
+/// platform's roots. The same parser (reqwest's, i.e. rustls') as `apns.ca_file`,
+/// `fcm.ca_file` and `queue.ca_file`, so all four accept and refuse the same files.
+pub fn read_ca_file(ca_file: &str) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(ca_file).map_err(|e| format!("cannot read {ca_file}: {e}"))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("{ca_file} is not a PEM certificate bundle: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{ca_file} holds no certificate (want one or more -----BEGIN CERTIFICATE----- blocks)"
+        ));
+    }
+    Ok(certs)
+}
+
+/// One webhook endpoint: its URL, the key that signs for it, and a client of its own
+/// (redirects off, `events.ca_file` trusted). Everything per endpoint lives here, so each
+/// app of a multi-app install can have one with its own URL and key.
+pub struct Webhook {
+    /// Never logged: it may hold a credential. reqwest errors are logged `without_url()`.
+    url: reqwest::Url,
+    key: SigningKey,
+    client: reqwest::Client,
+    batch: usize,
+    flush: Duration,
+    attempts: u32,
+    backoff: Backoff,
+    retry_after_max: Duration,
+}
+
+impl fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Webhook([redacted url])")
+    }
+}
+
+/// What one failed attempt says about the next.
+enum Failure {
+    /// Retry after the backoff.
+    Retry,
+    /// The receiver asked (429/503 with Retry-After) not to be retried before this.
+    RetryAfter(Duration),
+}
+
+impl Webhook {
+    /// A webhook to `url`, signed with `key`; batching, retry and TLS settings from
+    /// `settings` (URL and key are arguments, not read from it, so a caller with several
+    /// endpoints shares the rest).
+    pub fn new(
+        url: &Secret,
+        key: SigningKey,
+        settings: &EventsSettings,
+    ) -> anyhow::Result<Webhook> {
+        let url = check_webhook_url(url.expose())
+            .map_err(|e| anyhow::anyhow!("events.webhook_url: {e}"))?;
+        let mut builder = reqwest::Client::builder()
+            .timeout(settings.webhook_timeout)
+            .connect_timeout(WEBHOOK_CONNECT_TIMEOUT.min(settings.webhook_timeout))
+            // A redirect is not followed (Standard Webhooks: 3xx is a failure; update the
+            // URL instead): following it would send the events and their signature to a
+            // host the operator never configured, and turn a POST into a GET on 301/302.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")));
+        if !settings.ca_file.is_empty() {
+            let certs = read_ca_file(&settings.ca_file)
+                .map_err(|e| anyhow::anyhow!("events.ca_file: {e}"))?;
+            // Added to the platform's roots, not instead of them.
+            builder = builder.tls_certs_merge(certs);
         }
-        if attempt < settings.webhook_attempts {
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(30));
+        let client = builder
+            .build()
+            .context("building the webhook HTTP client (check events.ca_file)")?;
+        Ok(Webhook {
+            url,
+            key,
+            client,
+            batch: settings.webhook_batch,
+            flush: settings.webhook_flush,
+            attempts: settings.webhook_attempts,
+            backoff: Backoff {
+                min: settings.webhook_backoff_min,
+                max: settings.webhook_backoff_max,
+            },
+            retry_after_max: settings.webhook_retry_after_max,
+        })
+    }
+
+    /// The sink loop: batches events from `rx` and POSTs them. Once `stop` is cancelled it
+    /// sends what the buffer still holds and returns.
+    pub async fn run(
+        self,
+        mut rx: mpsc::Receiver<Event>,
+        metrics: Metrics,
+        stop: CancellationToken,
+    ) {
+        loop {
+            // Wait for the first event of a batch, then fill it for at most `flush`. Once
+            // stopped, only what the buffer still holds: the dispatcher has finished, so
+            // nothing more is coming.
+            let first = tokio::select! {
+                e = rx.recv() => e,
+                _ = stop.cancelled() => rx.try_recv().ok(),
+            };
+            let Some(first) = first else { return };
+            let mut batch = vec![first];
+            let flush_at = tokio::time::Instant::now() + self.flush;
+            while batch.len() < self.batch {
+                match tokio::time::timeout_at(flush_at, rx.recv()).await {
+                    Ok(Some(e)) => batch.push(e),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            self.post_batch(&metrics, &batch).await;
         }
     }
-    metrics
-        .events_dropped
-        .with_label_values(&["webhook", "failed"])
-        .inc_by(batch.len() as u64);
+
+    /// POSTs one batch, retrying with jittered exponential backoff (and never before a
+    /// Retry-After); a batch that keeps failing is dropped and counted, so a dead webhook
+    /// cannot grow memory without bound.
+    async fn post_batch(&self, metrics: &Metrics, batch: &[Event]) {
+        // One body and one id for every attempt: the receiver dedupes on webhook-id
+        // (Standard Webhooks: the id stays, the timestamp is the attempt's).
+        let body = bytes::Bytes::from(serde_json::to_vec(batch).expect("events serialize"));
+        let id = format!("msg_{}", uuid::Uuid::now_v7().simple());
+        for attempt in 1..=self.attempts {
+            let failure = match self.post(&id, &body, attempt).await {
+                Ok(()) => {
+                    metrics
+                        .events_published
+                        .with_label_values(&["webhook"])
+                        .inc_by(batch.len() as u64);
+                    return;
+                }
+                Err(f) => f,
+            };
+            if attempt == self.attempts {
+                break;
+            }
+            let backoff = backoff_with_jitter(attempt, self.backoff.min, self.backoff.max);
+            let delay = match failure {
+                Failure::Retry => backoff,
+                Failure::RetryAfter(wait) if wait > self.retry_after_max => {
+                    tracing::warn!(
+                        retry_after = ?wait,
+                        limit = ?self.retry_after_max,
+                        "event webhook asked to wait longer than events.webhook_retry_after_max; batch dropped"
+                    );
+                    break;
+                }
+                Failure::RetryAfter(wait) => wait.max(backoff),
+            };
+            tokio::time::sleep(delay).await;
+        }
+        metrics
+            .events_dropped
+            .with_label_values(&["webhook", "failed"])
+            .inc_by(batch.len() as u64);
+    }
+
+    /// One signed attempt.
+    async fn post(&self, id: &str, body: &bytes::Bytes, attempt: u32) -> Result<(), Failure> {
+        let timestamp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let res = self
+            .client
+            .post(self.url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("webhook-id", id)
+            .header("webhook-timestamp", timestamp)
+            .header("webhook-signature", self.key.sign(id, timestamp, body))
+            .body(body.clone())
+            .send()
+            .await;
+        let res = match res {
+            Ok(r) => r,
+            Err(e) => {
+                // reqwest's message names the URL, which may hold a credential.
+                tracing::warn!(error = %e.without_url(), attempt, "event webhook unreachable");
+                return Err(Failure::Retry);
+            }
+        };
+        let status = res.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        if status.is_redirection() {
+            tracing::warn!(%status, attempt, "event webhook answered a redirect, which is not followed; point events.webhook_url at the final URL");
+            return Err(Failure::Retry);
+        }
+        let wait = matches!(status.as_u16(), 429 | 503)
+            .then(|| retry_after(res.headers()))
+            .flatten();
+        tracing::warn!(%status, attempt, retry_after = ?wait, "event webhook refused a batch");
+        Err(wait.map_or(Failure::Retry, Failure::RetryAfter))
+    }
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date (RFC 9110 §10.2.3). The providers parse
+/// it the same way (src/providers/transport.rs, private to that module).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }

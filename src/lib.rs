@@ -9,7 +9,8 @@
 //! - [`api`]: the HTTP edge: `POST /v1/notify`, health, metrics, errors → HTTP.
 //! - [`http_error`]: the one `{"error": {"code", "message"}}` body (API and gateway).
 //! - [`domain`]: parsed types: notification, targets, device ids, tokens, priority, ttl.
-//! - [`dispatch`]: consume, expand targets, live then fallback, retries, dead letters.
+//! - [`dispatch`]: consume, expand targets, live then fallback, the offline inbox, retries,
+//!   dead letters, the inbox reaper.
 //! - [`events`]: outcome events to the `herald.events` exchange and an optional webhook.
 //! - [`directory`]: live delivery to a device, answered acked, not acked in time, or offline.
 //! - [`gateway`]: device WebSocket sessions: token check, heartbeat, acks, close codes.

@@ -34,6 +34,9 @@ pub const OUTCOMES: &[&str] = &[
     "expired",
 ];
 
+/// The `reason` label values of `herald_inbox_dropped_total`.
+pub const INBOX_DROP_REASONS: &[&str] = &["overflow", "replaced", "expired"];
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
@@ -65,6 +68,17 @@ pub struct Metrics {
     pub tokens_dead: IntCounterVec,
     pub events_published: IntCounterVec,
     pub events_dropped: IntCounterVec,
+    pub cluster_messages: IntCounterVec,
+    pub cluster_nodes: IntGauge,
+    pub cluster_devices: IntGauge,
+    /// Offline inbox (src/inbox/): entries written, replayed, acked after replay, dropped
+    /// (overflow / replaced / expired), store failures, and the sampled pending rows.
+    pub inbox_writes: IntCounter,
+    pub inbox_store_failures: IntCounter,
+    pub inbox_replayed: IntCounter,
+    pub inbox_acked: IntCounter,
+    pub inbox_dropped: IntCounterVec,
+    pub inbox_pending: IntGauge,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -272,8 +286,68 @@ impl Metrics {
                 "Outcome events dropped, by sink and why (buffer_full, failed).",
                 &["sink", "reason"],
             ),
+            cluster_messages: counter_vec(
+                &r,
+                "herald_cluster_messages_published_total",
+                "Messages the cluster directory published to the broker, by kind (deliver, reply, presence, heartbeat, snapshot, snapshot_request).",
+                &["kind"],
+            ),
+            cluster_nodes: gauge(
+                &r,
+                "herald_cluster_nodes_alive",
+                "Gateway nodes this process's directory replica holds a live lease for.",
+            ),
+            cluster_devices: gauge(
+                &r,
+                "herald_cluster_directory_devices",
+                "Devices with a session on a live node, in this process's directory replica.",
+            ),
+            inbox_writes: counter(
+                &r,
+                "herald_inbox_writes_total",
+                "Notifications kept in a device's offline inbox (committed before the queue ack).",
+            ),
+            inbox_store_failures: counter(
+                &r,
+                "herald_inbox_store_failures_total",
+                "Inbox writes that failed (database unavailable, memory inbox full); the targets are retried.",
+            ),
+            inbox_replayed: counter(
+                &r,
+                "herald_inbox_replayed_total",
+                "Inbox entries sent to a device by a replay after its hello.",
+            ),
+            inbox_acked: counter(
+                &r,
+                "herald_inbox_acked_total",
+                "Replayed inbox entries the device acked (their rows deleted).",
+            ),
+            inbox_dropped: counter_vec(
+                &r,
+                "herald_inbox_dropped_total",
+                "Inbox entries dropped undelivered, by reason (overflow, replaced, expired).",
+                &["reason"],
+            ),
+            inbox_pending: gauge(
+                &r,
+                "herald_inbox_pending",
+                "Entries held in the offline inbox (all devices; sampled every inbox.reap_interval).",
+            ),
             registry: r,
         };
+        for r in INBOX_DROP_REASONS {
+            m.inbox_dropped.with_label_values(&[r]);
+        }
+        for k in [
+            "deliver",
+            "reply",
+            "presence",
+            "heartbeat",
+            "snapshot",
+            "snapshot_request",
+        ] {
+            m.cluster_messages.with_label_values(&[k]);
+        }
         for ch in CHANNELS {
             m.delivery_latency.with_label_values(&[ch]);
         }

@@ -11,6 +11,8 @@
 //!     └ gateway    sessions: in-flight acks finish, then "reconnect elsewhere"
 //!       └ events       the webhook and exchange sinks: send what the drain produced
 //!         └ dispatcher     stop consuming; finish the messages in hand
+//!           └ reaper           the inbox reaper: stops with the dispatcher (its events
+//!                              go to the sinks, which drain after it)
 //! ```
 //!
 //! The event sinks and the gateway drain side by side (a slow webhook must not delay the
@@ -35,6 +37,7 @@ pub struct StopTree {
     pub gateway: CancellationToken,
     pub events: CancellationToken,
     pub dispatcher: CancellationToken,
+    pub reaper: CancellationToken,
 }
 
 impl StopTree {
@@ -45,6 +48,7 @@ impl StopTree {
         let gateway = http.child_token();
         let events = gateway.child_token();
         let dispatcher = events.child_token();
+        let reaper = dispatcher.child_token();
         StopTree {
             queue,
             directory,
@@ -52,6 +56,7 @@ impl StopTree {
             gateway,
             events,
             dispatcher,
+            reaper,
         }
     }
 }
@@ -92,6 +97,10 @@ mod tests {
     fn a_child_stops_alone_and_a_parent_stops_its_subtree() {
         let tree = StopTree::new();
         tree.dispatcher.cancel();
+        assert!(
+            tree.reaper.is_cancelled(),
+            "the reaper stops with the dispatcher"
+        );
         assert!(!tree.events.is_cancelled(), "a leaf stops first, alone");
         tree.gateway.cancel();
         assert!(

@@ -9,12 +9,14 @@ use anyhow::Context;
 
 use crate::api::{ApiKeys, AppState};
 use crate::config::{Role, Settings};
-use crate::directory::{ClusterDirectory, Directory};
+use crate::directory::{ClusterDirectory, Directory, cluster};
+use crate::dispatch::reaper::{self, ReapSettings};
 use crate::dispatch::{Dispatcher, DispatcherHandle};
 use crate::domain::NotifyLimits;
 use crate::events::Events;
 use crate::gateway::{DeviceTokens, Gateway};
 use crate::http_server::{self, Routes};
+use crate::inbox::Inbox;
 use crate::metrics::Metrics;
 use crate::providers::Providers;
 use crate::queue::Queue;
@@ -33,6 +35,7 @@ pub struct Application {
     cluster: Option<ClusterDirectory>,
     dispatcher: Option<DispatcherHandle>,
     events: Option<Events>,
+    inbox: Option<Inbox>,
 }
 
 impl Application {
@@ -64,9 +67,9 @@ impl Application {
             )
         });
 
-        // Cluster mode (RabbitMQ): the directory is the broker's routing. A gateway node
-        // registers its sessions there; a dispatcher node (with or without the gateway
-        // role) delivers through it. An API-only node needs neither.
+        // Cluster mode (RabbitMQ): a gateway node announces its sessions on the presence
+        // exchange; a dispatcher node (with or without the gateway role) keeps a replica
+        // of device -> node and delivers through it. An API-only node needs neither.
         let cluster = match &queue {
             Queue::Rabbit(q)
                 if settings.has_role(Role::Gateway) || settings.has_role(Role::Dispatcher) =>
@@ -76,7 +79,11 @@ impl Application {
                     &settings.queue.prefix,
                     &settings.cluster,
                     settings.gateway.ack_timeout,
-                    gateway.clone(),
+                    cluster::Roles {
+                        gateway: gateway.clone(),
+                        lookups: settings.has_role(Role::Dispatcher),
+                    },
+                    metrics.clone(),
                     stop.directory.clone(),
                 ))
             }
@@ -84,12 +91,46 @@ impl Application {
         };
         let directory = Directory::for_node(cluster.as_ref(), gateway.as_ref());
 
+        // The offline inbox, for dispatchers (store) and gateways (replay).
+        let inbox = if settings.has_role(Role::Dispatcher) || settings.has_role(Role::Gateway) {
+            Inbox::from_settings(&settings)
+                .await
+                .context("opening the offline inbox (inbox.url)")?
+        } else {
+            None
+        };
+        match &inbox {
+            Some(inbox) => tracing::info!(backend = inbox.backend_name(), "offline inbox on"),
+            None if cluster.is_some() => tracing::warn!(
+                "no offline inbox (cluster mode without inbox.url): a target with no session and no provider route is retried, then dead-lettered after retry.max_attempts"
+            ),
+            None => {}
+        }
+        if let (Some(g), Some(i)) = (&gateway, &inbox) {
+            g.set_inbox(i.clone());
+        }
+
         let (dispatcher, events) = if settings.has_role(Role::Dispatcher) {
             let events = Events::start(&settings.events, &apps, &queue, &metrics, &stop.events)?;
             let providers = Providers::from_apps(&apps, &metrics)?;
+            if let Some(i) = &inbox {
+                let reap = ReapSettings {
+                    interval: settings.inbox.reap_interval,
+                    batch: settings.inbox.reap_batch,
+                };
+                reaper::spawn(
+                    i.clone(),
+                    reap,
+                    metrics.clone(),
+                    events.clone(),
+                    stop.reaper.clone(),
+                );
+            }
             let dispatcher = Dispatcher {
                 queue: queue.clone(),
                 directory: directory.clone(),
+                gateway: gateway.clone(),
+                inbox: inbox.clone(),
                 providers: std::sync::Arc::new(providers),
                 events: events.clone(),
                 metrics: metrics.clone(),
@@ -143,6 +184,7 @@ impl Application {
             cluster,
             dispatcher,
             events,
+            inbox,
         })
     }
 
@@ -178,6 +220,11 @@ impl Application {
 
     pub fn queue(&self) -> &Queue {
         &self.queue
+    }
+
+    /// The offline inbox this process stores to and replays from, if any.
+    pub fn inbox(&self) -> Option<&Inbox> {
+        self.inbox.as_ref()
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -257,6 +304,9 @@ impl Application {
                 );
             }
             self.queue.close().await;
+            if let Some(inbox) = &self.inbox {
+                inbox.close().await;
+            }
         };
         if tokio::time::timeout(self.grace, drain).await.is_err() {
             tracing::warn!(grace = ?self.grace, "drain did not finish within the grace period; exiting anyway");

@@ -24,7 +24,11 @@ impl Server {
             .unwrap()
             .port();
         let addr = format!("127.0.0.1:{port}");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        // HERALD_BENCH_BIN runs another build of herald (e.g. the one before a change) under
+        // the same bench and load generator, for a before/after in one sitting.
+        let bin = std::env::var("HERALD_BENCH_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_herald").to_owned());
+        let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .env("HERALD__HTTP__ADDR", &addr)
             .env("HERALD__AUTH__API_KEYS", KEY)
@@ -98,4 +102,61 @@ impl Drop for BenchVhost {
     fn drop(&mut self) {
         rabbitmqctl(&["delete_vhost", &self.name]);
     }
+}
+
+/// Context switches (voluntary + involuntary) summed over every thread of a process, from
+/// /proc/<pid>/task/*/status: each thread hand-off (a task woken on another thread, a
+/// thread parked on a futex) is one. Unlike CPU time, the count per message barely moves
+/// when other processes load the machine, so it compares runs on a shared box.
+pub fn context_switches(pid: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .map(|t| {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            status
+                .lines()
+                .filter(|l| {
+                    l.starts_with("voluntary_ctxt_switches")
+                        || l.starts_with("nonvoluntary_ctxt_switches")
+                })
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// The broker's own socket counters for the connection whose name contains `name`:
+/// (socket reads, socket writes) so far, from `rabbitmqctl list_connections`. Reads per
+/// published message say how well the client coalesces its publishes (one read can carry
+/// many); writes per message say how well the broker can batch its confirms. Both are the
+/// broker's own view, untouched by other load on the machine.
+pub fn broker_socket_counts(vhost: &str, name: &str) -> (u64, u64) {
+    // `name` in rabbitmqctl is the peer address; the client-given connection name is in
+    // client_properties (printed last, so its tabs and spaces do not shift the columns).
+    let out = Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_connections",
+            "--no-table-headers",
+            "vhost",
+            "recv_cnt",
+            "send_cnt",
+            "client_properties",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines() {
+        let f: Vec<&str> = line.splitn(4, '\t').collect();
+        if f.len() == 4 && f[0] == vhost && f[3].contains(name) {
+            return (
+                f[1].trim().parse().unwrap_or(0),
+                f[2].trim().parse().unwrap_or(0),
+            );
+        }
+    }
+    (0, 0)
 }

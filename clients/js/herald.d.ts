@@ -144,6 +144,11 @@ export declare class HeraldClient {
 export declare function parseFrame(text: unknown): { type: string; [k: string]: unknown } | null;
 export declare function backoffDelay(minMs: number, maxMs: number, failures: number, random?: () => number): number;
 export declare function advisedDelay(reason: string): number | null;
+/** The subprotocol herald selects (offered beside the bearer entry). */
+export declare const PROTOCOL: "herald.v1";
+/** `["herald.v1", "herald.bearer.<token>"]`: how the client sends its token. */
+export declare function tokenProtocols(token: string): string[];
+/** The older `?token=` form (only for a gateway with `gateway.allow_query_token = true`). */
 export declare function withToken(url: string, token: string): string;
 
 export declare class DedupeWindow {

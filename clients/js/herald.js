@@ -134,9 +134,25 @@ function httpUrlOf(wsUrl) {
   return wsUrl.replace(/^ws(s?):/i, "http$1:");
 }
 
+/** The subprotocol herald selects; offered beside the bearer entry (a browser fails a
+ * handshake that offered subprotocols and got none back). */
+export const PROTOCOL = "herald.v1";
+
 /**
- * `url` with `?token=` (or `&token=`) appended. Browsers cannot set headers on a WebSocket
- * request, so the token goes in the query (docs/protocol.md section 2).
+ * The `Sec-WebSocket-Protocol` list that carries the device token. Browsers cannot set
+ * `Authorization` on a WebSocket, and a token in the URL lands in proxy access logs, so the
+ * token rides as the `herald.bearer.<token>` subprotocol (docs/protocol.md section 2); the
+ * server selects `herald.v1` and never echoes the token.
+ * @param {string} token
+ * @returns {string[]}
+ */
+export function tokenProtocols(token) {
+  return [PROTOCOL, `herald.bearer.${token}`];
+}
+
+/**
+ * `url` with `?token=` (or `&token=`) appended: the older form, accepted only by a gateway
+ * with `gateway.allow_query_token = true`. The client no longer uses it.
  * @param {string} url
  * @param {string} token
  */
@@ -149,9 +165,11 @@ export function withToken(url, token) {
 /**
  * Asks the gateway why a WebSocket handshake failed. A browser hides the handshake's HTTP
  * status (by design, so pages cannot port-scan), but herald answers a plain GET of
- * /v1/connect with 401 for a bad token (else 400). Reading that answer needs the page to be
- * allowed to: same origin as herald (e.g. behind one reverse proxy), or CORS. When it cannot
- * read it, the failure is treated like any lost connection (backoff, token fetched again).
+ * /v1/connect with 401 for a bad token (else 400), with `Access-Control-Allow-Origin: *`
+ * and a preflight that allows the `Authorization` header, so any page can read it. The token
+ * goes in that header, not the URL (access logs). When the answer cannot be read (a proxy
+ * in front that drops the CORS headers), the failure is treated like any lost connection
+ * (backoff, token fetched again).
  * @param {string} url ws(s) URL of /v1/connect
  * @param {string} token
  * @param {typeof fetch | undefined} fetchFn
@@ -160,8 +178,9 @@ export function withToken(url, token) {
 async function probeStatus(url, token, fetchFn) {
   if (typeof fetchFn !== "function") return null;
   try {
-    const res = await fetchFn(withToken(httpUrlOf(url), token), {
+    const res = await fetchFn(httpUrlOf(url), {
       method: "GET",
+      headers: { Authorization: `Bearer ${token}` },
       cache: "no-store",
       credentials: "omit",
     });
@@ -401,7 +420,7 @@ export class HeraldClient {
 
     let socket;
     try {
-      socket = new this.WebSocket(withToken(this.url, token));
+      socket = new this.WebSocket(this.url, tokenProtocols(token));
     } catch (err) {
       // A malformed URL: no retry can fix it.
       this.emit("error", err);

@@ -77,6 +77,9 @@ pub fn configure_gateway(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/v1/connect")
             .route(web::get().to(crate::gateway::connect))
+            .route(
+                web::method(actix_web::http::Method::OPTIONS).to(crate::gateway::connect_preflight),
+            )
             .default_service(web::to(|| method_not_allowed("GET"))),
     );
 }

@@ -2,9 +2,12 @@
 //! outcome the dispatcher acts on.
 //!
 //! `Local` is this node's own session table (the embedded, one-process install).
-//! `Cluster` ([`cluster`]) is RabbitMQ routing by device id with replies over direct
-//! reply-to, used whenever `queue.url` is RabbitMQ; the dispatcher calls the same
-//! `deliver` on either.
+//! `Cluster` ([`cluster`]) is an in-memory replica of device → node fed by the gateways'
+//! presence events over RabbitMQ, with one queue per gateway node, used whenever
+//! `queue.url` is RabbitMQ; the dispatcher calls the same `deliver` on either.
+//!
+//! The directory depends on the gateway, never the reverse: the gateway announces its
+//! table changes through [`crate::gateway::registrar`].
 
 pub mod cluster;
 
@@ -35,8 +38,8 @@ impl Directory {
         }
     }
 
-    /// Sends `n` to `device`'s live session and waits (at most `gateway.ack_timeout`) for
-    /// its ack.
+    /// Sends `n` to `device`'s live session and waits (at most `gateway.ack_timeout`, plus
+    /// the broker hop in cluster mode) for its ack.
     pub async fn deliver(&self, device: &DeviceKey, n: &QueuedNotification) -> LiveOutcome {
         match self {
             Directory::Local(gateway) => gateway.deliver(device, n).await,
@@ -45,8 +48,7 @@ impl Directory {
     }
 
     /// Whether `device` holds a session on this node now (a hint: it may drop the next
-    /// moment). The cluster directory does not know about other nodes without asking the
-    /// broker, which only a delivery does.
+    /// moment).
     pub fn is_connected(&self, device: &DeviceKey) -> bool {
         match self {
             Directory::Local(gateway) => gateway.is_connected(device),

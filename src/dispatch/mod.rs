@@ -18,10 +18,21 @@
 //!    [`Delivery::dead_letter`]), then the original is acked, so a crash in between
 //!    duplicates rather than loses. Then record the settlement.
 //!
+//! Between 2 and 3, the offline inbox ([`Dispatcher::store_offline`]): an at_least_once
+//! target the device did not ack live, with no provider route or only dead tokens
+//! ([`settle::wants_inbox`]), is written to its device's inbox in one batch per message; the
+//! queue message is acked only after that commit (a failed write retries those targets).
+//! Then the race with a device that connected meanwhile is closed: if the device has a
+//! session now, its gateway replays the inbox again (see [`Dispatcher::recheck`]).
+//!
+//! The [`reaper`] deletes expired inbox entries every `inbox.reap_interval` (an `expired`
+//! event each) and samples the pending-rows gauge; it stops with the dispatcher.
+//!
 //! Metrics, events and outcome logs are written in one place, [`record`], from the target
 //! reports and the settlement.
 
 mod channel;
+pub mod reaper;
 mod record;
 mod settle;
 mod target;
@@ -36,9 +47,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::RetrySettings;
-use crate::directory::Directory;
-use crate::domain::QueuedNotification;
+use crate::directory::{Directory, LiveOutcome};
+use crate::domain::{DeviceId, DeviceKey, QueuedNotification};
 use crate::events::Events;
+use crate::gateway::{Gateway, protocol};
+use crate::inbox::{Inbox, InboxEntry, InboxWrite};
 use crate::metrics::Metrics;
 use crate::providers::Providers;
 use crate::queue::{Delivery, Queue, QueueKind, SettleError, backoff_with_jitter};
@@ -46,12 +59,18 @@ use crate::queue::{Delivery, Queue, QueueKind, SettleError, backoff_with_jitter}
 pub use channel::Channel;
 pub use record::Outcome;
 pub use settle::{DeadLetter, DeadReason, Retry, Settlement};
-pub use target::{RouteAttempt, TargetReport, TargetResult};
+pub use target::{InboxResult, RouteAttempt, TargetReport, TargetResult};
 
 /// Everything a dispatcher needs; one per process running the dispatcher role.
 pub struct Dispatcher {
     pub queue: Queue,
     pub directory: Option<Directory>,
+    /// This node's gateway, if it runs one: asked to replay a device's inbox when the
+    /// device connected while its notification was being stored.
+    pub gateway: Option<Gateway>,
+    /// The offline inbox; `None` in cluster mode without `inbox.url` (retry, then
+    /// dead-letter, as before the inbox existed).
+    pub inbox: Option<Inbox>,
     pub providers: Arc<Providers>,
     pub events: Events,
     pub metrics: Metrics,
@@ -146,7 +165,8 @@ impl Dispatcher {
         let settlement = match settle::on_arrival(&n, SystemTime::now()) {
             Some(expired) => expired,
             None => {
-                let reports = self.deliver_all(&n).await;
+                let mut reports = self.deliver_all(&n).await;
+                self.store_offline(&n, &mut reports).await;
                 let retry = &self.retry;
                 settle::after_delivery(
                     &n,
@@ -181,9 +201,118 @@ impl Dispatcher {
             .await
     }
 
+    /// Writes the targets that need it ([`settle::wants_inbox`]) to their devices' offline
+    /// inbox, one batch for the whole message, and marks their reports: stored (final) or
+    /// failed (retried). Runs before the settlement, so the queue message is acked only
+    /// after the commit.
+    async fn store_offline(self: &Arc<Self>, n: &QueuedNotification, reports: &mut [TargetReport]) {
+        let Some(inbox) = &self.inbox else {
+            return;
+        };
+        let wanted: Vec<usize> = (0..reports.len())
+            .filter(|&i| settle::wants_inbox(n, &reports[i]))
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        // The frame does not depend on the device: one serialization for every target, and
+        // the replay sends exactly the bytes a live delivery would have.
+        let frame = bytes::Bytes::from(protocol::notification_json(n));
+        let writes = wanted
+            .iter()
+            .map(|&i| InboxWrite {
+                app: app_of(n).to_owned(),
+                device_id: reports[i].target.device_id.to_string(),
+                entry: InboxEntry {
+                    id: n.id,
+                    accepted_at_ms: n.accepted_at_ms,
+                    expires_at_ms: n.expires_at_ms,
+                    collapse_key: n.collapse_key.clone(),
+                    frame: frame.clone(),
+                },
+            })
+            .collect();
+        match inbox.store_batch(writes).await {
+            Ok(report) => {
+                for &i in &wanted {
+                    reports[i].inbox = Some(InboxResult::Stored);
+                }
+                let devices: Vec<&DeviceId> = wanted
+                    .iter()
+                    .map(|&i| &reports[i].target.device_id)
+                    .collect();
+                self.record(Outcome::Stored(n, &devices, &report));
+                let kept: Vec<DeviceId> = devices
+                    .into_iter()
+                    .filter(|d| {
+                        !report
+                            .dropped
+                            .iter()
+                            .any(|x| x.id == n.id && x.device_id == d.as_str())
+                    })
+                    .cloned()
+                    .collect();
+                self.recheck(inbox, n, kept).await;
+            }
+            Err(e) => {
+                for &i in &wanted {
+                    reports[i].inbox = Some(InboxResult::Failed {
+                        reason: e.to_string(),
+                    });
+                }
+                self.record(Outcome::StoreFailed(n, wanted.len(), &e));
+            }
+        }
+    }
+
+    /// The race: a device may have connected after its live attempt said offline and before
+    /// the inbox commit, and its replay may have read the inbox before that commit. So,
+    /// after the commit, look again. A session on this node: its gateway replays the inbox
+    /// once more (the replay skips what it already sent). Cluster mode, no session here:
+    /// the current directory can only deliver, so the notification is delivered live once
+    /// more through it (a mandatory publish; "offline" from the broker costs one round
+    /// trip), and an ack deletes the inbox row. Either way, a device whose session began
+    /// after this look replays from the inbox, which already holds the row.
+    async fn recheck(&self, inbox: &Inbox, n: &QueuedNotification, devices: Vec<DeviceId>) {
+        let cluster = match &self.directory {
+            Some(Directory::Cluster(c)) => Some(c),
+            _ => None,
+        };
+        let mut remote = Vec::new();
+        for device in devices {
+            // The device of this notification's app, as the session table keys it.
+            let device = DeviceKey::new(n.app.clone(), device);
+            let replayed = self.gateway.as_ref().is_some_and(|g| g.replay_now(&device));
+            if !replayed && cluster.is_some() {
+                remote.push(device);
+            }
+        }
+        let Some(cluster) = cluster else {
+            return;
+        };
+        futures::stream::iter(remote)
+            .map(|device| async move {
+                if cluster.deliver(&device, n).await == LiveOutcome::Acked {
+                    // Delivered after all: its row goes, as a replay's ack would take it.
+                    if let Err(e) = inbox.ack(app_of(n), device.device.as_str(), n.id).await {
+                        tracing::info!(%device, error = %e, "could not delete a delivered inbox row; the device dedupes the replay");
+                    }
+                }
+            })
+            .buffer_unordered(self.target_concurrency.max(1))
+            .collect::<Vec<()>>()
+            .await;
+    }
+
     fn record(&self, outcome: Outcome<'_>) {
         record::record(&self.metrics, |e| self.events.emit(e), outcome);
     }
+}
+
+/// The app a notification belongs to, as the inbox keys it: a device's rows are its app's
+/// (device ids are per app).
+fn app_of(n: &QueuedNotification) -> &str {
+    n.app.as_str()
 }
 
 /// Makes the settlement's copies safe, then acks: through [`Delivery::retry`] and

@@ -10,8 +10,9 @@ use super::channel::Channel;
 use super::settle::{DeadReason, Settlement};
 use super::target::{TargetReport, fallback_reason};
 use crate::directory::LiveOutcome;
-use crate::domain::{QueuedNotification, Target, unix_millis};
+use crate::domain::{DeviceId, QueuedNotification, Target, unix_millis};
 use crate::events::{Event, EventKind};
+use crate::inbox::{DropReason, ExpiredEntry, InboxError, StoreReport};
 use crate::metrics::Metrics;
 use crate::providers::ProviderOutcome;
 
@@ -23,6 +24,15 @@ pub enum Outcome<'a> {
     Target(&'a QueuedNotification, &'a TargetReport),
     /// The message was settled.
     Settled(&'a QueuedNotification, &'a Settlement),
+    /// Targets of `n` went to their devices' offline inbox (`devices`, committed); the store
+    /// reported what it dropped (this notification or older ones of those devices).
+    Stored(&'a QueuedNotification, &'a [&'a DeviceId], &'a StoreReport),
+    /// Writing `targets` targets of `n` to the inbox failed: they are retried.
+    StoreFailed(&'a QueuedNotification, usize, &'a InboxError),
+    /// The reaper deleted these expired inbox entries.
+    Reaped(&'a [ExpiredEntry]),
+    /// The inbox's pending rows, sampled.
+    InboxPending(u64),
 }
 
 /// Counts `outcome` in `metrics` and hands its events to `emit` (the dispatcher's
@@ -38,7 +48,93 @@ pub fn record(metrics: &Metrics, mut emit: impl FnMut(Event), outcome: Outcome<'
         }
         Outcome::Target(n, report) => target(metrics, &mut emit, n, report),
         Outcome::Settled(n, settlement) => settled(metrics, &mut emit, n, settlement),
+        Outcome::Stored(n, devices, report) => stored(metrics, &mut emit, n, devices, report),
+        Outcome::StoreFailed(n, targets, error) => {
+            metrics.inbox_store_failures.inc();
+            tracing::warn!(id = %n.id, targets, %error, "offline inbox write failed: retrying those targets");
+        }
+        Outcome::Reaped(entries) => {
+            for e in entries {
+                inbox_expired(metrics, &mut emit, &e.app, e.id, &e.device_id, 0);
+            }
+        }
+        Outcome::InboxPending(rows) => metrics.inbox_pending.set(rows as i64),
     }
+}
+
+fn stored(
+    metrics: &Metrics,
+    emit: &mut impl FnMut(Event),
+    n: &QueuedNotification,
+    devices: &[&DeviceId],
+    report: &StoreReport,
+) {
+    // The attempt is known only for this notification; an older entry it pushed out left
+    // the queue long ago.
+    let attempt = |id| if id == n.id { n.attempt + 1 } else { 0 };
+    for device in devices {
+        let kept = !report
+            .dropped
+            .iter()
+            .any(|d| d.id == n.id && d.device_id == device.as_str());
+        if kept {
+            metrics.inbox_writes.inc();
+            emit(Event::new(EventKind::Stored, n, device));
+        }
+    }
+    for d in &report.dropped {
+        match d.reason {
+            DropReason::Overflow => {
+                metrics.inbox_dropped.with_label_values(&["overflow"]).inc();
+                emit(
+                    Event::about(
+                        EventKind::InboxOverflow,
+                        &d.app,
+                        d.id,
+                        &d.device_id,
+                        attempt(d.id),
+                    )
+                    .reason("inbox.max_per_device or inbox.max_bytes_per_device reached"),
+                );
+            }
+            DropReason::Replaced { by } => {
+                metrics.inbox_dropped.with_label_values(&["replaced"]).inc();
+                emit(
+                    Event::about(
+                        EventKind::Replaced,
+                        &d.app,
+                        d.id,
+                        &d.device_id,
+                        attempt(d.id),
+                    )
+                    .reason(format!("replaced by {by} (same collapse_key)")),
+                );
+            }
+            DropReason::Expired => {
+                inbox_expired(metrics, emit, &d.app, d.id, &d.device_id, attempt(d.id));
+            }
+        }
+    }
+}
+
+/// An inbox entry whose ttl passed: dropped, never sent, reported like any expiry.
+fn inbox_expired(
+    metrics: &Metrics,
+    emit: &mut impl FnMut(Event),
+    app: &str,
+    id: crate::domain::NotificationId,
+    device: &str,
+    attempt: u32,
+) {
+    metrics.inbox_dropped.with_label_values(&["expired"]).inc();
+    metrics
+        .deliveries
+        .with_label_values(&[app, "none", "expired"])
+        .inc();
+    emit(
+        Event::about(EventKind::Expired, app, id, device, attempt)
+            .reason("ttl passed in the offline inbox"),
+    );
 }
 
 fn target(
@@ -333,6 +429,59 @@ mod tests {
                 "{ch}"
             );
         }
+    }
+
+    #[test]
+    fn inbox_outcomes_are_events_and_counts() {
+        use crate::inbox::Dropped;
+        let m = Metrics::new();
+        let n = notification(&["phone-1", "phone-2"]);
+        let older = crate::domain::NotificationId::generate();
+        let report = StoreReport {
+            dropped: vec![
+                Dropped {
+                    app: "default".into(),
+                    device_id: "phone-1".into(),
+                    id: older,
+                    reason: DropReason::Overflow,
+                },
+                Dropped {
+                    app: "default".into(),
+                    device_id: "phone-2".into(),
+                    id: n.id,
+                    reason: DropReason::Expired,
+                },
+            ],
+        };
+        let devices: Vec<&DeviceId> = n.targets.iter().map(|t| &t.device_id).collect();
+        let reaped = [ExpiredEntry {
+            app: "default".into(),
+            device_id: "phone-3".into(),
+            id: older,
+        }];
+        let events = record_all(
+            &m,
+            vec![
+                Outcome::Stored(&n, &devices, &report),
+                Outcome::Reaped(&reaped),
+                Outcome::InboxPending(7),
+            ],
+        );
+        let (id, older) = (n.id.to_string(), older.to_string());
+        assert_eq!(
+            json(&events),
+            [
+                serde_json::json!({"type": "stored", "notification_id": id, "device_id": "phone-1", "attempt": 1}),
+                serde_json::json!({"type": "inbox_overflow", "notification_id": older, "device_id": "phone-1", "reason": "inbox.max_per_device or inbox.max_bytes_per_device reached"}),
+                serde_json::json!({"type": "expired", "notification_id": id, "device_id": "phone-2", "reason": "ttl passed in the offline inbox", "attempt": 1}),
+                serde_json::json!({"type": "expired", "notification_id": older, "device_id": "phone-3", "reason": "ttl passed in the offline inbox"}),
+            ]
+        );
+        assert_eq!(m.inbox_writes.get(), 1);
+        assert_eq!(m.inbox_dropped.with_label_values(&["overflow"]).get(), 1);
+        assert_eq!(m.inbox_dropped.with_label_values(&["expired"]).get(), 2);
+        assert_eq!(deliveries(&m, "none", "expired"), 2);
+        assert_eq!(m.inbox_pending.get(), 7);
     }
 
     #[test]

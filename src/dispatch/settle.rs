@@ -7,7 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use super::channel::Channel;
 use super::target::{TargetReport, TargetResult};
-use crate::domain::{AttemptRecord, QueuedNotification, Target, unix_millis};
+use crate::directory::LiveOutcome;
+use crate::domain::{AttemptRecord, Qos, QueuedNotification, Target, unix_millis};
+use crate::providers::ProviderOutcome;
 
 /// How a message ends this attempt.
 // One per message, alive only while it is carried out: boxing the copies would add an
@@ -86,6 +88,29 @@ impl Settlement {
     }
 }
 
+/// After the live attempt: whether to try the target's provider routes. Not after a live
+/// ack. An at_most_once notification gets one attempt: live if a session existed (the frame
+/// went out, acked or not), else the provider routes.
+pub fn falls_back(qos: Qos, live: LiveOutcome) -> bool {
+    match qos {
+        Qos::AtLeastOnce => live != LiveOutcome::Acked,
+        Qos::AtMostOnce => live == LiveOutcome::Offline,
+    }
+}
+
+/// Whether a target goes to its device's offline inbox (when there is one): an
+/// at_least_once notification the device did not ack live (no session, the session died or
+/// did not ack), with no provider route or only routes whose tokens are dead. A target a
+/// provider took is done; one a provider failed transiently or on a configuration error is
+/// retried or dead-lettered as before.
+pub fn wants_inbox(n: &QueuedNotification, r: &TargetReport) -> bool {
+    n.qos == Qos::AtLeastOnce
+        && r.live != LiveOutcome::Acked
+        && r.routes
+            .iter()
+            .all(|route| matches!(route.outcome, ProviderOutcome::TokenDead { .. }))
+}
+
 /// Before any target is tried: a message past its ttl is settled at once, as `Expired`.
 pub fn on_arrival(n: &QueuedNotification, now: SystemTime) -> Option<Settlement> {
     n.is_expired(now).then_some(Settlement::Expired)
@@ -104,6 +129,10 @@ pub fn after_delivery(
     max_attempts: u32,
     backoff: impl FnOnce(u32) -> Duration,
 ) -> Settlement {
+    if n.qos == Qos::AtMostOnce {
+        // One attempt, whatever it gave: no retry, no dead letter (and no inbox).
+        return Settlement::Ack;
+    }
     let mut retry: Vec<(Target, Channel)> = Vec::new();
     let mut dead: Vec<Target> = Vec::new();
     let mut first_config_error = None;
@@ -245,6 +274,7 @@ pub(crate) mod tests {
             target,
             live,
             routes,
+            inbox: None,
         }
     }
 
@@ -491,6 +521,109 @@ pub(crate) mod tests {
         assert_eq!(on_arrival(&n, now), None);
         let later = now + Duration::from_secs(3601);
         assert_eq!(on_arrival(&n, later), Some(Settlement::Expired));
+    }
+
+    fn at_most_once(devices: &[&str]) -> QueuedNotification {
+        QueuedNotification {
+            qos: Qos::AtMostOnce,
+            ..notification(devices)
+        }
+    }
+
+    #[test]
+    fn at_most_once_is_one_attempt_then_done() {
+        use LiveOutcome::*;
+        let n = at_most_once(&["phone-1", "ios-1", "android-1", "phone-2"]);
+        let reports = [
+            // Offline, no route: not retried, not stored, not dead-lettered.
+            report(&n, 0, Offline, None),
+            report(
+                &n,
+                1,
+                Offline,
+                transient("503", Some(Duration::from_secs(5))),
+            ),
+            report(
+                &n,
+                2,
+                Offline,
+                Some(ProviderOutcome::ConfigError {
+                    reason: "bad key".into(),
+                }),
+            ),
+            report(&n, 3, NotAcked, None),
+        ];
+        assert_eq!(settle(&n, &reports), Settlement::Ack);
+        assert!(reports.iter().all(|r| !wants_inbox(&n, r)));
+        // The one attempt: live if a session took the frame, else the provider.
+        assert!(falls_back(Qos::AtMostOnce, Offline));
+        assert!(!falls_back(Qos::AtMostOnce, NotAcked));
+        assert!(!falls_back(Qos::AtMostOnce, Acked));
+        assert!(falls_back(Qos::AtLeastOnce, NotAcked));
+        assert!(falls_back(Qos::AtLeastOnce, Offline));
+        assert!(!falls_back(Qos::AtLeastOnce, Acked));
+    }
+
+    #[test]
+    fn the_inbox_takes_unreached_targets_without_a_working_route() {
+        use LiveOutcome::*;
+        let n = notification(&[
+            "phone-1",
+            "phone-2",
+            "ios-1",
+            "ios-2",
+            "android-1",
+            "phone-3",
+        ]);
+        let dead = || {
+            Some(ProviderOutcome::TokenDead {
+                reason: "Unregistered".into(),
+            })
+        };
+        let reports = [
+            report(&n, 0, Offline, None),
+            report(&n, 1, NotAcked, None),
+            report(&n, 2, Offline, dead()),
+            report(&n, 3, Offline, transient("503", None)),
+            report(&n, 4, Offline, Some(ProviderOutcome::Delivered)),
+            report(&n, 5, Acked, None),
+        ];
+        let wanted: Vec<bool> = reports.iter().map(|r| wants_inbox(&n, r)).collect();
+        assert_eq!(wanted, [true, true, true, false, false, false]);
+    }
+
+    #[test]
+    fn a_stored_target_is_done_and_a_failed_store_is_retried() {
+        use super::super::target::InboxResult;
+        use LiveOutcome::*;
+        let n = notification(&["phone-1", "phone-2", "ios-1"]);
+        let mut reports = [
+            report(&n, 0, Offline, None),
+            report(&n, 1, Offline, None),
+            report(
+                &n,
+                2,
+                Offline,
+                Some(ProviderOutcome::TokenDead {
+                    reason: "Unregistered".into(),
+                }),
+            ),
+        ];
+        reports[0].inbox = Some(InboxResult::Stored);
+        reports[2].inbox = Some(InboxResult::Stored);
+        reports[1].inbox = Some(InboxResult::Failed {
+            reason: "the inbox database is unavailable".into(),
+        });
+        let Settlement::Retry(retry) = settle(&n, &reports) else {
+            panic!("expected a retry of the target whose store failed");
+        };
+        assert_eq!(devices(&retry.next), ["phone-2"]);
+        assert_eq!(
+            retry.next.history[0].failures,
+            BTreeMap::from([("inbox: the inbox database is unavailable".to_owned(), 1)])
+        );
+        reports[1].inbox = Some(InboxResult::Stored);
+        assert_eq!(settle(&n, &reports), Settlement::Ack);
     }
 
     #[test]

@@ -17,6 +17,18 @@ pub struct TargetReport {
     pub live: LiveOutcome,
     /// The fallback routes tried, in order: none when live acked or the target has none.
     pub routes: Vec<RouteAttempt>,
+    /// Whether it went to the device's offline inbox ([`super::settle::wants_inbox`]);
+    /// `None` when it did not need to.
+    pub inbox: Option<InboxResult>,
+}
+
+/// What writing a target to the offline inbox gave.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InboxResult {
+    /// Committed (or dropped on arrival and reported: expired, oversized, replaced): final.
+    Stored,
+    /// Nothing was written (database unavailable, memory inbox full): retry the target.
+    Failed { reason: String },
 }
 
 /// One fallback route tried, and the provider's classification of its answer.
@@ -60,6 +72,19 @@ impl TargetReport {
         let Some(fallback_reason) = fallback_reason(self.live) else {
             return TargetResult::Done;
         };
+        match &self.inbox {
+            // In the inbox: the device gets it on its next hello; this attempt is done.
+            Some(InboxResult::Stored) => return TargetResult::Done,
+            // Never acked without the inbox commit: retried like a provider's 503.
+            Some(InboxResult::Failed { reason }) => {
+                return TargetResult::Retry {
+                    reason: format!("inbox: {reason}"),
+                    retry_after: None,
+                    channel: Channel::Live,
+                };
+            }
+            None => {}
+        }
         if self.routes.is_empty() {
             // Live only, and not reachable now: retry later, the device may come back
             // within the ttl.
@@ -98,7 +123,8 @@ impl TargetReport {
     }
 }
 
-/// Tries the live session, then, unless it acked, every route the target carries.
+/// Tries the live session, then, unless it acked (or the notification is at_most_once and
+/// a session took the frame: [`super::settle::falls_back`]), every route the target carries.
 pub async fn deliver(d: &Dispatcher, n: &QueuedNotification, target: Target) -> TargetReport {
     let live = match &d.directory {
         // The device of this notification's app: a session of another app's device with
@@ -112,7 +138,7 @@ pub async fn deliver(d: &Dispatcher, n: &QueuedNotification, target: Target) -> 
         None => LiveOutcome::Offline,
     };
     let mut routes = Vec::new();
-    if live != LiveOutcome::Acked {
+    if super::settle::falls_back(n.qos, live) {
         for route in target.routes() {
             let channel = Channel::of(&route);
             let outcome = d.providers.send(route, n).await;
@@ -123,5 +149,6 @@ pub async fn deliver(d: &Dispatcher, n: &QueuedNotification, target: Target) -> 
         target,
         live,
         routes,
+        inbox: None,
     }
 }

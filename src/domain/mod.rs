@@ -21,6 +21,6 @@ pub use app::{AppId, DeviceKey};
 pub use device::{ApnsToken, DeviceId, FcmToken};
 pub use notification::{
     AndroidOptions, ApnsEnvironment, ApnsOptions, ApnsPushType, ApnsRoute, AttemptRecord, Content,
-    NotificationId, NotifyError, NotifyLimits, NotifyRequest, Priority, QueuedNotification, Target,
-    TargetRoute, unix_millis,
+    NotificationId, NotifyError, NotifyLimits, NotifyRequest, Priority, Qos, QueuedNotification,
+    Target, TargetRoute, unix_millis,
 };

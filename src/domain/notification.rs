@@ -58,6 +58,27 @@ pub enum Priority {
     Normal,
 }
 
+/// What delivery a notification needs (the `qos` field of the notify body).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Qos {
+    /// Retried until delivered, its ttl passes, or it is dead-lettered; a device with no
+    /// session and no working provider route gets it from its offline inbox on reconnect.
+    /// Devices dedupe on the id, which makes this "exactly once" as seen by the app.
+    #[default]
+    AtLeastOnce,
+    /// Ephemeral (typing indicators, locations): one live attempt if a session exists now,
+    /// else one provider attempt if the target has a route, then done. No retry, no inbox,
+    /// no dead letter.
+    AtMostOnce,
+}
+
+impl Qos {
+    pub fn is_default(&self) -> bool {
+        *self == Qos::AtLeastOnce
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ApnsPushType {
@@ -248,6 +269,8 @@ pub struct NotifyRequest {
     pub apns: ApnsOptions,
     #[serde(default)]
     pub android: AndroidOptions,
+    #[serde(default)]
+    pub qos: Qos,
 }
 
 /// Why a notify request cannot be accepted. Each becomes a 400 with this message.
@@ -367,6 +390,7 @@ impl NotifyRequest {
             data: self.data,
             apns: self.apns,
             android: self.android,
+            qos: self.qos,
             targets: self.targets,
             attempt: 0,
             history: Vec::new(),
@@ -406,6 +430,10 @@ pub struct QueuedNotification {
     pub apns: ApnsOptions,
     #[serde(default)]
     pub android: AndroidOptions,
+    /// Left out when at_least_once (the default), so the queued format of such messages is
+    /// what nodes without QoS read.
+    #[serde(default, skip_serializing_if = "Qos::is_default")]
+    pub qos: Qos,
     /// The targets still to deliver. A retry carries only the targets that have not reached
     /// a final outcome, so a retry never re-sends to a device that already got it.
     pub targets: Vec<Target>,
@@ -516,5 +544,25 @@ mod tests {
         .unwrap();
         assert!(!q.is_expired(now));
         assert!(q.is_expired(now + Duration::from_secs(11)));
+    }
+
+    #[test]
+    fn qos_defaults_to_at_least_once_and_round_trips() {
+        let t = serde_json::json!([{"device_id": "d"}]);
+        let q = request(serde_json::json!({"targets": t, "data": {"k": "v"}})).unwrap();
+        assert_eq!(q.qos, Qos::AtLeastOnce);
+        assert!(!String::from_utf8(q.to_json()).unwrap().contains("qos"));
+        let q =
+            request(serde_json::json!({"targets": t, "data": {"k": "v"}, "qos": "at_most_once"}))
+                .unwrap();
+        assert_eq!(q.qos, Qos::AtMostOnce);
+        assert_eq!(
+            QueuedNotification::from_json(&q.to_json()).unwrap().qos,
+            Qos::AtMostOnce
+        );
+        assert!(
+            request(serde_json::json!({"targets": t, "data": {"k": "v"}, "qos": "exactly_once"}))
+                .is_err()
+        );
     }
 }

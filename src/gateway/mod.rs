@@ -4,13 +4,16 @@
 //!
 //! 1. [`connect`] ([`handler`]) and [`upgrade`] check the device token ([`token`]) *before* the upgrade: a bad token is a
 //!    401 and no session ever exists.
-//!    A node admits at most `gateway.max_session_rate` new sessions a second ([`admission`]):
-//!    over it, 503 `too_many_sessions`, so a reconnect storm cannot flatten it.
+//!    Then the limits ([`admission`]), each spent only by requests that passed the checks
+//!    before it: per device (429), per source address (429), `gateway.max_sessions` (503
+//!    `node_full`) and the node's `gateway.max_session_rate` (503 `too_many_sessions`), so
+//!    neither garbage, nor one looping client, nor a reconnect storm can flatten a node.
 //! 2. The upgrade spawns one task per session ([`session`]) on the HTTP worker that
 //!    accepted it. The task registers the session in the gateway's table (replacing, and
 //!    closing, an older session of the same device; [`table`]) and, in cluster mode, with
-//!    its [`registrar`] (the cluster directory) (a broker binding, awaited), sends `hello`, then loops over: frames from
-//!    the device, notifications queued for it, and one timer for the heartbeat.
+//!    its [`registrar`] (the cluster directory: the open event, broker-confirmed,
+//!    awaited), sends `hello`, then loops over: frames from the device, notifications
+//!    queued for it, and one timer for the heartbeat.
 //! 3. [`Gateway::deliver`] (behind [`crate::directory::Directory`]) queues a notification
 //!    frame into the session's bounded send buffer and waits for the device's ack.
 //! 4. The session ends when the device closes, misses a pong, is replaced, overflows its
@@ -24,6 +27,7 @@ mod handler;
 pub mod protocol;
 mod refusal;
 pub mod registrar;
+mod replay;
 mod session;
 mod table;
 pub mod token;
@@ -39,10 +43,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::GatewaySettings;
-use crate::domain::{DeviceKey, QueuedNotification};
+use crate::domain::{DeviceKey, NotificationId, QueuedNotification};
 use crate::metrics::Metrics;
 use admission::Admission;
-pub use handler::connect;
+pub use admission::IpNet;
+pub use handler::{connect, connect_preflight};
 pub use protocol::CloseKind;
 pub(crate) use refusal::Refusal;
 use registrar::Registrar;
@@ -85,13 +90,16 @@ struct Inner {
     /// Session tasks still running (until their close frame went out).
     sessions: TaskTracker,
     admission: Admission,
+    /// The offline inbox sessions replay after `hello` (set once at start-up, when there is
+    /// one: `None` in cluster mode without `inbox.url`).
+    inbox: std::sync::OnceLock<crate::inbox::Inbox>,
 }
 
 /// What registering a new session gave.
 pub(crate) enum Admitted {
     /// The node is shutting down.
     No,
-    /// In the table; in cluster mode, `bound` says when the broker binding is in place.
+    /// In the table; in cluster mode, `bound` says when the cluster was told (broker-confirmed).
     Yes {
         bound: Option<oneshot::Receiver<bool>>,
     },
@@ -109,7 +117,7 @@ impl Gateway {
     ) -> Self {
         Gateway(Arc::new(Inner {
             max_notification_frame_bytes,
-            admission: Admission::new(settings.max_session_rate, settings.session_burst),
+            admission: Admission::new(&settings),
             frames_in: metrics.frames.with_label_values(&["in"]),
             frames_out: metrics.frames.with_label_values(&["out"]),
             settings,
@@ -120,18 +128,34 @@ impl Gateway {
             stop,
             in_flight: TaskTracker::new(),
             sessions: TaskTracker::new(),
+            inbox: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Sessions replay `inbox` after `hello` from now on.
+    pub fn set_inbox(&self, inbox: crate::inbox::Inbox) {
+        let _ = self.0.inbox.set(inbox);
+    }
+
+    fn inbox(&self) -> Option<&crate::inbox::Inbox> {
+        self.0.inbox.get()
+    }
+
+    /// If `device` has a session on this node, has it replay its inbox once more (after the
+    /// replay it may be running) and returns true.
+    pub fn replay_now(&self, device: &DeviceKey) -> bool {
+        match self.0.table.get(device) {
+            Some(h) => {
+                h.request_replay();
+                true
+            }
+            None => false,
+        }
     }
 
     /// Cluster mode: tell `registrar` of every session from now on.
     pub(crate) fn set_registrar(&self, registrar: Registrar) {
         self.0.table.set_registrar(registrar);
-    }
-
-    /// Devices with a session on this node now (the cluster directory re-binds them after
-    /// a broker reconnect).
-    pub(crate) fn devices(&self) -> Vec<DeviceKey> {
-        self.0.table.devices()
     }
 
     /// A newer session of `device` (id `newer`, a UUIDv7) opened on another node: close
@@ -163,6 +187,18 @@ impl Gateway {
 
     /// Sends `n` down `device`'s session and waits up to `ack_timeout` for the ack.
     pub async fn deliver(&self, device: &DeviceKey, n: &QueuedNotification) -> LiveOutcome {
+        self.deliver_frame(device, n.id, protocol::notification_json(n))
+            .await
+    }
+
+    /// [`Gateway::deliver`] of a frame already rendered (by [`protocol::notification_json`]):
+    /// the cluster directory sends only the device's own frame across nodes.
+    pub async fn deliver_frame(
+        &self,
+        device: &DeviceKey,
+        id: NotificationId,
+        frame: String,
+    ) -> LiveOutcome {
         if !self.is_accepting() {
             return LiveOutcome::Offline;
         }
@@ -171,11 +207,7 @@ impl Gateway {
         };
         let _in_flight = self.0.in_flight.token();
         let (acked, ack) = oneshot::channel();
-        let out = Box::new(Outbound {
-            id: n.id,
-            frame: protocol::notification_json(n),
-            acked,
-        });
+        let out = Box::new(Outbound { id, frame, acked });
         // One deadline for room in the send buffer and for the ack: a delivery still ends
         // within ack_timeout.
         let deadline = tokio::time::Instant::now() + self.0.settings.ack_timeout;
@@ -200,7 +232,7 @@ impl Gateway {
             Ok(Err(_)) => LiveOutcome::Offline,
             Err(_) => {
                 self.0.metrics.ack_timeouts.inc();
-                tracing::info!(device = %device, id = %n.id, "no ack within ack_timeout");
+                tracing::info!(device = %device, %id, "no ack within ack_timeout");
                 LiveOutcome::NotAcked
             }
         }

@@ -4,7 +4,9 @@
 
 use actix_web::HttpResponse;
 use actix_web::http::StatusCode;
-use actix_web::http::header::{ALLOW, RETRY_AFTER, WWW_AUTHENTICATE};
+use actix_web::http::header::{
+    ACCESS_CONTROL_ALLOW_ORIGIN, ALLOW, RETRY_AFTER, SEC_WEBSOCKET_VERSION, WWW_AUTHENTICATE,
+};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -20,6 +22,8 @@ pub(crate) struct Refusal {
     retry_after: Option<u64>,
     /// `Allow: GET` (a 405 on the upgrade path).
     allow_get: bool,
+    /// `Sec-WebSocket-Version: 13` (a 426 for another version, RFC 6455 §4.2.2).
+    ws_version: bool,
 }
 
 impl Refusal {
@@ -31,6 +35,27 @@ impl Refusal {
             message: message.to_owned(),
             retry_after: None,
             allow_get: false,
+            ws_version: false,
+        }
+    }
+
+    /// 429: this device or address is connecting too fast; retry after `retry_after`.
+    pub(super) fn too_many_connects(message: &str, retry_after: u64) -> Refusal {
+        Refusal {
+            retry_after: Some(retry_after),
+            ..Refusal::plain(429, "too_many_connects", message)
+        }
+    }
+
+    /// 426 with `Sec-WebSocket-Version: 13`: the only version this server speaks.
+    pub(super) fn wrong_websocket_version() -> Refusal {
+        Refusal {
+            ws_version: true,
+            ..Refusal::plain(
+                426,
+                "unsupported_websocket_version",
+                "unsupported WebSocket version; this server speaks Sec-WebSocket-Version: 13",
+            )
         }
     }
 
@@ -72,8 +97,13 @@ impl Refusal {
         StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
+    /// The plain-request rendering. `Access-Control-Allow-Origin: *`: the answer holds no
+    /// secret (an error code and message), and a browser client must read the status of a
+    /// cross-origin `GET /v1/connect` to tell a refused token (401: stop) from a network
+    /// failure (retry), which a WebSocket close event never says.
     pub(super) fn into_response(self) -> HttpResponse {
         let mut res = HttpResponse::build(self.status());
+        res.insert_header((ACCESS_CONTROL_ALLOW_ORIGIN, "*"));
         if self.bearer_challenge() {
             res.insert_header((WWW_AUTHENTICATE, "Bearer"));
         }
@@ -82,6 +112,9 @@ impl Refusal {
         }
         if self.allow_get {
             res.insert_header((ALLOW, "GET"));
+        }
+        if self.ws_version {
+            res.insert_header((SEC_WEBSOCKET_VERSION, "13"));
         }
         res.content_type("application/json")
             .body(crate::http_error::body(self.code, &self.message))
@@ -105,6 +138,9 @@ impl Refusal {
         }
         if self.allow_get {
             head.push_str("allow: GET\r\n");
+        }
+        if self.ws_version {
+            head.push_str("sec-websocket-version: 13\r\n");
         }
         head.push_str("\r\n");
         head.push_str(&body);

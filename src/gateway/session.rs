@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 
 use super::protocol::{ClientFrame, CloseKind, ServerFrame, error_code};
+use super::replay::Replayer;
 use super::table::{Control, Outbound, SessionHandle};
 use super::{Admitted, Gateway};
 use crate::domain::{DeviceKey, NotificationId};
@@ -27,6 +28,8 @@ use crate::domain::{DeviceKey, NotificationId};
 const CLOSE_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 type Sink = SplitSink<WebSocketStream<TcpStream>, Message>;
+/// A replay running inside the session's task; it hands its [`Replayer`] back when done.
+type Replaying = std::pin::Pin<Box<dyn Future<Output = Replayer> + Send>>;
 type Stream = SplitStream<WebSocketStream<TcpStream>>;
 
 pub(super) async fn run(gateway: Gateway, device: DeviceKey, ws: WebSocketStream<TcpStream>) {
@@ -41,6 +44,16 @@ pub(super) async fn run(gateway: Gateway, device: DeviceKey, ws: WebSocketStream
         .sessions_active
         .with_label_values(&[device.app.as_str()]);
     active.inc();
+    // The replay feeds the same send buffer as live deliveries.
+    let replayer = gateway.inbox().map(|inbox| {
+        Replayer::new(
+            gateway.clone(),
+            inbox.clone(),
+            device.app.as_str().to_owned(),
+            device.device.clone(),
+            tx.clone(),
+        )
+    });
     let registered = gateway.register(device.clone(), SessionHandle::new(id, tx, control.clone()));
     let started = Instant::now();
     let mut session = Session {
@@ -57,12 +70,20 @@ pub(super) async fn run(gateway: Gateway, device: DeviceKey, ws: WebSocketStream
     tracing::debug!(device = %device, session = %id, "session opened");
     let kind = match registered {
         Admitted::No => CloseKind::Shutdown,
-        Admitted::Yes { bound: None } => session.serve(&id, &device, &mut stream, &mut rx).await,
+        Admitted::Yes { bound: None } => {
+            session
+                .serve(&id, &device, &mut stream, &mut rx, replayer)
+                .await
+        }
         // Cluster mode: `hello` only once other nodes can route to this session. A bind
         // that fails or takes too long (broker away) closes with "reconnect elsewhere".
         Admitted::Yes { bound: Some(bound) } => {
             match tokio::time::timeout(gateway.register_timeout(), bound).await {
-                Ok(Ok(true)) => session.serve(&id, &device, &mut stream, &mut rx).await,
+                Ok(Ok(true)) => {
+                    session
+                        .serve(&id, &device, &mut stream, &mut rx, replayer)
+                        .await
+                }
                 _ => {
                     tracing::info!(device = %device, "cluster registration failed: closing the new session");
                     CloseKind::Shutdown
@@ -143,6 +164,7 @@ impl Session<'_> {
         device: &DeviceKey,
         stream: &mut Stream,
         rx: &mut mpsc::Receiver<Box<Outbound>>,
+        replayer: Option<Replayer>,
     ) -> CloseKind {
         let cfg = self.gateway.settings();
         let session_id = id.to_string();
@@ -157,6 +179,11 @@ impl Session<'_> {
         if let Err(kind) = self.send(Message::text(hello.to_json())).await {
             return kind;
         }
+        // Right after hello: the device's offline inbox (replay.rs). One replay at a time;
+        // a request during one (`again`) runs another when it ends.
+        let mut replay: Option<Replaying> = replayer.map(|r| Box::pin(r.run()) as Replaying);
+        let mut idle: Option<Replayer> = None;
+        let mut again = false;
         loop {
             let wake = match self.pong_deadline {
                 Some(d) => d.min(self.next_ping),
@@ -196,6 +223,27 @@ impl Session<'_> {
                     None => Err(self.killed()),
                 },
                 _ = tokio::time::sleep_until(wake) => self.on_timer().await,
+                _ = self.control.replay_requested() => {
+                    match idle.take() {
+                        Some(r) => replay = Some(Box::pin(r.run())),
+                        None => again = replay.is_some(),
+                    }
+                    Ok(())
+                }
+                r = async {
+                    match replay.as_mut() {
+                        Some(running) => running.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if std::mem::take(&mut again) {
+                        replay = Some(Box::pin(r.run()));
+                    } else {
+                        replay = None;
+                        idle = Some(r);
+                    }
+                    Ok(())
+                }
             };
             if let Err(kind) = step {
                 return kind;

@@ -23,6 +23,10 @@ pub(super) struct Outbound {
 pub(super) struct Control {
     kill: CancellationToken,
     reason: OnceLock<CloseKind>,
+    /// Another inbox replay is wanted (the dispatcher stored for this device while it was
+    /// connected). A `Notify` keeps one permit, so a request made while the session is busy
+    /// is not lost.
+    replay: tokio::sync::Notify,
 }
 
 impl Control {
@@ -31,6 +35,7 @@ impl Control {
         Control {
             kill: parent.child_token(),
             reason: OnceLock::new(),
+            replay: tokio::sync::Notify::new(),
         }
     }
 
@@ -42,6 +47,15 @@ impl Control {
     /// Resolves once the session was closed from outside.
     pub(super) async fn killed(&self) {
         self.kill.cancelled().await
+    }
+
+    pub(super) fn request_replay(&self) {
+        self.replay.notify_one();
+    }
+
+    /// Resolves once a replay was requested.
+    pub(super) async fn replay_requested(&self) {
+        self.replay.notified().await
     }
 
     /// Why the session was closed from outside ("shutdown" if no reason was given).
@@ -73,6 +87,10 @@ impl SessionHandle {
 
     pub(super) fn close(&self, kind: CloseKind) {
         self.control.close(kind);
+    }
+
+    pub(super) fn request_replay(&self) {
+        self.control.request_replay();
     }
 }
 
@@ -110,10 +128,6 @@ impl SessionTable {
 
     pub(super) fn get(&self, device: &DeviceKey) -> Option<SessionHandle> {
         self.lock().get(device).cloned()
-    }
-
-    pub(super) fn devices(&self) -> Vec<DeviceKey> {
-        self.lock().keys().cloned().collect()
     }
 
     /// Closes `device`'s session here if it is older than `newer` (session ids are

@@ -37,7 +37,9 @@ struct Claims {
 /// Why a presented device token was refused. Only the message is shown to the client.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("missing device token: send `Authorization: Bearer <token>` or `?token=`")]
+    #[error(
+        "missing device token: send `Authorization: Bearer <token>` or the `herald.bearer.<token>` subprotocol"
+    )]
     Missing,
     #[error("device token expired")]
     Expired,
@@ -50,12 +52,29 @@ struct TokenQuery {
     token: Option<String>,
 }
 
-/// The token a connect presents: `Authorization: Bearer <token>`, else `?token=` (browsers
-/// cannot set headers on a WebSocket). `None` when neither is there.
+/// The `Sec-WebSocket-Protocol` entry that carries a device token: `herald.bearer.<token>`
+/// (browsers cannot set `Authorization` on a WebSocket, but can offer subprotocols; a JWT
+/// is all token characters, so it goes in as is). Never echoed back.
+pub const BEARER_PROTOCOL_PREFIX: &str = "herald.bearer.";
+/// The subprotocol the server selects when a client offers it beside its bearer entry
+/// (browsers fail a handshake that offered protocols and got none back).
+pub const PROTOCOL: &str = "herald.v1";
+
+/// The token a connect presents: `Authorization: Bearer <token>`, else the
+/// `Sec-WebSocket-Protocol` bearer entry, else `?token=` (`query` is empty when
+/// `gateway.allow_query_token` is off). `None` when none is there.
 pub(crate) fn presented(
     headers: &actix_web::http::header::HeaderMap,
     query: &str,
 ) -> Option<String> {
+    let protocol_token = || {
+        headers
+            .get_all(actix_web::http::header::SEC_WEBSOCKET_PROTOCOL)
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .find_map(|p| p.trim().strip_prefix(BEARER_PROTOCOL_PREFIX))
+            .map(str::to_owned)
+    };
     let header_token = headers
         .get(actix_web::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -65,7 +84,7 @@ pub(crate) fn presented(
                 .eq_ignore_ascii_case("bearer")
                 .then(|| token.trim().to_owned())
         });
-    header_token.or_else(|| {
+    header_token.or_else(protocol_token).or_else(|| {
         actix_web::web::Query::<TokenQuery>::from_query(query)
             .ok()
             .and_then(|q| q.into_inner().token)

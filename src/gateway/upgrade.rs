@@ -17,7 +17,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-use super::{Gateway, Refusal, session};
+use super::{Gateway, Refusal, session, token};
 
 /// tungstenite's read buffer per session. Device frames are acks and pings of ~100 bytes;
 /// 1 KiB holds several, and the buffer grows (up to `gateway.max_frame_bytes`) for the
@@ -59,29 +59,39 @@ async fn upgrade(
         return Refusal::method_not_allowed().write_raw(&mut io).await;
     }
     let headers = req.headers();
+    // The handshake's own headers first: they cost nothing to check, and a request that
+    // could never become a session must not spend a token check or any admission limit.
+    let key = match handshake_key(headers) {
+        Ok(key) => key,
+        Err(refusal) => return refusal.write_raw(&mut io).await,
+    };
+    let peer = io
+        .peer_addr()
+        .map(|a| a.ip())
+        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
     let device = match gateway
-        .admit(headers, req.uri().query().unwrap_or(""))
+        .admit(headers, req.uri().query().unwrap_or(""), peer)
         .await
     {
         Ok(device) => device,
         Err(refusal) => return refusal.write_raw(&mut io).await,
     };
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let is_websocket = header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
-    let key = header("sec-websocket-key").filter(|k| !k.is_empty());
-    let (true, Some(key), Some("13")) = (is_websocket, key, header("sec-websocket-version")) else {
-        return Refusal::plain(
-            400,
-            "invalid_request",
-            "expected a WebSocket upgrade (Upgrade: websocket, Sec-WebSocket-Version: 13, Sec-WebSocket-Key)",
-        )
-        .write_raw(&mut io)
-        .await;
+    // A browser that offered subprotocols (its token rides in one) fails the handshake
+    // unless one comes back: select `herald.v1` when offered, never the bearer entry.
+    let offered = headers
+        .get_all("sec-websocket-protocol")
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == token::PROTOCOL);
+    let protocol = if offered {
+        format!("Sec-WebSocket-Protocol: {}\r\n", token::PROTOCOL)
+    } else {
+        String::new()
     };
     let accept = derive_accept_key(key.as_bytes());
     io.write_all(
         format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{protocol}\r\n"
         )
         .as_bytes(),
     )
@@ -104,4 +114,32 @@ async fn upgrade(
     let ws = WebSocketStream::from_partially_read(io, early, Role::Server, Some(config)).await;
     actix_web::rt::spawn(gateway.track_session(session::run(gateway.clone(), device, ws)));
     Ok(())
+}
+
+/// Checks the WebSocket handshake headers (RFC 6455 §4.2.1) and returns the
+/// `Sec-WebSocket-Key`: `Upgrade: websocket`, version 13 (else 426 naming it, §4.2.2), and
+/// a key that is the base64 of 16 bytes (else 400).
+fn handshake_key(headers: &actix_http::header::HeaderMap) -> Result<&str, Refusal> {
+    use base64::Engine;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if !header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket")) {
+        return Err(Refusal::plain(
+            400,
+            "invalid_request",
+            "expected a WebSocket upgrade (Upgrade: websocket, Sec-WebSocket-Version: 13, Sec-WebSocket-Key)",
+        ));
+    }
+    if header("sec-websocket-version").map(str::trim) != Some("13") {
+        return Err(Refusal::wrong_websocket_version());
+    }
+    let key = header("sec-websocket-key").map(str::trim).unwrap_or("");
+    let decoded = base64::engine::general_purpose::STANDARD.decode(key);
+    if !decoded.is_ok_and(|k| k.len() == 16) {
+        return Err(Refusal::plain(
+            400,
+            "invalid_request",
+            "Sec-WebSocket-Key must be the base64 of 16 bytes (RFC 6455 section 4.1)",
+        ));
+    }
+    Ok(key)
 }

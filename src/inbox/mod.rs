@@ -77,6 +77,16 @@ pub struct InboxLimits {
     pub max_bytes_per_device: usize,
 }
 
+impl InboxLimits {
+    /// The per-device bounds the store enforces, from `[inbox]`.
+    pub fn from_settings(s: &crate::config::InboxSettings) -> Self {
+        InboxLimits {
+            max_per_device: s.max_per_device,
+            max_bytes_per_device: s.max_bytes_per_device,
+        }
+    }
+}
+
 /// One notification to keep for one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboxEntry {
@@ -201,7 +211,7 @@ impl Inbox {
     /// `None` in cluster mode without `inbox.url` (today's retry-then-dead-letter, which the
     /// caller states at start-up).
     pub async fn from_settings(settings: &Settings) -> anyhow::Result<Option<Inbox>> {
-        let limits = settings.inbox.limits();
+        let limits = InboxLimits::from_settings(&settings.inbox);
         if let Some(url) = settings.inbox_url()? {
             let pg = PostgresInbox::connect(
                 url.expose(),

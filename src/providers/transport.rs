@@ -23,33 +23,8 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// even accept connections should fail fast and count toward the circuit breaker.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// An endpoint URL as the design's scheme rules read it: `https://`, or cleartext `http://`
-/// only to a loopback host (a local double, a sidecar) unless `allow_insecure` (the
-/// provider's `allow_insecure_endpoints`) says the operator means it. Cleartext elsewhere
-/// would put provider JWTs, OAuth2 assertions and device tokens on the network.
-pub fn check_url(key: &str, url: &str, allow_insecure: bool) -> anyhow::Result<String> {
-    let url = url.trim_end_matches('/');
-    let parsed =
-        reqwest::Url::parse(url).with_context(|| format!("{key}: `{url}` is not a URL"))?;
-    anyhow::ensure!(
-        matches!(parsed.scheme(), "https" | "http") && parsed.host().is_some(),
-        "{key}: `{url}` must be an https:// URL (or http:// to a loopback host)"
-    );
-    if parsed.scheme() == "http" {
-        let host = parsed.host_str().unwrap_or_default();
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let loopback = host.eq_ignore_ascii_case("localhost")
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback());
-        anyhow::ensure!(
-            loopback || allow_insecure,
-            "{key}: `{url}` is cleartext http:// to a host that is not loopback; use https://, \
-             or set allow_insecure_endpoints = true in this provider's section if you mean it"
-        );
-    }
-    Ok(url.to_owned())
-}
+// `check_url` lives in config (it checks settings; config must not import providers).
+pub use crate::config::check_url;
 
 /// One provider's own client, hence its own connection pool.
 ///

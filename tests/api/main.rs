@@ -12,4 +12,5 @@ mod errors;
 mod hardening;
 mod health;
 mod notify;
+mod notify_props;
 mod rabbitmq;

@@ -191,8 +191,9 @@ async fn each_role_runs_with_only_its_shipped_broker_permissions() {
     .await
     .unwrap();
 
-    // Live, across processes: api -> work queue -> dispatcher -> herald.sessions ->
-    // gateway's node queue -> device ack -> reply over the default exchange.
+    // Live, across processes: api -> work queue -> dispatcher (replica fed over
+    // herald.presence) -> gateway's node queue -> device ack -> reply over the default
+    // exchange.
     let device = Device::start("phone-perm", vec![gateway.ws_url.clone()]);
     device.wait_sessions(1).await;
     let id = notify(&http, &api.base, "phone-perm").await.expect("202");
@@ -244,8 +245,8 @@ async fn each_role_runs_with_only_its_shipped_broker_permissions() {
     };
     let (api_url, gw_url) = (users.url("api"), users.url("gateway"));
     refused(
-        try_publish(&api_url, "herald.sessions", "phone-perm").await,
-        "api publishing a delivery to a session",
+        try_publish(&api_url, "herald.presence", "").await,
+        "api forging a gateway's presence",
     );
     refused(
         try_publish(&api_url, "", "herald.work").await,
@@ -258,6 +259,10 @@ async fn each_role_runs_with_only_its_shipped_broker_permissions() {
     refused(
         try_publish(&gw_url, "herald.events", "delivered.live").await,
         "gateway forging an outcome event",
+    );
+    refused(
+        try_publish(&users.url("dispatcher"), "herald.presence", "").await,
+        "dispatcher forging a gateway's presence",
     );
     try_publish(&users.url("dispatcher"), "herald.events", "test.allowed")
         .await

@@ -16,6 +16,9 @@ pub const SHOP_KEY: &str = "shop-api-key-0123456789";
 const SHOP_APNS_TOKEN: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
 
 /// The app `shop`, with its own APNs account and Firebase project.
+/// The shop app's webhook signing key (not the default app's).
+pub const SHOP_WEBHOOK_SECRET: &str = "whsec_c2hvcC13ZWJob29rLWtleS0wMTIzNDU2Nzg5YWI=";
+
 pub struct Shop {
     pub apns: ApnsDouble,
     pub fcm: FcmDouble,
@@ -36,7 +39,9 @@ impl Shop {
         self.fcm.configure_app(s, "shop");
         let app = s.apps.get_mut("shop").unwrap();
         app.api_keys = vec![Secret::new(SHOP_KEY)];
-        app.events.webhook_url = self.hook.url.clone();
+        app.events.webhook_url = Secret::new(self.hook.url.clone());
+        // Each app's webhook is signed with its own key.
+        app.events.webhook_secret = Secret::new(SHOP_WEBHOOK_SECRET);
     }
 }
 

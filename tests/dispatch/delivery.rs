@@ -190,11 +190,12 @@ async fn dead_heartbeat_falls_back() {
     w.stop().await;
 }
 
-/// A target with no provider route waits for its device: it is retried, and delivered
-/// live once the device connects within the attempts.
+/// Cluster mode without an offline inbox (`inbox.url` unset): a target with no provider
+/// route waits for its device by retrying, and is delivered live once the device connects
+/// within the attempts. (With an inbox it is stored instead: tests/offline.)
 #[tokio::test]
 async fn live_only_target_is_retried_until_the_device_connects() {
-    let w = World::start_with(Backend::Memory, |s| {
+    let w = World::start_with(Backend::Rabbit, |s| {
         s.retry.base_delay = Duration::from_millis(300);
         s.retry.max_delay = Duration::from_secs(2);
         s.retry.max_attempts = 6;

@@ -14,6 +14,9 @@ use crate::support::apns_double::ApnsDouble;
 use crate::support::fcm_double::FcmDouble;
 use crate::support::{API_KEY, TestVhost, wait_for};
 
+/// The dispatch tests' webhook signing key (24 bytes of base64, the spec's minimum).
+pub const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
 pub const APNS_TOKEN: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 
 #[derive(Clone, Copy, Debug)]
@@ -153,7 +156,10 @@ impl World {
         };
         apns.configure(&mut s);
         fcm.configure(&mut s);
-        s.events.webhook_url = hook.url.clone();
+        s.events.webhook_url = herald::config::Secret::new(hook.url.clone());
+        // Every webhook is signed (a URL without a key is refused); tests/dispatch/webhook.rs
+        // checks the signatures.
+        s.events.webhook_secret = herald::config::Secret::new(WEBHOOK_SECRET);
         tweak(&mut s);
         let app = gw::spawn(s).await;
         let queue = app.queue.clone();

@@ -16,3 +16,4 @@ mod delivery;
 mod drain;
 mod events;
 mod outcomes;
+mod webhook;

@@ -9,7 +9,9 @@ mod support;
 
 use support::gateway as helpers;
 
+mod admission;
 mod client_cli;
+mod fuzz;
 mod outbound;
 mod sessions;
 mod tokens;

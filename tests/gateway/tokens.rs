@@ -141,17 +141,6 @@ async fn a_token_only_reaches_its_own_device() {
 }
 
 #[tokio::test]
-async fn token_in_the_query_string_works() {
-    let app = spawn(settings()).await;
-    let url = format!("{}?token={}", app.ws_url(), token("phone-q"));
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .expect("connects");
-    assert_eq!(next_json(&mut ws).await["device_id"], "phone-q");
-    app.stop().await;
-}
-
-#[tokio::test]
 async fn minted_tokens_open_sessions() {
     let mut s = settings();
     s.auth.device_token_secret = herald::config::Secret::default(); // a per-process secret

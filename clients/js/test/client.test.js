@@ -9,11 +9,20 @@ import {
   parseFrame,
   advisedDelay,
   withToken,
+  tokenProtocols,
   Defaults,
 } from "../herald.js";
 import { FakeTimers, fakeWebSocketClass, settle } from "./fakes.js";
 
 const WS_URL = "ws://herald.test/v1/connect";
+
+/** The token a fake socket was opened with: the `herald.bearer.` subprotocol, URL untouched. */
+function tokenOf(ws) {
+  assert.equal(ws.url, WS_URL, "the token stays out of the URL (access logs)");
+  assert.equal(ws.protocols[0], "herald.v1");
+  const bearer = ws.protocols.find((p) => p.startsWith("herald.bearer."));
+  return bearer?.slice("herald.bearer.".length);
+}
 
 function notification(id, title = "Hi") {
   return {
@@ -46,8 +55,8 @@ function setup(opts = {}) {
     WebSocket: FakeWebSocket,
     timers,
     random: () => 0.5,
-    fetch: async (url) => {
-      probes.push(url);
+    fetch: async (url, init) => {
+      probes.push({ url, authorization: init?.headers?.Authorization });
       const status = opts.probeStatus ?? 0;
       if (status === "throw") throw new TypeError("Failed to fetch");
       return { status: typeof status === "function" ? status() : status };
@@ -150,6 +159,10 @@ describe("frame parsing", () => {
     }
   });
 
+  test("tokenProtocols offers herald.v1 and the bearer entry", () => {
+    assert.deepEqual(tokenProtocols("a.b-c_d"), ["herald.v1", "herald.bearer.a.b-c_d"]);
+  });
+
   test("withToken puts the token in the query, encoded", () => {
     assert.equal(withToken("ws://h/v1/connect", "a.b+c"), "ws://h/v1/connect?token=a.b%2Bc");
     assert.equal(withToken("ws://h/v1/connect?x=1#f", "t"), "ws://h/v1/connect?x=1&token=t");
@@ -157,10 +170,10 @@ describe("frame parsing", () => {
 });
 
 describe("HeraldClient: session", () => {
-  test("connects with a fresh token in the query and reports hello", async () => {
+  test("connects with a fresh token in the subprotocol and reports hello", async () => {
     const s = setup();
     const ws = await connected(s);
-    assert.equal(ws.url, `${WS_URL}?token=tok-1`);
+    assert.equal(tokenOf(ws), "tok-1");
     assert.equal(s.of("hello")[0].session_id, "s-1");
     assert.deepEqual(
       s.of("state").slice(0, 2),
@@ -306,7 +319,7 @@ describe("HeraldClient: heartbeat", () => {
     assert.ok(r.delayMs <= Defaults.backoffMinMs, "a session had started, so the backoff starts over");
     await s.timers.advance(r.delayMs);
     assert.equal(s.sockets.length, 2);
-    assert.equal(s.sockets[1].url, `${WS_URL}?token=tok-2`, "every reconnect asks for a token again");
+    assert.equal(tokenOf(s.sockets[1]), "tok-2", "every reconnect asks for a token again");
   });
 
   test("no hello within the handshake timeout counts as a failure", async () => {
@@ -409,9 +422,13 @@ describe("HeraldClient: tokens", () => {
     s.sockets[0].drop(); // the handshake was refused; the browser does not say why
     await settle();
     await s.timers.advance(0);
-    assert.equal(s.probes[0], "http://herald.test/v1/connect?token=tok-1", "asks the gateway with the same token");
+    assert.deepEqual(
+      s.probes[0],
+      { url: "http://herald.test/v1/connect", authorization: "Bearer tok-1" },
+      "asks the gateway with the same token, in the Authorization header",
+    );
     assert.equal(s.sockets.length, 2, "retried at once");
-    assert.equal(s.sockets[1].url, `${WS_URL}?token=tok-2`, "with a new token");
+    assert.equal(tokenOf(s.sockets[1]), "tok-2", "with a new token");
     s.sockets[1].drop();
     await settle();
     assert.equal(s.client.state, "stopped");
@@ -477,14 +494,14 @@ describe("HeraldClient: tokens", () => {
     fail = false;
     await s.timers.advance(s.of("reconnecting").at(-1).delayMs);
     assert.equal(s.sockets.length, 1);
-    assert.equal(s.sockets[0].url, `${WS_URL}?token=good`);
+    assert.equal(tokenOf(s.sockets[0]), "good");
   });
 
   test("a fixed string token works too", async () => {
     const s = setup({ client: { token: "static" } });
     s.client.connect();
     await settle();
-    assert.equal(s.sockets[0].url, `${WS_URL}?token=static`);
+    assert.equal(tokenOf(s.sockets[0]), "static");
   });
 });
 

@@ -64,8 +64,10 @@ export function fakeWebSocketClass() {
     static CLOSING = 2;
     static CLOSED = 3;
 
-    constructor(url) {
+    constructor(url, protocols) {
       this.url = url;
+      /** The subprotocols offered (the device token rides in one). */
+      this.protocols = protocols;
       this.readyState = 0;
       /** Frames the client sent, parsed. */
       this.sent = [];

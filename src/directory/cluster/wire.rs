@@ -1,0 +1,168 @@
+//! What crosses the broker between nodes, and the names it crosses under. One place, so a
+//! change of format is a change of this file only.
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// RabbitMQ's pseudo-queue for direct reply-to: replies go straight to the asking channel's
+/// consumer without a reply queue per request (or per node) to declare and clean up.
+pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// AMQP `type` of a notification frame for one session, on a node queue.
+pub const KIND_DELIVER: &str = "deliver";
+/// AMQP `type` of a request for a node's snapshot, on its node queue (`reply_to` = the
+/// asker's presence queue).
+pub const KIND_SNAPSHOT_REQUEST: &str = "snapshot_request";
+
+/// Headers of a deliver message: which device, which notification (for the ack match).
+pub const HEADER_DEVICE: &str = "device";
+pub const HEADER_ID: &str = "id";
+
+/// The fanout exchange every presence message goes through.
+pub fn presence_exchange(prefix: &str) -> String {
+    format!("{prefix}.presence")
+}
+
+/// One process's presence subscription (exclusive; a fresh name per broker generation).
+pub fn presence_queue(prefix: &str) -> String {
+    format!("{prefix}.presence.{}", Uuid::now_v7().simple())
+}
+
+/// A gateway node's queue: deliveries for its sessions and snapshot requests.
+pub fn node_queue(prefix: &str, node: &str) -> String {
+    format!("{prefix}.node.{node}")
+}
+
+/// One presence message. Every message names its node and the node's *incarnation*
+/// (`epoch`, a UUIDv7 drawn at start, so a restarted node with the same id is newer) and
+/// carries the node's event sequence number: `seq` is the number of deltas the node has
+/// published so far in this incarnation (a heartbeat or snapshot says "up to here").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum Presence {
+    /// "I am alive, and I have published `seq` deltas."
+    Heartbeat { node: String, epoch: Uuid, seq: u64 },
+    /// Session changes, in table order, coalesced per device: `(device, Some(session))` =
+    /// opened, `(device, None)` = closed.
+    Delta {
+        node: String,
+        epoch: Uuid,
+        seq: u64,
+        ops: Vec<(String, Option<Uuid>)>,
+    },
+    /// Every session of the node after delta `seq`: sent to one asker's queue.
+    Snapshot {
+        node: String,
+        epoch: Uuid,
+        seq: u64,
+        devices: Vec<(String, Uuid)>,
+    },
+}
+
+impl Presence {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("presence messages serialise")
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Option<Presence> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+/// A node's answer to a deliver message, over direct reply-to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// The node holds a session for the device and queued the frame; the outcome follows.
+    Received,
+    /// The device acked.
+    Acked,
+    /// The frame went out but no ack within `gateway.ack_timeout`.
+    NotAcked,
+    /// No session for the device on that node (the replica was stale), or it closed
+    /// before acking.
+    Offline,
+}
+
+impl Reply {
+    pub fn as_bytes(self) -> &'static [u8] {
+        match self {
+            Reply::Received => b"received",
+            Reply::Acked => b"acked",
+            Reply::NotAcked => b"not_acked",
+            Reply::Offline => b"offline",
+        }
+    }
+
+    pub fn parse(bytes: &[u8]) -> Option<Reply> {
+        Some(match bytes {
+            b"received" => Reply::Received,
+            b"acked" => Reply::Acked,
+            b"not_acked" => Reply::NotAcked,
+            b"offline" => Reply::Offline,
+            _ => return None,
+        })
+    }
+}
+
+/// The properties of a deliver message.
+pub fn deliver_properties(
+    device: &str,
+    id: &str,
+    correlation: u64,
+    expiration_ms: u128,
+) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(HEADER_DEVICE.into(), AMQPValue::LongString(device.into()));
+    headers.insert(HEADER_ID.into(), AMQPValue::LongString(id.into()));
+    BasicProperties::default()
+        .with_type(KIND_DELIVER.into())
+        .with_content_type("application/json".into())
+        .with_reply_to(REPLY_TO.into())
+        .with_correlation_id(correlation.to_string().into())
+        .with_headers(headers)
+        // Past the hop deadline the dispatcher has fallen back; the broker drops the copy
+        // rather than have the owner deliver it late (a duplicate for nothing).
+        .with_expiration(expiration_ms.to_string().into())
+}
+
+/// A string header of a delivery, if present.
+pub fn header(props: &BasicProperties, key: &str) -> Option<String> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get(&ShortString::from(key))? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presence_round_trips() {
+        let m = Presence::Delta {
+            node: "n1".into(),
+            epoch: Uuid::now_v7(),
+            seq: 7,
+            ops: vec![("d1".into(), Some(Uuid::now_v7())), ("d2".into(), None)],
+        };
+        assert_eq!(Presence::from_json(&m.to_json()), Some(m));
+        assert_eq!(Presence::from_json(b"{\"t\":\"nope\"}"), None);
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        for r in [
+            Reply::Received,
+            Reply::Acked,
+            Reply::NotAcked,
+            Reply::Offline,
+        ] {
+            assert_eq!(Reply::parse(r.as_bytes()), Some(r));
+        }
+        assert_eq!(Reply::parse(b"?"), None);
+    }
+}
