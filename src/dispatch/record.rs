@@ -471,10 +471,10 @@ mod tests {
         assert_eq!(
             json(&events),
             [
-                serde_json::json!({"type": "stored", "notification_id": id, "device_id": "phone-1", "attempt": 1}),
-                serde_json::json!({"type": "inbox_overflow", "notification_id": older, "device_id": "phone-1", "reason": "inbox.max_per_device or inbox.max_bytes_per_device reached"}),
-                serde_json::json!({"type": "expired", "notification_id": id, "device_id": "phone-2", "reason": "ttl passed in the offline inbox", "attempt": 1}),
-                serde_json::json!({"type": "expired", "notification_id": older, "device_id": "phone-3", "reason": "ttl passed in the offline inbox"}),
+                serde_json::json!({"type": "stored", "app": "default", "notification_id": id, "device_id": "phone-1", "attempt": 1}),
+                serde_json::json!({"type": "inbox_overflow", "app": "default", "notification_id": older, "device_id": "phone-1", "reason": "inbox.max_per_device or inbox.max_bytes_per_device reached"}),
+                serde_json::json!({"type": "expired", "app": "default", "notification_id": id, "device_id": "phone-2", "reason": "ttl passed in the offline inbox", "attempt": 1}),
+                serde_json::json!({"type": "expired", "app": "default", "notification_id": older, "device_id": "phone-3", "reason": "ttl passed in the offline inbox"}),
             ]
         );
         assert_eq!(m.inbox_writes.get(), 1);

@@ -359,7 +359,7 @@ mod tests {
             node: node.into(),
             epoch,
             seq,
-            ops: ops.iter().map(|(d, s)| (d.to_string(), *s)).collect(),
+            ops: ops.iter().map(|(d, s)| (dev(d).to_string(), *s)).collect(),
         }
     }
 
@@ -393,7 +393,7 @@ mod tests {
             node: "a".into(),
             epoch: e,
             seq: 5,
-            devices: vec![("x".into(), s1)],
+            devices: vec![(dev("x").to_string(), s1)],
         };
         let d5 = delta("a", e, 5, &[("x", Some(s1))]);
         let d6 = delta("a", e, 6, &[("y", Some(s2)), ("x", None)]);
