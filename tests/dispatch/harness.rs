@@ -167,6 +167,18 @@ impl World {
             queue.wait_connected(Duration::from_secs(10)).await,
             "queue connected"
         );
+        // Ready as an operator would see it: on RabbitMQ the cluster directory's replica
+        // syncs for up to one node lease first, and a notification with a short ttl sent
+        // before then could expire waiting for it.
+        let readyz = format!("{}/readyz", app.base);
+        wait_for(Duration::from_secs(10), "/readyz 200", || {
+            let readyz = readyz.clone();
+            async move {
+                let r = reqwest::get(&readyz).await.ok()?;
+                r.status().is_success().then_some(())
+            }
+        })
+        .await;
         World {
             app,
             queue,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use herald::inbox::{DEFAULT_APP, Inbox, InboxError, PostgresInbox};
+use herald::inbox::{DEFAULT_APP, Inbox, InboxError, InboxLimits, PostgresInbox};
 
 use crate::contract::{LIMITS, entry, pool};
 use crate::pg::TestDb;
@@ -105,13 +105,19 @@ async fn killed_idle_connections_give_a_transient_error_then_recover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connections_killed_mid_stream_lose_no_committed_entry() {
     let db = TestDb::create().await;
+    // No cap may drop anything here: a writer the scheduler favours can store more than
+    // LIMITS.max_per_device before the kills are done, and an overflow drop is not a loss.
+    let uncapped = InboxLimits {
+        max_per_device: 1_000_000,
+        max_bytes_per_device: 1 << 40,
+    };
     let inbox = Inbox::Postgres(Arc::new(
-        PostgresInbox::connect(&db.url, pool(4), LIMITS)
+        PostgresInbox::connect(&db.url, pool(4), uncapped)
             .await
             .unwrap(),
     ));
     let stop = Arc::new(AtomicBool::new(false));
-    // Writers store continuously (each to its own device, so no cap applies) and record
+    // Writers store continuously (each to its own device, uncapped) and record
     // which stores returned Ok and which failed.
     let mut writers = Vec::new();
     for w in 0..4 {

@@ -40,6 +40,13 @@ pub fn test_settings() -> Settings {
     s.queue.publish_timeout = Duration::from_secs(2);
     s.queue.reconnect_min = Duration::from_millis(50);
     s.queue.reconnect_max = Duration::from_millis(500);
+    // Every test client connects from 127.0.0.1, thousands of devices in some tests: the
+    // per-address and per-device connect limits would refuse them. tests/gateway/admission.rs
+    // sets its own low limits to test them.
+    s.gateway.ip_connects_per_second = 1_000_000;
+    s.gateway.ip_connect_burst = 1_000_000;
+    s.gateway.device_connects_per_minute = 1_000_000;
+    s.gateway.device_connect_burst = 1_000_000;
     s
 }
 

@@ -278,21 +278,22 @@ describe("demo page against a real herald in headless Chromium", { timeout: 5 * 
 
   test("a duplicate (herald re-sends after a withheld ack) is acked and shown once", async () => {
     // The test hook drops the page's ack of the next frame. herald waits ack_timeout, finds
-    // no fallback route for this live-only target, schedules a retry (retry.base_delay) and
-    // delivers the same id again over the same session: the duplicate docs/protocol.md
-    // section 5 warns about, produced by herald itself.
+    // no fallback route for this live-only target, keeps it in the device's offline inbox
+    // and, seeing the device still connected, replays the inbox into the same session at
+    // once: the same id again, the duplicate docs/protocol.md section 5 warns about,
+    // produced by herald itself.
     await page.evaluate(() => window.heraldTest.withholdNextAck());
     const id = await herald.notify("Second", "delivered twice, shown once");
     await waitInPage("the re-sent frame", (id) => window.heraldDemo.stats.frames[id] === 2, id);
     await waitInPage("the duplicate's ack", (id) => window.heraldDemo.stats.acks.includes(id), id);
 
-    const m = await waitFor("herald to count the second live delivery", async () => {
+    const m = await waitFor("herald to count the replayed entry's ack", async () => {
       const text = await herald.metrics();
-      return metric(text, "herald_deliveries_total", { channel: "live", outcome: "delivered" }) === 2 ? text : null;
+      return metric(text, "herald_inbox_acked_total") === 1 ? text : null;
     });
     assert.equal(metric(m, "herald_gateway_ack_timeouts_total"), 1, "the first frame went unacked");
-    assert.equal(metric(m, "herald_retries_total", { channel: "live" }), 1, "herald retried it");
-    assert.equal(metric(m, "herald_fallbacks_total"), 0);
+    assert.equal(metric(m, "herald_inbox_writes_total"), 1, "herald kept it for the device");
+    assert.equal(metric(m, "herald_inbox_replayed_total"), 1, "and sent it again at once");
 
     const s = await stats();
     assert.equal(s.shown.filter((x) => x === id).length, 1, "shown once");
