@@ -181,7 +181,6 @@ where
     }
 }
 
-/// A notify body for `n` data-only targets.
 /// The value of `series` (`name` or `name{label="value",...}`) in a Prometheus text
 /// exposition, summed over every series of that name whose labels include the ones given,
 /// in any order: `herald_deliveries_total{channel="apns"}` sums over every app and outcome,
@@ -218,6 +217,7 @@ fn split_series(series: &str) -> (&str, Vec<&str>) {
     }
 }
 
+/// A notify body for `n` data-only targets.
 pub fn notify_body(devices: &[&str]) -> serde_json::Value {
     serde_json::json!({
         "targets": devices.iter().map(|d| serde_json::json!({"device_id": d})).collect::<Vec<_>>(),
