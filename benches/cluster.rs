@@ -186,7 +186,10 @@ async fn run() {
 
     // 3. Live delivery latency: a device on the gateway node, acking everything.
     let dispatcher = start(settings(Some(&vhost.url), &[Role::Dispatcher])).await;
-    let device = DeviceId::parse("bench-device").unwrap();
+    let device = herald::domain::DeviceKey::new(
+        Default::default(),
+        DeviceId::parse("bench-device").unwrap(),
+    );
     let _client = acker(cluster_gw.addr, "bench-device").await;
     let cross = dispatcher.directory.clone().unwrap();
     let same_local = cluster_gw.directory.clone().unwrap();
@@ -313,6 +316,7 @@ fn notification() -> QueuedNotification {
     let mut data = std::collections::BTreeMap::new();
     data.insert("k".to_owned(), "v".repeat(64));
     QueuedNotification {
+        app: Default::default(),
         id: NotificationId::generate(),
         accepted_at_ms: now,
         expires_at_ms: now + 600_000,

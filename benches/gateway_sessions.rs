@@ -359,6 +359,7 @@ fn notification() -> QueuedNotification {
     let mut data = BTreeMap::new();
     data.insert("k".to_owned(), "v".repeat(100));
     QueuedNotification {
+        app: Default::default(),
         id: NotificationId::generate(),
         accepted_at_ms: now,
         expires_at_ms: now + 60_000,
@@ -419,8 +420,11 @@ async fn round_trips() {
             }
         });
     }
-    let devices: Vec<DeviceId> = (0..n_sessions)
-        .map(|i| DeviceId::parse(format!("rtt-{i}")).expect("id"))
+    let devices: Vec<herald::domain::DeviceKey> = (0..n_sessions)
+        .map(|i| {
+            let device = DeviceId::parse(format!("rtt-{i}")).expect("id");
+            herald::domain::DeviceKey::new(Default::default(), device)
+        })
         .collect();
     while !devices.iter().all(|d| directory.is_connected(d)) {
         tokio::time::sleep(Duration::from_millis(20)).await;

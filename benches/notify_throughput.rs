@@ -4,6 +4,8 @@
 //!
 //! Run: `cargo bench --bench notify_throughput` (needs RabbitMQ on 127.0.0.1:5672 and
 //! rabbitmqctl; uses a throwaway vhost). `BENCH_SECONDS` sets each measurement's length.
+//! Then the same accept path with 1 app configured against 20 (`[apps.*]`, each with its
+//! keys and a rate limit): `BENCH_PART=apps` runs only that part.
 //!
 //! herald runs as its own process (the release binary), as in production; the load
 //! generator and the raw lapin publisher run here. Everything shares the machine's cores
@@ -175,10 +177,13 @@ async fn api_rate(app_base: &str, concurrency: usize) -> f64 {
 }
 
 /// API role only, so nothing drains the queue and only the accept path is measured.
-fn api_only(queue_url: Option<&str>) -> Vec<(&'static str, String)> {
+fn api_only<'a>(queue_url: Option<&str>) -> Vec<(&'a str, String)> {
     let mut env = vec![
         ("HERALD__ROLES", "api".to_owned()),
         ("HERALD__QUEUE__MEMORY_CAPACITY", "10000000".to_owned()),
+        // Nothing drains the embedded queue: its byte bound (128 MiB by default, ~60,000 of
+        // these messages) would turn later phases into 503s. 4 GiB holds every phase.
+        ("HERALD__QUEUE__MEMORY_MAX_BYTES", "4294967296".to_owned()),
     ];
     if let Some(url) = queue_url {
         env.push(("HERALD__QUEUE__URL", url.to_owned()));
@@ -191,6 +196,9 @@ async fn main() {
     // cargo bench passes --bench; nextest/cargo test may list us: do nothing then.
     if std::env::args().any(|a| a == "--list") {
         return;
+    }
+    if std::env::var("BENCH_PART").as_deref() == Ok("apps") {
+        return apps().await;
     }
     let vhost = server::BenchVhost::new("notify");
     let url = vhost.url.clone();
@@ -290,4 +298,84 @@ async fn main() {
     drop(rabbit);
     let _ = conn.close(200, "bench done".into()).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
+    apps().await;
+}
+
+/// Apps configured besides `default` in the "20 apps" server.
+const APPS: usize = 19;
+/// Keys per app there: every key is compared on every request (constant time), so more
+/// keys is the cost a caller pays for more apps.
+const KEYS_PER_APP: usize = 5;
+
+/// The accept path with 1 app against 20: the caller resolves to its app through every
+/// configured key, and its app's rate limit (set far above the load, so nothing is
+/// refused) is taken on each request. Embedded queue: the cheapest accept path, where a
+/// per-request cost shows most. Phases alternate (1, 20, 1, 20, ...) so a machine whose
+/// load drifts affects both alike; compare the ratio.
+async fn apps() {
+    let one = Server::start(&api_only(None)).await;
+    let mut keys = Vec::new();
+    let mut app_vars = Vec::new();
+    for a in 0..APPS {
+        let app_keys: Vec<String> = (0..KEYS_PER_APP)
+            .map(|k| format!("bench-app-{a}-key-{k}-0123456789"))
+            .collect();
+        app_vars.push((
+            format!("HERALD__APPS__APP{a}__API_KEYS"),
+            app_keys.join(","),
+        ));
+        app_vars.push((
+            format!("HERALD__APPS__APP{a}__MAX_NOTIFY_RATE"),
+            "1000000000".to_owned(),
+        ));
+        keys.extend(app_keys);
+    }
+    let mut env = api_only(None);
+    env.extend(app_vars.iter().map(|(k, v)| (k.as_str(), v.clone())));
+    let twenty = Server::start(&env).await;
+    // The last key configured: a linear scan would find it last (herald's compares all).
+    let last_key = keys.last().unwrap().clone();
+    let rounds: usize = env_or("BENCH_ROUNDS", 3);
+    println!();
+    println!(
+        "| concurrency | round | 1 app /s | 20 apps ({} keys) /s | ratio |",
+        keys.len() + 1
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    for &c in &[8usize, 64] {
+        let (mut sum1, mut sum20) = (0.0, 0.0);
+        for round in 1..=rounds {
+            let r1 = api_rate_with(&one.base, c, KEY).await;
+            let r20 = api_rate_with(&twenty.base, c, &last_key).await;
+            sum1 += r1;
+            sum20 += r20;
+            println!(
+                "| {c} | {round} | {r1:.0} | {r20:.0} | {:.1}% |",
+                100.0 * r20 / r1
+            );
+        }
+        println!(
+            "| {c} | all | {sum1:.0} | {sum20:.0} | {:.1}% |",
+            100.0 * sum20 / sum1
+        );
+    }
+}
+
+async fn api_rate_with(app_base: &str, concurrency: usize, key: &str) -> f64 {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .unwrap();
+    let url = format!("{app_base}/v1/notify");
+    let payload = serde_json::to_vec(&body()).unwrap();
+    let key = key.to_owned();
+    drive(concurrency, move || {
+        let req = client
+            .post(&url)
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(payload.clone());
+        async move { req.send().await.is_ok_and(|r| r.status() == 202) }
+    })
+    .await
 }

@@ -46,7 +46,10 @@ fn notification() -> QueuedNotification {
 }
 
 async fn through_providers(p: &Providers, n: &QueuedNotification, sends: usize, c: usize) -> f64 {
-    let token = ApnsToken::parse("ab".repeat(32)).unwrap();
+    let token = herald::domain::ApnsRoute {
+        token: ApnsToken::parse("ab".repeat(32)).unwrap(),
+        environment: None,
+    };
     let started = Instant::now();
     let delivered = futures::stream::iter(0..sends)
         .map(|_| p.send(TargetRoute::Apns(&token), n))

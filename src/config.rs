@@ -5,7 +5,8 @@
 //! once at start-up by [`Settings::load`]; a bad value is a [`SettingsError`] naming the key,
 //! and the process exits non-zero before binding anything.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,12 +23,16 @@ pub enum SettingsError {
     #[error("configuration: {0}")]
     Source(#[from] config::ConfigError),
     #[error("configuration key `{key}`: {message}")]
-    Invalid { key: &'static str, message: String },
+    Invalid {
+        /// The full key, e.g. `apps.shop.apns.topic` (app keys are only known at run time).
+        key: Cow<'static, str>,
+        message: String,
+    },
 }
 
-fn invalid(key: &'static str, message: impl Into<String>) -> SettingsError {
+fn invalid(key: impl Into<Cow<'static, str>>, message: impl Into<String>) -> SettingsError {
     SettingsError::Invalid {
-        key,
+        key: key.into(),
         message: message.into(),
     }
 }
@@ -84,6 +89,9 @@ pub struct Settings {
     pub cluster: ClusterSettings,
     pub apns: ApnsSettings,
     pub fcm: FcmSettings,
+    /// `[apps.<name>]`: the apps besides `default` (which the top-level keys define).
+    #[serde(default)]
+    pub apps: BTreeMap<String, AppSettings>,
     pub inbox: InboxSettings,
 }
 
@@ -130,6 +138,9 @@ pub struct NotifySettings {
     pub default_ttl: Duration,
     #[serde(with = "humantime_serde")]
     pub max_ttl: Duration,
+    /// The `default` app's `max_notify_rate` (see [`AppSettings::max_notify_rate`]).
+    #[serde(default)]
+    pub max_notify_rate: Option<f64>,
     pub max_frame_bytes: usize,
 }
 
@@ -316,6 +327,8 @@ pub struct ApnsSettings {
     pub team_id: String,
     pub topic: String,
     pub endpoint: String,
+    pub sandbox_endpoint: String,
+    pub default_environment: crate::domain::ApnsEnvironment,
     pub ca_file: String,
     pub allow_insecure_endpoints: bool,
     pub concurrency: usize,
@@ -339,6 +352,98 @@ pub struct FcmSettings {
     pub breaker_failures: u32,
     #[serde(with = "humantime_serde")]
     pub breaker_cooldown: Duration,
+}
+
+/// `[apps.<name>]`: one app's credentials, keys, webhook and rate. Every key is optional:
+/// an app without `apns.key_file` has no APNs, one without keys cannot be called. The
+/// provider limits (`concurrency`, `timeout`, `breaker_*`) default to the top-level
+/// `[apns]` / `[fcm]` values; credentials, topics and endpoints never do, so one app can
+/// never send with another's key by omission.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppSettings {
+    pub api_keys: Vec<Secret>,
+    pub api_keys_file: String,
+    /// Notifications per second this app's callers may send (a token bucket holding one
+    /// second's worth); unset = unlimited. Past it: 429 `rate_limited` with Retry-After.
+    pub max_notify_rate: Option<f64>,
+    pub apns: AppApnsSettings,
+    pub fcm: AppFcmSettings,
+    pub events: AppEventsSettings,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppApnsSettings {
+    pub key_file: String,
+    pub key_id: String,
+    pub team_id: String,
+    pub topic: String,
+    /// Empty = `production` (Apple's production host).
+    pub endpoint: String,
+    /// Empty = `sandbox` (Apple's sandbox host).
+    pub sandbox_endpoint: String,
+    pub default_environment: Option<crate::domain::ApnsEnvironment>,
+    pub ca_file: String,
+    /// Not inherited from `[apns]`: each app opts in to cleartext off loopback itself.
+    pub allow_insecure_endpoints: bool,
+    pub concurrency: Option<usize>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    pub breaker_failures: Option<u32>,
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppFcmSettings {
+    pub service_account_file: String,
+    /// Empty = Google's (`https://fcm.googleapis.com`).
+    pub endpoint: String,
+    pub ca_file: String,
+    /// Not inherited from `[fcm]`: each app opts in to cleartext off loopback itself.
+    pub allow_insecure_endpoints: bool,
+    pub concurrency: Option<usize>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    pub breaker_failures: Option<u32>,
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppEventsSettings {
+    /// This app's events go here (batched as `[events]` says); empty = no webhook. A
+    /// [`Secret`]: the URL may carry a credential.
+    pub webhook_url: Secret,
+    /// This app's webhook signing key (`whsec_<base64>`); required with `webhook_url`, and
+    /// per app so one app's receiver cannot forge another app's events.
+    pub webhook_secret: Secret,
+    /// A file holding `webhook_secret` instead.
+    pub webhook_secret_file: String,
+}
+
+/// Google's FCM base URL, the default of an app's `fcm.endpoint`.
+pub const FCM_ENDPOINT: &str = "https://fcm.googleapis.com";
+
+/// One app, resolved: the `default` app from the top-level keys, or an `[apps.<name>]`
+/// section over the top-level provider limits. What the API, providers and events use.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    pub id: crate::domain::AppId,
+    /// SHA-256 digests of this app's API keys.
+    pub api_keys: Vec<[u8; 32]>,
+    pub apns: ApnsSettings,
+    pub fcm: FcmSettings,
+    /// Empty = no webhook for this app.
+    pub webhook_url: Secret,
+    /// Signs the app's webhook POSTs; checked present when `webhook_url` is set.
+    pub webhook_key: Option<crate::events::SigningKey>,
+    pub max_notify_rate: Option<f64>,
+    /// The config key prefix errors name: `""` for `default`, `apps.<name>.` otherwise.
+    pub key_prefix: String,
 }
 
 /// The bulkhead and circuit breaker of one provider (`[apns]` and `[fcm]` each have them;
@@ -426,9 +531,20 @@ impl Settings {
             .list_separator(",")
             .with_list_parse_key("roles")
             .with_list_parse_key("auth.api_keys");
-        if let Some(vars) = sources.env_vars {
-            env = env.source(Some(vars.into_iter().collect()));
+        // HERALD__APPS__SHOP__API_KEYS=a,b is a list too; app names are only known from the
+        // variables themselves.
+        let vars: HashMap<String, String> = match sources.env_vars {
+            Some(vars) => vars,
+            None => std::env::vars().collect(),
+        };
+        for name in vars.keys().filter_map(|k| {
+            k.strip_prefix("HERALD__APPS__")?
+                .strip_suffix("__API_KEYS")
+                .map(str::to_lowercase)
+        }) {
+            env = env.with_list_parse_key(&format!("apps.{name}.api_keys"));
         }
+        env = env.source(Some(vars.into_iter().collect()));
         let settings: Settings = builder.add_source(env).build()?.try_deserialize()?;
         settings.validate()?;
         Ok(settings)
@@ -620,36 +736,194 @@ impl Settings {
         if self.gateway.max_bad_frames == 0 {
             return Err(invalid("gateway.max_bad_frames", "must be at least 1"));
         }
-        for (section, limits) in [("apns", self.apns.limits()), ("fcm", self.fcm.limits())] {
-            limits.validate(section)?;
-        }
-        // apns.topic becomes the apns-topic header: a control character there would be
-        // refused by the HTTP client on every send, dead-lettering everything as a
-        // provider configuration error. Refused here instead, at start-up.
-        if !header_safe(&self.apns.topic) {
-            return Err(invalid(
-                "apns.topic",
-                "must not contain control characters or spaces (it is the apns-topic header)",
-            ));
-        }
-        if !matches!(self.apns.endpoint.as_str(), "production" | "sandbox") {
-            check_url(
-                "apns.endpoint",
-                &self.apns.endpoint,
-                self.apns.allow_insecure_endpoints,
-            )
-            .map_err(|e| invalid("apns.endpoint", format!("{e:#}")))?;
-        }
-        check_url(
-            "fcm.endpoint",
-            &self.fcm.endpoint,
-            self.fcm.allow_insecure_endpoints,
-        )
-        .map_err(|e| invalid("fcm.endpoint", format!("{e:#}")))?;
-        self.api_keys()?;
+        self.apps()?;
         self.device_token_secret()?;
         self.inbox.validate()?;
         Ok(())
+    }
+
+    /// Every app, `default` first, resolved and checked: names, provider limits, webhook
+    /// URLs, rates, and that no API key belongs to two apps. Reads the key files.
+    pub fn apps(&self) -> Result<Vec<AppConfig>, SettingsError> {
+        use crate::domain::AppId;
+        let mut apps = vec![AppConfig {
+            id: AppId::default_app(),
+            api_keys: self.api_keys()?,
+            apns: self.apns.clone(),
+            fcm: self.fcm.clone(),
+            webhook_url: self.events.webhook_url()?.unwrap_or_default(),
+            webhook_key: self.events.webhook_key()?,
+            max_notify_rate: self.notify.max_notify_rate,
+            key_prefix: String::new(),
+        }];
+        for (name, app) in &self.apps {
+            let id = AppId::parse(name).map_err(|e| invalid(format!("apps.{name}"), e))?;
+            if id.is_default() {
+                return Err(invalid(
+                    "apps.default",
+                    "the app `default` is defined by the top-level auth, apns, fcm and events keys; name this app otherwise",
+                ));
+            }
+            let prefix = format!("apps.{name}.");
+            let mut api_keys = Vec::new();
+            for key in &app.api_keys {
+                api_keys.push(parse_api_key(format!("{prefix}api_keys"), key.expose())?);
+            }
+            if !app.api_keys_file.is_empty() {
+                api_keys.extend(read_api_keys_file(
+                    format!("{prefix}api_keys_file"),
+                    &app.api_keys_file,
+                )?);
+            }
+            let webhook_key = if !app.events.webhook_secret.is_empty() {
+                Some(app.events.webhook_secret.clone())
+            } else if !app.events.webhook_secret_file.is_empty() {
+                let key = format!("{prefix}events.webhook_secret_file");
+                Some(Secret::new(
+                    read_secret_file(key, &app.events.webhook_secret_file)?.trim(),
+                ))
+            } else {
+                None
+            }
+            .map(|s| {
+                crate::events::SigningKey::parse(s.expose())
+                    .map_err(|e| invalid(format!("{prefix}events.webhook_secret"), e))
+            })
+            .transpose()?;
+            apps.push(AppConfig {
+                id,
+                api_keys,
+                apns: app.apns.resolve(&self.apns),
+                fcm: app.fcm.resolve(&self.fcm),
+                webhook_url: app.events.webhook_url.clone(),
+                webhook_key,
+                max_notify_rate: app.max_notify_rate,
+                key_prefix: prefix,
+            });
+        }
+        let mut owners: HashMap<[u8; 32], &AppConfig> = HashMap::new();
+        for app in &apps {
+            let p = &app.key_prefix;
+            app.apns.limits().validate(format!("{p}apns"))?;
+            app.fcm.limits().validate(format!("{p}fcm"))?;
+            // apns.topic becomes the apns-topic header: a control character there would be
+            // refused by the HTTP client on every send, dead-lettering everything as a
+            // provider configuration error. Refused here instead, at start-up.
+            if !header_safe(&app.apns.topic) {
+                return Err(invalid(
+                    format!("{p}apns.topic"),
+                    "must not contain control characters or spaces (it is the apns-topic header)",
+                ));
+            }
+            for (key, url) in [
+                ("endpoint", &app.apns.endpoint),
+                ("sandbox_endpoint", &app.apns.sandbox_endpoint),
+            ] {
+                if !matches!(url.as_str(), "production" | "sandbox") {
+                    let key = format!("{p}apns.{key}");
+                    crate::providers::check_url(&key, url, app.apns.allow_insecure_endpoints)
+                        .map_err(|e| invalid(key, format!("{e:#}")))?;
+                }
+            }
+            let key = format!("{p}fcm.endpoint");
+            crate::providers::check_url(&key, &app.fcm.endpoint, app.fcm.allow_insecure_endpoints)
+                .map_err(|e| invalid(key, format!("{e:#}")))?;
+            if !app.webhook_url.is_empty() {
+                // The messages never repeat the URL: it may hold a credential.
+                crate::events::check_webhook_url(app.webhook_url.expose())
+                    .map_err(|e| invalid(format!("{p}events.webhook_url"), e))?;
+                // No unsigned webhook, per app as at the top level.
+                if app.webhook_key.is_none() {
+                    return Err(invalid(
+                        format!("{p}events.webhook_secret"),
+                        "is required when the app's events.webhook_url is set: every POST is \
+                         signed (Standard Webhooks); generate one with \
+                         `echo whsec_$(openssl rand -base64 32)`",
+                    ));
+                }
+            }
+            if let Some(rate) = app.max_notify_rate
+                && !(rate.is_finite() && rate > 0.0)
+            {
+                let key = if p.is_empty() {
+                    "notify.max_notify_rate".to_owned()
+                } else {
+                    format!("{p}max_notify_rate")
+                };
+                return Err(invalid(
+                    key,
+                    "must be a positive number of notifications per second (leave it unset for no limit)",
+                ));
+            }
+            for digest in &app.api_keys {
+                if let Some(other) = owners.insert(*digest, app)
+                    && other.id != app.id
+                {
+                    let key = if p.is_empty() {
+                        "auth.api_keys".to_owned()
+                    } else {
+                        format!("{p}api_keys")
+                    };
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "an API key of app `{}` is also a key of app `{}`: a key belongs to exactly one app",
+                            app.id, other.id
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(apps)
+    }
+
+    /// What `herald check-config` shows about the apps: each one's keys (counted, never
+    /// shown), providers and webhook (host only: a URL may carry a credential).
+    pub fn apps_summary(&self) -> Result<String, SettingsError> {
+        use std::fmt::Write;
+        let mut out = String::new();
+        for app in self.apps()? {
+            let _ = writeln!(out, "app {}:", app.id);
+            let _ = writeln!(out, "  api keys: {} (redacted)", app.api_keys.len());
+            let rate = app
+                .max_notify_rate
+                .map_or("unlimited".to_owned(), |r| format!("{r}/s"));
+            let _ = writeln!(out, "  max_notify_rate: {rate}");
+            if app.apns.key_file.is_empty() {
+                let _ = writeln!(out, "  apns: off");
+            } else {
+                let a = &app.apns;
+                let _ = writeln!(
+                    out,
+                    "  apns: key_id {} team_id {} topic {} production {} sandbox {} default {} (key file redacted)",
+                    a.key_id,
+                    a.team_id,
+                    a.topic,
+                    a.endpoint,
+                    a.sandbox_endpoint,
+                    a.default_environment.as_str()
+                );
+            }
+            if app.fcm.service_account_file.is_empty() {
+                let _ = writeln!(out, "  fcm: off");
+            } else {
+                let _ = writeln!(
+                    out,
+                    "  fcm: endpoint {} (service account redacted)",
+                    app.fcm.endpoint
+                );
+            }
+            let hook = match reqwest::Url::parse(app.webhook_url.expose()) {
+                Ok(url) => format!(
+                    "{}://{}/… (redacted)",
+                    url.scheme(),
+                    url.host_str().unwrap_or("")
+                ),
+                Err(_) => "off".to_owned(),
+            };
+            let _ = writeln!(out, "  events webhook: {hook}");
+        }
+        Ok(out)
     }
 
     pub fn has_role(&self, role: Role) -> bool {
@@ -676,33 +950,18 @@ impl Settings {
         Ok(Some(Secret::new(text.trim())).filter(|s| !s.is_empty()))
     }
 
-    /// Every configured API key (inline and from `auth.api_keys_file`), as SHA-256 digests.
+    /// The `default` app's API keys (inline and from `auth.api_keys_file`), as SHA-256
+    /// digests. Every app's: [`Settings::apps`].
     pub fn api_keys(&self) -> Result<Vec<[u8; 32]>, SettingsError> {
         let mut keys = Vec::new();
         for key in &self.auth.api_keys {
             keys.push(parse_api_key("auth.api_keys", key.expose())?);
         }
         if !self.auth.api_keys_file.is_empty() {
-            let text = read_secret_file("auth.api_keys_file", &self.auth.api_keys_file)?;
-            let before = keys.len();
-            for line in text.lines().map(str::trim) {
-                if line.is_empty() || line.starts_with('#') {
-                    continue;
-                }
-                keys.push(parse_api_key("auth.api_keys_file", line)?);
-            }
-            // A configured key source that holds no key is a mistake (an unmounted Secret,
-            // a template never filled in), not a request for a generated key: that would
-            // start an API whose only key went to stdout, i.e. the log stream.
-            if keys.len() == before {
-                return Err(invalid(
-                    "auth.api_keys_file",
-                    format!(
-                        "{} holds no API key (only blank lines or comments)",
-                        self.auth.api_keys_file
-                    ),
-                ));
-            }
+            keys.extend(read_api_keys_file(
+                "auth.api_keys_file",
+                &self.auth.api_keys_file,
+            )?);
         }
         Ok(keys)
     }
@@ -733,36 +992,82 @@ impl Settings {
 }
 
 impl ProviderLimits {
-    /// `section` is "apns" or "fcm"; errors name the full key.
-    fn validate(&self, section: &'static str) -> Result<(), SettingsError> {
-        let [concurrency, timeout, failures, cooldown] = if section == "apns" {
-            [
-                "apns.concurrency",
-                "apns.timeout",
-                "apns.breaker_failures",
-                "apns.breaker_cooldown",
-            ]
-        } else {
-            [
-                "fcm.concurrency",
-                "fcm.timeout",
-                "fcm.breaker_failures",
-                "fcm.breaker_cooldown",
-            ]
-        };
+    /// `section` is e.g. "apns" or "apps.shop.fcm"; errors name the full key.
+    fn validate(&self, section: String) -> Result<(), SettingsError> {
         if !(1..=10_000).contains(&self.concurrency) {
-            return Err(invalid(concurrency, "must be between 1 and 10000"));
+            return Err(invalid(
+                format!("{section}.concurrency"),
+                "must be between 1 and 10000",
+            ));
         }
         if self.timeout.is_zero() {
-            return Err(invalid(timeout, "must be positive"));
+            return Err(invalid(format!("{section}.timeout"), "must be positive"));
         }
         if self.breaker_failures == 0 {
-            return Err(invalid(failures, "must be at least 1"));
+            return Err(invalid(
+                format!("{section}.breaker_failures"),
+                "must be at least 1",
+            ));
         }
         if self.breaker_cooldown.is_zero() {
-            return Err(invalid(cooldown, "must be positive"));
+            return Err(invalid(
+                format!("{section}.breaker_cooldown"),
+                "must be positive",
+            ));
         }
         Ok(())
+    }
+}
+
+impl AppApnsSettings {
+    /// This app's `[apns]`: its own credentials and endpoints, the top-level limits where
+    /// it sets none.
+    fn resolve(&self, base: &ApnsSettings) -> ApnsSettings {
+        let or = |s: &str, default: &str| {
+            if s.is_empty() {
+                default.to_owned()
+            } else {
+                s.to_owned()
+            }
+        };
+        ApnsSettings {
+            key_file: self.key_file.clone(),
+            key_id: self.key_id.clone(),
+            team_id: self.team_id.clone(),
+            topic: self.topic.clone(),
+            endpoint: or(&self.endpoint, "production"),
+            sandbox_endpoint: or(&self.sandbox_endpoint, "sandbox"),
+            default_environment: self
+                .default_environment
+                .unwrap_or(crate::domain::ApnsEnvironment::Production),
+            ca_file: self.ca_file.clone(),
+            allow_insecure_endpoints: self.allow_insecure_endpoints,
+            concurrency: self.concurrency.unwrap_or(base.concurrency),
+            timeout: self.timeout.unwrap_or(base.timeout),
+            breaker_failures: self.breaker_failures.unwrap_or(base.breaker_failures),
+            breaker_cooldown: self.breaker_cooldown.unwrap_or(base.breaker_cooldown),
+        }
+    }
+}
+
+impl AppFcmSettings {
+    /// This app's `[fcm]`: its own service account and endpoint, the top-level limits where
+    /// it sets none.
+    fn resolve(&self, base: &FcmSettings) -> FcmSettings {
+        FcmSettings {
+            service_account_file: self.service_account_file.clone(),
+            endpoint: if self.endpoint.is_empty() {
+                FCM_ENDPOINT.to_owned()
+            } else {
+                self.endpoint.clone()
+            },
+            ca_file: self.ca_file.clone(),
+            allow_insecure_endpoints: self.allow_insecure_endpoints,
+            concurrency: self.concurrency.unwrap_or(base.concurrency),
+            timeout: self.timeout.unwrap_or(base.timeout),
+            breaker_failures: self.breaker_failures.unwrap_or(base.breaker_failures),
+            breaker_cooldown: self.breaker_cooldown.unwrap_or(base.breaker_cooldown),
+        }
     }
 }
 
@@ -780,20 +1085,53 @@ fn amqp_name_part(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
-fn read_secret_file(key: &'static str, path: &str) -> Result<String, SettingsError> {
+/// A file of API keys: one key (or `sha256:<hex>`) per line, blank lines and `#` comments
+/// ignored.
+fn read_api_keys_file(
+    key: impl Into<Cow<'static, str>> + Clone,
+    path: &str,
+) -> Result<Vec<[u8; 32]>, SettingsError> {
+    let text = read_secret_file(key.clone(), path)?;
+    let mut keys = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        keys.push(parse_api_key(key.clone(), line)?);
+    }
+    // A configured key source that holds no key is a mistake (an unmounted Secret, a
+    // template never filled in), not a request for a generated key: that would start an
+    // API whose only key went to stdout, i.e. the log stream.
+    if keys.is_empty() {
+        return Err(invalid(
+            key,
+            format!("{path} holds no API key (only blank lines or comments)"),
+        ));
+    }
+    Ok(keys)
+}
+
+fn read_secret_file(
+    key: impl Into<Cow<'static, str>>,
+    path: &str,
+) -> Result<String, SettingsError> {
     // The error names the file, never its contents.
     std::fs::read_to_string(path).map_err(|e| invalid(key, format!("cannot read {path}: {e}")))
 }
 
 /// An API key entry: the key itself, or `sha256:<64 hex>` of it. Keys are kept only as
 /// digests so comparison is over fixed-length values, in constant time.
-fn parse_api_key(key: &'static str, entry: &str) -> Result<[u8; 32], SettingsError> {
+fn parse_api_key(
+    key: impl Into<Cow<'static, str>>,
+    entry: &str,
+) -> Result<[u8; 32], SettingsError> {
     use sha2::Digest;
+    let key = key.into();
     if let Some(hexed) = entry.strip_prefix("sha256:") {
         let bytes = hex::decode(hexed)
             .ok()
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
-            .ok_or_else(|| invalid(key, "a sha256: entry needs exactly 64 hex digits"))?;
+            .ok_or_else(|| invalid(key.clone(), "a sha256: entry needs exactly 64 hex digits"))?;
         return Ok(bytes);
     }
     if entry.len() < 16 {
@@ -1076,6 +1414,142 @@ mod tests {
         let keys = s.api_keys().unwrap();
         assert_eq!(keys.len(), 2);
         assert_eq!(hex::encode(keys[1]), digest);
+    }
+
+    fn load_toml(toml: &str) -> Result<Settings, SettingsError> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("herald.toml");
+        std::fs::write(&file, toml).unwrap();
+        Settings::load(Sources {
+            file: Some(file),
+            env_vars: Some(HashMap::new()),
+            ..Sources::default()
+        })
+    }
+
+    #[test]
+    fn apps_from_sections_and_the_environment() {
+        let s = load_env(&[
+            ("HERALD__AUTH__API_KEYS", "default-key-0123456789"),
+            (
+                "HERALD__APPS__SHOP__API_KEYS",
+                "shop-key-one-0123456789,shop-key-two-0123456789",
+            ),
+            ("HERALD__APPS__SHOP__APNS__TOPIC", "com.example.shop"),
+            ("HERALD__APPS__SHOP__MAX_NOTIFY_RATE", "50"),
+            ("HERALD__APPS__PAY__APNS__CONCURRENCY", "7"),
+            (
+                "HERALD__APPS__PAY__EVENTS__WEBHOOK_URL",
+                "http://127.0.0.1:1/pay",
+            ),
+            (
+                "HERALD__APPS__PAY__EVENTS__WEBHOOK_SECRET",
+                "whsec_MDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDA=",
+            ),
+        ])
+        .unwrap();
+        let apps = s.apps().unwrap();
+        let names: Vec<&str> = apps.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(names, ["default", "pay", "shop"]);
+        let (pay, shop) = (&apps[1], &apps[2]);
+        assert_eq!(apps[0].api_keys.len(), 1);
+        assert_eq!(shop.api_keys.len(), 2);
+        assert!(pay.api_keys.is_empty());
+        assert_eq!(shop.apns.topic, "com.example.shop");
+        assert_eq!(shop.max_notify_rate, Some(50.0));
+        assert_eq!(shop.apns.endpoint, "production");
+        assert_eq!(shop.apns.sandbox_endpoint, "sandbox");
+        assert_eq!(shop.fcm.endpoint, FCM_ENDPOINT);
+        // Limits inherit from the top level; credentials never do.
+        assert_eq!(pay.apns.concurrency, 7);
+        assert_eq!(shop.apns.concurrency, s.apns.concurrency);
+        assert_eq!(pay.webhook_url.expose(), "http://127.0.0.1:1/pay");
+        assert!(pay.webhook_key.is_some());
+        assert!(apps[0].webhook_url.is_empty());
+    }
+
+    #[test]
+    fn app_config_errors_name_the_key() {
+        let dup = "shared-key-0123456789";
+        let cases: Vec<(Result<Settings, SettingsError>, &str)> = vec![
+            (
+                load_toml("[apps.shop]\nmax_notify_rat = 5\n"),
+                "max_notify_rat",
+            ),
+            (load_toml("[apps.shop.apns]\nkeyfile = \"x\"\n"), "keyfile"),
+            (
+                load_env(&[("HERALD__APPS__SHOP__APNS__NO_SUCH_KEY", "1")]),
+                "no_such_key",
+            ),
+            (
+                load_toml(&format!(
+                    "[auth]\napi_keys = [\"{dup}\"]\n[apps.shop]\napi_keys = [\"{dup}\"]\n"
+                )),
+                "apps.shop.api_keys",
+            ),
+            (
+                load_toml(&format!(
+                    "[apps.pay]\napi_keys = [\"{dup}\"]\n[apps.shop]\napi_keys = [\"{dup}\"]\n"
+                )),
+                "also a key of app `pay`",
+            ),
+            (load_toml("[apps.shop_eu]\n"), "apps.shop_eu"),
+            (load_toml(&format!("[apps.{}]\n", "x".repeat(33))), "1-32"),
+            (load_toml("[apps.default]\n"), "apps.default"),
+            (
+                load_toml("[apps.shop]\nmax_notify_rate = 0\n"),
+                "apps.shop.max_notify_rate",
+            ),
+            (
+                load_toml("[apps.shop.fcm]\nbreaker_failures = 0\n"),
+                "apps.shop.fcm.breaker_failures",
+            ),
+            (
+                load_toml("[apps.shop.events]\nwebhook_url = \"ftp://x\"\n"),
+                "apps.shop.events.webhook_url",
+            ),
+            (
+                // A per-app webhook is signed with its own key: no key, no webhook.
+                load_toml("[apps.shop.events]\nwebhook_url = \"https://hooks.example.com/x\"\n"),
+                "apps.shop.events.webhook_secret",
+            ),
+            (
+                load_toml("[apps.shop]\napi_keys = [\"short\"]\n"),
+                "apps.shop.api_keys",
+            ),
+            (
+                load_toml("[apps.shop.apns]\nsandbox_endpoint = \"http://10.1.2.3:443\"\n"),
+                "apps.shop.apns.sandbox_endpoint",
+            ),
+            (
+                load_toml("[apps.shop.apns]\ntopic = \"com.example shop\"\n"),
+                "apps.shop.apns.topic",
+            ),
+        ];
+        for (result, want) in cases {
+            let err = result.map(|_| ()).unwrap_err().to_string();
+            assert!(err.contains(want), "error `{err}` does not say {want}");
+        }
+    }
+
+    #[test]
+    fn check_config_lists_every_app_with_secrets_redacted() {
+        let s = load_toml(
+            "[auth]\napi_keys = [\"default-key-0123456789\"]\n\
+             [apps.shop]\napi_keys = [\"shop-secret-key-0123456789\"]\n\
+             [apps.shop.apns]\nkey_file = \"/run/secrets/shop.p8\"\nkey_id = \"KEY1\"\nteam_id = \"TEAM1\"\ntopic = \"com.example.shop\"\n\
+             [apps.shop.events]\nwebhook_url = \"https://hooks.example.com/x?token=hook-secret\"\nwebhook_secret = \"whsec_MDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDA=\"\n",
+        )
+        .unwrap();
+        let out = s.apps_summary().unwrap();
+        assert!(out.contains("app default:"), "{out}");
+        assert!(out.contains("app shop:"), "{out}");
+        assert!(out.contains("topic com.example.shop"), "{out}");
+        assert!(out.contains("hooks.example.com"), "{out}");
+        for secret in ["shop-secret-key", "default-key", "hook-secret", "shop.p8"] {
+            assert!(!out.contains(secret), "{secret} in {out}");
+        }
+        assert!(!format!("{s:?}").contains("shop-secret-key"));
     }
 
     #[test]

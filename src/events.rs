@@ -2,9 +2,10 @@
 //!
 //! Each final outcome (delivered live/apns/fcm, token dead, expired, dead-lettered) becomes
 //! one JSON [`Event`] (documented in docs/events.md), published to the `{prefix}.events`
-//! topic exchange on RabbitMQ (routing key `<type>.<channel>`, e.g. `token_dead.apns`) and,
-//! when `events.webhook_url` is set, POSTed to it in batches on either backend, each POST
-//! signed the Standard Webhooks way ([`Webhook`], docs/events.md "Verifying").
+//! topic exchange on RabbitMQ (routing key `<app>.<type>.<channel>`, e.g.
+//! `shop.token_dead.apns`) and, when the app's `events.webhook_url` is set, POSTed to it in
+//! batches on either backend: each app's events to its own webhook only, each POST signed
+//! the Standard Webhooks way with that app's key ([`Webhook`], docs/events.md "Verifying").
 //!
 //! Emitting never blocks a delivery: events go through a bounded buffer and are dropped
 //! (and counted) when it is full. Events report on deliveries; they must not hold them up.
@@ -27,8 +28,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{EventsSettings, Secret};
-use crate::domain::{DeviceId, NotificationId, QueuedNotification};
+use crate::config::{AppConfig, EventsSettings, Secret};
+use crate::domain::{AppId, DeviceId, NotificationId, QueuedNotification};
 use crate::metrics::Metrics;
 use crate::queue::Queue;
 use crate::queue::backoff_with_jitter;
@@ -87,6 +88,8 @@ impl EventKind {
 pub struct Event {
     #[serde(rename = "type")]
     pub kind: EventKind,
+    /// The notification's app.
+    pub app: AppId,
     pub notification_id: String,
     pub device_id: String,
     /// live, apns or fcm; absent when no channel was tried (expired).
@@ -109,6 +112,7 @@ impl Event {
     pub fn new(kind: EventKind, n: &QueuedNotification, device: &DeviceId) -> Event {
         Event {
             kind,
+            app: n.app.clone(),
             notification_id: n.id.to_string(),
             device_id: device.to_string(),
             channel: None,
@@ -120,10 +124,18 @@ impl Event {
     }
 
     /// An event about notification `id` for `device` where only the ids are at hand (the
-    /// offline inbox: its entries hold the frame, not the queued message).
-    pub fn about(kind: EventKind, id: NotificationId, device: &str, attempt: u32) -> Event {
+    /// offline inbox: its entries hold the frame, not the queued message). `app` is the
+    /// inbox key's app, written from an [`AppId`]; one that no longer parses is `default`.
+    pub fn about(
+        kind: EventKind,
+        app: &str,
+        id: NotificationId,
+        device: &str,
+        attempt: u32,
+    ) -> Event {
         Event {
             kind,
+            app: AppId::parse(app).unwrap_or_default(),
             notification_id: id.to_string(),
             device_id: device.to_owned(),
             channel: None,
@@ -149,11 +161,13 @@ impl Event {
         self
     }
 
-    /// `<type>` or `<type>.<channel>`: subscribers bind e.g. `token_dead.*` or `#`.
+    /// `<app>.<type>` or `<app>.<type>.<channel>`: subscribers bind e.g. `shop.#` (one
+    /// app), `*.token_dead.*` (every app's dead tokens) or `#`. App names cannot hold a `.`,
+    /// so the words never shift.
     pub fn routing_key(&self) -> String {
         match self.channel {
-            Some(ch) => format!("{}.{ch}", self.kind.as_str()),
-            None => self.kind.as_str().to_owned(),
+            Some(ch) => format!("{}.{}.{ch}", self.app, self.kind.as_str()),
+            None => format!("{}.{}", self.app, self.kind.as_str()),
         }
     }
 }
@@ -165,17 +179,29 @@ fn is_zero(n: &u32) -> bool {
 /// Where events go. Cheap to clone.
 #[derive(Clone)]
 pub struct Events {
-    sinks: Arc<Vec<(&'static str, mpsc::Sender<Event>)>>,
+    sinks: Arc<Vec<Sink>>,
     metrics: Metrics,
     /// The sink tasks and their publishes in flight.
     tasks: TaskTracker,
 }
 
+/// One sink's buffer: RabbitMQ takes every app's events (the routing key names the app),
+/// a webhook only its own app's.
+struct Sink {
+    name: &'static str,
+    /// `None`: every app's events.
+    app: Option<AppId>,
+    tx: mpsc::Sender<Event>,
+}
+
 impl Events {
-    /// Starts the sink tasks: RabbitMQ when the queue is RabbitMQ, the webhook when
-    /// configured. Both stop when `stop` is cancelled, after sending what they hold.
+    /// Starts the sink tasks: RabbitMQ when the queue is RabbitMQ, and one webhook per app
+    /// that configures one (`events.webhook_url` for `default`, `[apps.<name>.events]` for
+    /// the others), each with its own buffer, so one app's slow webhook cannot drop another
+    /// app's events. All stop when `stop` is cancelled, after sending what they hold.
     pub fn start(
         settings: &EventsSettings,
+        apps: &[AppConfig],
         queue: &Queue,
         metrics: &Metrics,
         stop: &CancellationToken,
@@ -191,18 +217,29 @@ impl Events {
                 stop.clone(),
                 tasks.clone(),
             ));
-            sinks.push(("rabbitmq", tx));
+            sinks.push(Sink {
+                name: "rabbitmq",
+                app: None,
+                tx,
+            });
         }
-        if let Some(url) = settings.webhook_url()? {
-            // Settings::validate refuses a URL without a key; checked again here because
+        for app in apps.iter().filter(|a| !a.webhook_url.is_empty()) {
+            // Settings::apps refuses a URL without a key; checked again here because
             // `Events::start` is public and a sink that cannot sign must not exist.
-            let key = settings
-                .webhook_key()?
-                .context("events.webhook_url is set but events.webhook_secret is not")?;
-            let hook = Webhook::new(&url, key, settings)?;
+            let key = app.webhook_key.clone().with_context(|| {
+                format!(
+                    "{}events.webhook_url is set but {}events.webhook_secret is not",
+                    app.key_prefix, app.key_prefix
+                )
+            })?;
+            let hook = Webhook::new(&app.webhook_url, key, settings)?;
             let (tx, rx) = mpsc::channel(settings.buffer);
             tasks.spawn(hook.run(rx, metrics.clone(), stop.clone()));
-            sinks.push(("webhook", tx));
+            sinks.push(Sink {
+                name: "webhook",
+                app: Some(app.id.clone()),
+                tx,
+            });
         }
         tasks.close();
         Ok(Events {
@@ -231,11 +268,15 @@ impl Events {
     }
 
     pub fn emit(&self, event: Event) {
-        for (name, tx) in self.sinks.iter() {
-            if tx.try_send(event.clone()).is_err() {
+        let wanted = self
+            .sinks
+            .iter()
+            .filter(|s| s.app.as_ref().is_none_or(|app| *app == event.app));
+        for sink in wanted {
+            if sink.tx.try_send(event.clone()).is_err() {
                 self.metrics
                     .events_dropped
-                    .with_label_values(&[name, "buffer_full"])
+                    .with_label_values(&[sink.name, "buffer_full"])
                     .inc();
             }
         }

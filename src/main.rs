@@ -95,6 +95,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         println!("{settings:#?}");
+        match settings.apps_summary() {
+            Ok(summary) => print!("{summary}"),
+            Err(e) => {
+                eprintln!("herald: {e}");
+                return ExitCode::from(2);
+            }
+        }
         return ExitCode::SUCCESS;
     }
     herald::telemetry::init(&settings.log);

@@ -3,10 +3,17 @@
 //! Label sets that are known in advance (channels, outcomes, reasons) are pre-created at
 //! zero so dashboards and alerts see a series before the first event, and `rate()` over a
 //! counter's first increment is not lost.
+//!
+//! The metrics a user slices by app (accepted, deliveries, fallbacks, tokens dead, retries,
+//! dead letters, active and refused sessions) carry an `app` label. Apps come from the
+//! config, so the label set stays bounded: [`Metrics::new`] pre-creates `default`'s series,
+//! [`Metrics::register_app`] another app's. Where no app is known yet (an unparseable
+//! queued message, a connect with a bad token) the label is empty, which Prometheus shows
+//! as no `app` label at all.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets from 1 ms to 30 s: covers an in-process publish, a broker confirm, a live
@@ -35,15 +42,15 @@ pub struct Metrics {
     registry: Registry,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
-    pub notifications_accepted: IntCounter,
-    pub targets_accepted: IntCounter,
+    pub notifications_accepted: IntCounterVec,
+    pub targets_accepted: IntCounterVec,
     pub queue_publish_duration: Histogram,
     pub queue_publish_failures: IntCounterVec,
     pub broker_connected: IntGauge,
     pub broker_reconnects: IntCounter,
     pub consumers_running: IntGauge,
     pub queue_depth: IntGauge,
-    pub sessions_active: IntGauge,
+    pub sessions_active: IntGaugeVec,
     pub sessions_opened: IntCounter,
     pub sessions_closed: IntCounterVec,
     pub sessions_refused: IntCounterVec,
@@ -125,15 +132,17 @@ impl Metrics {
                 "HTTP request latency by route pattern.",
                 &["route"],
             ),
-            notifications_accepted: counter(
+            notifications_accepted: counter_vec(
                 &r,
                 "herald_notifications_accepted_total",
-                "Notifications durably queued (answered 202).",
+                "Notifications durably queued (answered 202), by app.",
+                &["app"],
             ),
-            targets_accepted: counter(
+            targets_accepted: counter_vec(
                 &r,
                 "herald_notification_targets_accepted_total",
-                "Targets in accepted notifications.",
+                "Targets in accepted notifications, by app.",
+                &["app"],
             ),
             queue_publish_duration: histogram(
                 &r,
@@ -167,11 +176,18 @@ impl Metrics {
                 "herald_queue_depth",
                 "Embedded queue: messages held (ready + unacknowledged).",
             ),
-            sessions_active: gauge(
-                &r,
-                "herald_gateway_sessions_active",
-                "Device WebSocket sessions open on this node.",
-            ),
+            sessions_active: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "herald_gateway_sessions_active",
+                        "Device WebSocket sessions open on this node, by app.",
+                    ),
+                    &["app"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             sessions_opened: counter(
                 &r,
                 "herald_gateway_sessions_opened_total",
@@ -186,8 +202,8 @@ impl Metrics {
             sessions_refused: counter_vec(
                 &r,
                 "herald_gateway_sessions_refused_total",
-                "Device connections refused before a session existed, by reason.",
-                &["reason"],
+                "Device connections refused before a session existed, by app (empty when the token did not name one) and reason.",
+                &["app", "reason"],
             ),
             ping_rtt: histogram(
                 &r,
@@ -219,14 +235,14 @@ impl Metrics {
             deliveries: counter_vec(
                 &r,
                 "herald_deliveries_total",
-                "Per-target delivery attempts by channel and outcome.",
-                &["channel", "outcome"],
+                "Per-target delivery attempts by app, channel and outcome.",
+                &["app", "channel", "outcome"],
             ),
             fallbacks: counter_vec(
                 &r,
                 "herald_fallbacks_total",
-                "Targets sent to APNs/FCM instead of live, by reason.",
-                &["reason"],
+                "Targets sent to APNs/FCM instead of live, by app and reason.",
+                &["app", "reason"],
             ),
             provider_duration: histogram_vec(
                 &r,
@@ -237,14 +253,14 @@ impl Metrics {
             retries: counter_vec(
                 &r,
                 "herald_retries_total",
-                "Targets scheduled for a delayed retry, by channel.",
-                &["channel"],
+                "Targets scheduled for a delayed retry, by app and channel.",
+                &["app", "channel"],
             ),
             dead_letters: counter_vec(
                 &r,
                 "herald_dead_letters_total",
-                "Notifications dead-lettered, by reason.",
-                &["reason"],
+                "Notifications dead-lettered, by app (empty when unparseable) and reason.",
+                &["app", "reason"],
             ),
             delivery_latency: histogram_vec(
                 &r,
@@ -255,8 +271,8 @@ impl Metrics {
             tokens_dead: counter_vec(
                 &r,
                 "herald_tokens_dead_total",
-                "Provider tokens reported dead (unregistered / bad), by provider.",
-                &["provider"],
+                "Provider tokens reported dead (unregistered / bad), by app and provider.",
+                &["app", "provider"],
             ),
             events_published: counter_vec(
                 &r,
@@ -333,24 +349,15 @@ impl Metrics {
             m.cluster_messages.with_label_values(&[k]);
         }
         for ch in CHANNELS {
-            for o in OUTCOMES {
-                m.deliveries.with_label_values(&[ch, o]);
-            }
-            m.retries.with_label_values(&[ch]);
             m.delivery_latency.with_label_values(&[ch]);
         }
-        // Outcomes reached without trying any channel (a notification past its ttl).
-        m.deliveries.with_label_values(&["none", "expired"]);
         for p in ["apns", "fcm"] {
             m.provider_duration.with_label_values(&[p]);
-            m.tokens_dead.with_label_values(&[p]);
         }
-        for r in ["offline", "ack_timeout"] {
-            m.fallbacks.with_label_values(&[r]);
-        }
-        for r in ["attempts_exhausted", "unparseable", "config_error"] {
-            m.dead_letters.with_label_values(&[r]);
-        }
+        m.register_app(crate::domain::AppId::DEFAULT);
+        // Series no app can be known for yet.
+        m.dead_letters.with_label_values(&["", "unparseable"]);
+        m.sessions_refused.with_label_values(&["", "unauthorized"]);
         for r in ["unavailable", "timeout", "full", "nacked"] {
             m.queue_publish_failures.with_label_values(&[r]);
         }
@@ -359,14 +366,6 @@ impl Metrics {
             for why in ["buffer_full", "failed"] {
                 m.events_dropped.with_label_values(&[sink, why]);
             }
-        }
-        for r in [
-            "unauthorized",
-            "shutting_down",
-            "not_ready",
-            "too_many_sessions",
-        ] {
-            m.sessions_refused.with_label_values(&[r]);
         }
         for d in ["in", "out"] {
             m.frames.with_label_values(&[d]);
@@ -383,6 +382,33 @@ impl Metrics {
             m.sessions_closed.with_label_values(&[r]);
         }
         m
+    }
+
+    /// Pre-creates `app`'s series at zero (every configured app, at start).
+    pub fn register_app(&self, app: &str) {
+        for ch in CHANNELS {
+            for o in OUTCOMES {
+                self.deliveries.with_label_values(&[app, ch, o]);
+            }
+            self.retries.with_label_values(&[app, ch]);
+        }
+        // Outcomes reached without trying any channel (a notification past its ttl).
+        self.deliveries.with_label_values(&[app, "none", "expired"]);
+        for p in ["apns", "fcm"] {
+            self.tokens_dead.with_label_values(&[app, p]);
+        }
+        for r in ["offline", "ack_timeout"] {
+            self.fallbacks.with_label_values(&[app, r]);
+        }
+        for r in ["attempts_exhausted", "config_error"] {
+            self.dead_letters.with_label_values(&[app, r]);
+        }
+        for r in ["shutting_down", "not_ready", "too_many_sessions"] {
+            self.sessions_refused.with_label_values(&[app, r]);
+        }
+        self.notifications_accepted.with_label_values(&[app]);
+        self.targets_accepted.with_label_values(&[app]);
+        self.sessions_active.with_label_values(&[app]);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -48,8 +48,11 @@ impl Application {
         let stop = StopTree::new();
         let queue = Queue::from_settings_under(&settings, &metrics, stop.queue.clone())?;
 
-        let (keys, generated_api_key) =
-            ApiKeys::or_minted(settings.api_keys()?, settings.has_role(Role::Api));
+        let apps = settings.apps()?;
+        for app in &apps {
+            metrics.register_app(app.id.as_str());
+        }
+        let (keys, generated_api_key) = ApiKeys::or_minted(&apps, settings.has_role(Role::Api));
         let device_tokens = DeviceTokens::new(
             settings.device_token_secret()?.as_ref(),
             settings.auth.device_token_ttl,
@@ -108,8 +111,8 @@ impl Application {
         }
 
         let (dispatcher, events) = if settings.has_role(Role::Dispatcher) {
-            let events = Events::start(&settings.events, &queue, &metrics, &stop.events)?;
-            let providers = Providers::from_settings(&settings, &metrics)?;
+            let events = Events::start(&settings.events, &apps, &queue, &metrics, &stop.events)?;
+            let providers = Providers::from_apps(&apps, &metrics)?;
             if let Some(i) = &inbox {
                 let reap = ReapSettings {
                     interval: settings.inbox.reap_interval,

@@ -29,6 +29,11 @@ pub enum ApiError {
     BodyTooLarge(usize),
     #[error("Content-Type must be application/json")]
     UnsupportedMediaType,
+    #[error("app `{app}` is over its max_notify_rate; retry after the time in Retry-After")]
+    RateLimited {
+        app: crate::domain::AppId,
+        retry_after: Duration,
+    },
     #[error("the notification could not be queued durably; retry later")]
     QueueUnavailable {
         retry_after: Duration,
@@ -50,6 +55,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::BodyTooLarge(_) => "body_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::RateLimited { .. } => "rate_limited",
             ApiError::QueueUnavailable { .. } => "queue_unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -78,6 +84,7 @@ impl ResponseError for ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::QueueUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -95,6 +102,11 @@ impl ResponseError for ApiError {
             ApiError::QueueUnavailable { retry_after, cause } => {
                 tracing::warn!(error = %cause, "notify: queue unavailable, answered 503");
                 res.insert_header((RETRY_AFTER, retry_after.as_secs().max(1).to_string()));
+            }
+            ApiError::RateLimited { retry_after, .. } => {
+                // Whole seconds, rounded up: a client that waits this long finds a token.
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                res.insert_header((RETRY_AFTER, secs.max(1).to_string()));
             }
             ApiError::Internal(e) => {
                 tracing::error!(error = ?e, "internal error");

@@ -14,6 +14,7 @@ mod devices;
 mod error;
 mod health;
 mod notify;
+mod rate;
 
 use std::time::{Duration, Instant};
 

@@ -14,7 +14,7 @@ use crate::providers;
 
 pub async fn notify(
     state: web::Data<AppState>,
-    _caller: Caller,
+    caller: Caller,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
@@ -27,6 +27,8 @@ pub async fn notify(
             cause: crate::queue::QueueError::Closed,
         });
     }
+    // Before the body is read: an app over its rate costs herald as little as possible.
+    caller.admit_notification()?;
     require_json(&req)?;
     let body = read_body(payload, state.max_body_bytes).await?;
     // serde_path_to_error names the field at fault ("targets[3].device_id: ...").
@@ -49,12 +51,12 @@ pub async fn notify(
             "the body must be exactly one JSON value; found more after it: {e}"
         ))
     })?;
-    let notification = request.parse(state.limits, SystemTime::now())?;
+    let mut notification = request.parse(state.limits, SystemTime::now())?;
+    notification.app = caller.app().clone();
     providers::check_payload_sizes(&notification)?;
     check_live_frame(&notification, state.max_frame_bytes)?;
 
-    let span =
-        tracing::info_span!("notify", id = %notification.id, targets = notification.targets.len());
+    let span = tracing::info_span!("notify", id = %notification.id, app = %notification.app, targets = notification.targets.len());
     let started = Instant::now();
     let published = state
         .queue
@@ -66,8 +68,11 @@ pub async fn notify(
         Ok(()) => {
             m.queue_publish_duration
                 .observe(started.elapsed().as_secs_f64());
-            m.notifications_accepted.inc();
-            m.targets_accepted.inc_by(notification.targets.len() as u64);
+            let app = [notification.app.as_str()];
+            m.notifications_accepted.with_label_values(&app).inc();
+            m.targets_accepted
+                .with_label_values(&app)
+                .inc_by(notification.targets.len() as u64);
             span.in_scope(|| tracing::debug!("queued"));
             Ok(HttpResponse::Accepted().json(json!({"id": notification.id.to_string()})))
         }

@@ -11,7 +11,7 @@
 
 pub mod cluster;
 
-use crate::domain::{DeviceId, QueuedNotification};
+use crate::domain::{DeviceKey, QueuedNotification};
 use crate::gateway::Gateway;
 /// The gateway owns the outcome (it produces it); re-exported here, where the dispatcher
 /// asks for live deliveries.
@@ -40,7 +40,7 @@ impl Directory {
 
     /// Sends `n` to `device`'s live session and waits (at most `gateway.ack_timeout`, plus
     /// the broker hop in cluster mode) for its ack.
-    pub async fn deliver(&self, device: &DeviceId, n: &QueuedNotification) -> LiveOutcome {
+    pub async fn deliver(&self, device: &DeviceKey, n: &QueuedNotification) -> LiveOutcome {
         match self {
             Directory::Local(gateway) => gateway.deliver(device, n).await,
             Directory::Cluster(cluster) => cluster.deliver(device, n).await,
@@ -49,7 +49,7 @@ impl Directory {
 
     /// Whether `device` holds a session on this node now (a hint: it may drop the next
     /// moment).
-    pub fn is_connected(&self, device: &DeviceId) -> bool {
+    pub fn is_connected(&self, device: &DeviceKey) -> bool {
         match self {
             Directory::Local(gateway) => gateway.is_connected(device),
             Directory::Cluster(cluster) => cluster.is_connected_here(device),

@@ -48,10 +48,10 @@ use tracing::Instrument;
 
 use crate::config::RetrySettings;
 use crate::directory::{Directory, LiveOutcome};
-use crate::domain::{DeviceId, QueuedNotification};
+use crate::domain::{DeviceId, DeviceKey, QueuedNotification};
 use crate::events::Events;
 use crate::gateway::{Gateway, protocol};
-use crate::inbox::{DEFAULT_APP, Inbox, InboxEntry, InboxWrite};
+use crate::inbox::{Inbox, InboxEntry, InboxWrite};
 use crate::metrics::Metrics;
 use crate::providers::Providers;
 use crate::queue::{Delivery, Queue, QueueKind, SettleError, backoff_with_jitter};
@@ -280,6 +280,8 @@ impl Dispatcher {
         };
         let mut remote = Vec::new();
         for device in devices {
+            // The device of this notification's app, as the session table keys it.
+            let device = DeviceKey::new(n.app.clone(), device);
             let replayed = self.gateway.as_ref().is_some_and(|g| g.replay_now(&device));
             if !replayed && cluster.is_some() {
                 remote.push(device);
@@ -292,7 +294,7 @@ impl Dispatcher {
             .map(|device| async move {
                 if cluster.deliver(&device, n).await == LiveOutcome::Acked {
                     // Delivered after all: its row goes, as a replay's ack would take it.
-                    if let Err(e) = inbox.ack(app_of(n), device.as_str(), n.id).await {
+                    if let Err(e) = inbox.ack(app_of(n), device.device.as_str(), n.id).await {
                         tracing::info!(%device, error = %e, "could not delete a delivered inbox row; the device dedupes the replay");
                     }
                 }
@@ -307,10 +309,10 @@ impl Dispatcher {
     }
 }
 
-/// The app a notification belongs to. One app for now ([`DEFAULT_APP`]); every inbox key
-/// already carries it.
-fn app_of(_n: &QueuedNotification) -> &'static str {
-    DEFAULT_APP
+/// The app a notification belongs to, as the inbox keys it: a device's rows are its app's
+/// (device ids are per app).
+fn app_of(n: &QueuedNotification) -> &str {
+    n.app.as_str()
 }
 
 /// Makes the settlement's copies safe, then acks: through [`Delivery::retry`] and

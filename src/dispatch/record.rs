@@ -42,7 +42,8 @@ pub fn record(metrics: &Metrics, mut emit: impl FnMut(Event), outcome: Outcome<'
         Outcome::Unparseable => {
             metrics
                 .dead_letters
-                .with_label_values(&[DeadReason::Unparseable.label()])
+                // No notification, so no app: the empty label.
+                .with_label_values(&["", DeadReason::Unparseable.label()])
                 .inc();
         }
         Outcome::Target(n, report) => target(metrics, &mut emit, n, report),
@@ -54,7 +55,7 @@ pub fn record(metrics: &Metrics, mut emit: impl FnMut(Event), outcome: Outcome<'
         }
         Outcome::Reaped(entries) => {
             for e in entries {
-                inbox_expired(metrics, &mut emit, e.id, &e.device_id, 0);
+                inbox_expired(metrics, &mut emit, &e.app, e.id, &e.device_id, 0);
             }
         }
         Outcome::InboxPending(rows) => metrics.inbox_pending.set(rows as i64),
@@ -86,19 +87,31 @@ fn stored(
             DropReason::Overflow => {
                 metrics.inbox_dropped.with_label_values(&["overflow"]).inc();
                 emit(
-                    Event::about(EventKind::InboxOverflow, d.id, &d.device_id, attempt(d.id))
-                        .reason("inbox.max_per_device or inbox.max_bytes_per_device reached"),
+                    Event::about(
+                        EventKind::InboxOverflow,
+                        &d.app,
+                        d.id,
+                        &d.device_id,
+                        attempt(d.id),
+                    )
+                    .reason("inbox.max_per_device or inbox.max_bytes_per_device reached"),
                 );
             }
             DropReason::Replaced { by } => {
                 metrics.inbox_dropped.with_label_values(&["replaced"]).inc();
                 emit(
-                    Event::about(EventKind::Replaced, d.id, &d.device_id, attempt(d.id))
-                        .reason(format!("replaced by {by} (same collapse_key)")),
+                    Event::about(
+                        EventKind::Replaced,
+                        &d.app,
+                        d.id,
+                        &d.device_id,
+                        attempt(d.id),
+                    )
+                    .reason(format!("replaced by {by} (same collapse_key)")),
                 );
             }
             DropReason::Expired => {
-                inbox_expired(metrics, emit, d.id, &d.device_id, attempt(d.id));
+                inbox_expired(metrics, emit, &d.app, d.id, &d.device_id, attempt(d.id));
             }
         }
     }
@@ -108,6 +121,7 @@ fn stored(
 fn inbox_expired(
     metrics: &Metrics,
     emit: &mut impl FnMut(Event),
+    app: &str,
     id: crate::domain::NotificationId,
     device: &str,
     attempt: u32,
@@ -115,10 +129,10 @@ fn inbox_expired(
     metrics.inbox_dropped.with_label_values(&["expired"]).inc();
     metrics
         .deliveries
-        .with_label_values(&["none", "expired"])
+        .with_label_values(&[app, "none", "expired"])
         .inc();
     emit(
-        Event::about(EventKind::Expired, id, device, attempt)
+        Event::about(EventKind::Expired, app, id, device, attempt)
             .reason("ttl passed in the offline inbox"),
     );
 }
@@ -130,22 +144,23 @@ fn target(
     r: &TargetReport,
 ) {
     let t = &r.target;
+    let app = n.app.as_str();
     if r.live == LiveOutcome::Acked {
         metrics
             .deliveries
-            .with_label_values(&[Channel::Live.as_str(), "delivered"])
+            .with_label_values(&[app, Channel::Live.as_str(), "delivered"])
             .inc();
         delivered(metrics, emit, n, t, Channel::Live);
     } else if let Some(reason) = fallback_reason(r.live).filter(|_| !r.routes.is_empty()) {
         // A target with no route is retried, not counted as a fallback: there is nothing
         // to fall back to.
-        metrics.fallbacks.with_label_values(&[reason]).inc();
+        metrics.fallbacks.with_label_values(&[app, reason]).inc();
     }
     for route in &r.routes {
         let channel = route.channel;
         metrics
             .deliveries
-            .with_label_values(&[channel.as_str(), route.outcome.label()])
+            .with_label_values(&[app, channel.as_str(), route.outcome.label()])
             .inc();
         match &route.outcome {
             ProviderOutcome::Delivered => delivered(metrics, emit, n, t, channel),
@@ -205,7 +220,7 @@ fn settled(
             // No channel was tried: the series pre-created for this case.
             metrics
                 .deliveries
-                .with_label_values(&["none", "expired"])
+                .with_label_values(&[n.app.as_str(), "none", "expired"])
                 .inc();
             emit(
                 Event::new(EventKind::Expired, n, &t.device_id)
@@ -216,14 +231,17 @@ fn settled(
     }
     if let Some(retry) = s.retry() {
         for channel in &retry.channels {
-            metrics.retries.with_label_values(&[channel.as_str()]).inc();
+            metrics
+                .retries
+                .with_label_values(&[n.app.as_str(), channel.as_str()])
+                .inc();
         }
         tracing::info!(targets = retry.next.targets.len(), delay = ?retry.delay, "scheduled a retry");
     }
     if let Some(dead) = s.dead_letter() {
         metrics
             .dead_letters
-            .with_label_values(&[dead.why.label()])
+            .with_label_values(&[n.app.as_str(), dead.why.label()])
             .inc();
         tracing::warn!(targets = dead.copy.targets.len(), reason = %dead.reason, "dead-lettered");
         for t in &dead.copy.targets {
@@ -253,7 +271,9 @@ mod tests {
     }
 
     fn deliveries(m: &Metrics, channel: &str, outcome: &str) -> u64 {
-        m.deliveries.with_label_values(&[channel, outcome]).get()
+        m.deliveries
+            .with_label_values(&["default", channel, outcome])
+            .get()
     }
 
     fn record_all(m: &Metrics, outcomes: Vec<Outcome<'_>>) -> Vec<Event> {
@@ -288,19 +308,27 @@ mod tests {
         assert_eq!(
             json(&events),
             [
-                serde_json::json!({"type": "delivered", "notification_id": id, "device_id": "phone-1", "channel": "live", "attempt": 1}),
-                serde_json::json!({"type": "delivered", "notification_id": id, "device_id": "ios-1", "channel": "apns", "attempt": 1}),
-                serde_json::json!({"type": "token_dead", "notification_id": id, "device_id": "android-1", "channel": "fcm", "token": "fcm-android-1", "reason": "UNREGISTERED", "attempt": 1}),
+                serde_json::json!({"type": "delivered", "app": "default", "notification_id": id, "device_id": "phone-1", "channel": "live", "attempt": 1}),
+                serde_json::json!({"type": "delivered", "app": "default", "notification_id": id, "device_id": "ios-1", "channel": "apns", "attempt": 1}),
+                serde_json::json!({"type": "token_dead", "app": "default", "notification_id": id, "device_id": "android-1", "channel": "fcm", "token": "fcm-android-1", "reason": "UNREGISTERED", "attempt": 1}),
             ]
         );
-        assert_eq!(events[1].routing_key(), "delivered.apns");
+        assert_eq!(events[1].routing_key(), "default.delivered.apns");
         assert_eq!(deliveries(&m, "live", "delivered"), 1);
         assert_eq!(deliveries(&m, "apns", "delivered"), 1);
         assert_eq!(deliveries(&m, "fcm", "token_dead"), 1);
         assert_eq!(deliveries(&m, "apns", "transient"), 1);
-        assert_eq!(m.fallbacks.with_label_values(&["ack_timeout"]).get(), 1);
+        assert_eq!(
+            m.fallbacks
+                .with_label_values(&["default", "ack_timeout"])
+                .get(),
+            1
+        );
         // android-1 and ios-2 fell back from offline; phone-2 had no route to fall back to.
-        assert_eq!(m.fallbacks.with_label_values(&["offline"]).get(), 2);
+        assert_eq!(
+            m.fallbacks.with_label_values(&["default", "offline"]).get(),
+            2
+        );
         for ch in ["live", "apns"] {
             assert_eq!(
                 m.delivery_latency
@@ -316,7 +344,7 @@ mod tests {
             0
         );
         // Retries are counted when the settlement schedules them, not per target.
-        assert_eq!(m.retries.with_label_values(&["apns"]).get(), 0);
+        assert_eq!(m.retries.with_label_values(&["default", "apns"]).get(), 0);
     }
 
     #[test]
@@ -328,11 +356,11 @@ mod tests {
         assert_eq!(
             json(&events),
             [
-                serde_json::json!({"type": "expired", "notification_id": id, "device_id": "ios-1", "reason": "ttl passed before delivery", "attempt": 1}),
-                serde_json::json!({"type": "expired", "notification_id": id, "device_id": "phone-1", "reason": "ttl passed before delivery", "attempt": 1}),
+                serde_json::json!({"type": "expired", "app": "default", "notification_id": id, "device_id": "ios-1", "reason": "ttl passed before delivery", "attempt": 1}),
+                serde_json::json!({"type": "expired", "app": "default", "notification_id": id, "device_id": "phone-1", "reason": "ttl passed before delivery", "attempt": 1}),
             ]
         );
-        assert_eq!(events[0].routing_key(), "expired");
+        assert_eq!(events[0].routing_key(), "default.expired");
         assert_eq!(deliveries(&m, "none", "expired"), 2);
     }
 
@@ -363,16 +391,25 @@ mod tests {
         ));
         let events = record_all(&m, vec![Outcome::Settled(&n, &s)]);
         for (ch, count) in [("apns", 1), ("fcm", 1), ("live", 1)] {
-            assert_eq!(m.retries.with_label_values(&[ch]).get(), count, "{ch}");
+            assert_eq!(
+                m.retries.with_label_values(&["default", ch]).get(),
+                count,
+                "{ch}"
+            );
         }
-        assert_eq!(m.dead_letters.with_label_values(&["config_error"]).get(), 1);
+        assert_eq!(
+            m.dead_letters
+                .with_label_values(&["default", "config_error"])
+                .get(),
+            1
+        );
         assert_eq!(
             json(&events),
             [
-                serde_json::json!({"type": "dead_lettered", "notification_id": n.id.to_string(), "device_id": "ios-2", "reason": "config_error: apns: bad topic", "attempt": 1})
+                serde_json::json!({"type": "dead_lettered", "app": "default", "notification_id": n.id.to_string(), "device_id": "ios-2", "reason": "config_error: apns: bad topic", "attempt": 1})
             ]
         );
-        assert_eq!(events[0].routing_key(), "dead_lettered");
+        assert_eq!(events[0].routing_key(), "default.dead_lettered");
 
         // Out of attempts, the same failures are one dead letter and no retry.
         let m = Metrics::new();
@@ -381,12 +418,16 @@ mod tests {
         assert_eq!(events.len(), 4);
         assert_eq!(
             m.dead_letters
-                .with_label_values(&["attempts_exhausted"])
+                .with_label_values(&["default", "attempts_exhausted"])
                 .get(),
             1
         );
         for ch in ["live", "apns", "fcm"] {
-            assert_eq!(m.retries.with_label_values(&[ch]).get(), 0, "{ch}");
+            assert_eq!(
+                m.retries.with_label_values(&["default", ch]).get(),
+                0,
+                "{ch}"
+            );
         }
     }
 
@@ -430,10 +471,10 @@ mod tests {
         assert_eq!(
             json(&events),
             [
-                serde_json::json!({"type": "stored", "notification_id": id, "device_id": "phone-1", "attempt": 1}),
-                serde_json::json!({"type": "inbox_overflow", "notification_id": older, "device_id": "phone-1", "reason": "inbox.max_per_device or inbox.max_bytes_per_device reached"}),
-                serde_json::json!({"type": "expired", "notification_id": id, "device_id": "phone-2", "reason": "ttl passed in the offline inbox", "attempt": 1}),
-                serde_json::json!({"type": "expired", "notification_id": older, "device_id": "phone-3", "reason": "ttl passed in the offline inbox"}),
+                serde_json::json!({"type": "stored", "app": "default", "notification_id": id, "device_id": "phone-1", "attempt": 1}),
+                serde_json::json!({"type": "inbox_overflow", "app": "default", "notification_id": older, "device_id": "phone-1", "reason": "inbox.max_per_device or inbox.max_bytes_per_device reached"}),
+                serde_json::json!({"type": "expired", "app": "default", "notification_id": id, "device_id": "phone-2", "reason": "ttl passed in the offline inbox", "attempt": 1}),
+                serde_json::json!({"type": "expired", "app": "default", "notification_id": older, "device_id": "phone-3", "reason": "ttl passed in the offline inbox"}),
             ]
         );
         assert_eq!(m.inbox_writes.get(), 1);
@@ -448,6 +489,9 @@ mod tests {
         let m = Metrics::new();
         let events = record_all(&m, vec![Outcome::Unparseable]);
         assert!(events.is_empty());
-        assert_eq!(m.dead_letters.with_label_values(&["unparseable"]).get(), 1);
+        assert_eq!(
+            m.dead_letters.with_label_values(&["", "unparseable"]).get(),
+            1
+        );
     }
 }

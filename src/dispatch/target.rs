@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::Dispatcher;
 use super::channel::Channel;
 use crate::directory::LiveOutcome;
-use crate::domain::{QueuedNotification, Target};
+use crate::domain::{DeviceKey, QueuedNotification, Target};
 use crate::providers::ProviderOutcome;
 
 /// What one target's attempt did, channel by channel: the input of the settlement (through
@@ -127,7 +127,12 @@ impl TargetReport {
 /// a session took the frame: [`super::settle::falls_back`]), every route the target carries.
 pub async fn deliver(d: &Dispatcher, n: &QueuedNotification, target: Target) -> TargetReport {
     let live = match &d.directory {
-        Some(directory) => directory.deliver(&target.device_id, n).await,
+        // The device of this notification's app: a session of another app's device with
+        // the same id is another device.
+        Some(directory) => {
+            let device = DeviceKey::new(n.app.clone(), target.device_id.clone());
+            directory.deliver(&device, n).await
+        }
         // No gateway in this process (and no cluster directory yet): the device cannot be
         // reached live from here.
         None => LiveOutcome::Offline,

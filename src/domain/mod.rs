@@ -13,12 +13,14 @@
 //! code that builds a `QueuedNotification` by hand instead of through `parse` (tests) is
 //! trusted with the cross-field rules.
 
+mod app;
 mod device;
 mod notification;
 
+pub use app::{AppId, DeviceKey};
 pub use device::{ApnsToken, DeviceId, FcmToken};
 pub use notification::{
-    AndroidOptions, ApnsOptions, ApnsPushType, AttemptRecord, Content, NotificationId, NotifyError,
-    NotifyLimits, NotifyRequest, Priority, Qos, QueuedNotification, Target, TargetRoute,
-    unix_millis,
+    AndroidOptions, ApnsEnvironment, ApnsOptions, ApnsPushType, ApnsRoute, AttemptRecord, Content,
+    NotificationId, NotifyError, NotifyLimits, NotifyRequest, Priority, Qos, QueuedNotification,
+    Target, TargetRoute, unix_millis,
 };

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::{ApnsToken, DeviceId, FcmToken};
+use super::{ApnsToken, AppId, DeviceId, FcmToken};
 
 /// A notification's id: a UUIDv7, so ids sort by acceptance time and are unique across nodes
 /// without coordination. Devices dedupe on it; APNs gets it as `apns-id`.
@@ -174,10 +174,38 @@ pub struct AndroidOptions {
     pub channel_id: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Which APNs environment a device token belongs to. A development build (run from Xcode,
+/// or an ad-hoc/TestFlight-from-Xcode build) registers with the sandbox; an App Store build
+/// with production. A token sent to the other environment's host is refused as
+/// `BadDeviceToken`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApnsEnvironment {
+    Production,
+    Sandbox,
+}
+
+impl ApnsEnvironment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApnsEnvironment::Production => "production",
+            ApnsEnvironment::Sandbox => "sandbox",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApnsRoute {
     pub token: ApnsToken,
+    /// Absent: the app's `apns.default_environment` (itself `production` by default),
+    /// resolved when sending, so a queued message follows the app's setting.
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub environment: Option<ApnsEnvironment>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -208,13 +236,13 @@ pub struct Target {
 /// A fallback route of a target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetRoute<'a> {
-    Apns(&'a ApnsToken),
+    Apns(&'a ApnsRoute),
     Fcm(&'a FcmToken),
 }
 
 impl Target {
     pub fn routes(&self) -> impl Iterator<Item = TargetRoute<'_>> {
-        let apns = self.apns.as_ref().map(|r| TargetRoute::Apns(&r.token));
+        let apns = self.apns.as_ref().map(TargetRoute::Apns);
         let fcm = self.fcm.as_ref().map(|r| TargetRoute::Fcm(&r.token));
         apns.into_iter().chain(fcm)
     }
@@ -353,6 +381,7 @@ impl NotifyRequest {
         let accepted_at = unix_millis(now);
         Ok(QueuedNotification {
             id: NotificationId::generate(),
+            app: AppId::default_app(),
             accepted_at_ms: accepted_at,
             expires_at_ms: accepted_at + ttl.as_millis() as u64,
             priority: self.priority,
@@ -375,6 +404,11 @@ impl NotifyRequest {
 #[serde(deny_unknown_fields)]
 pub struct QueuedNotification {
     pub id: NotificationId,
+    /// The caller's app (its API key's), set at the edge; every target is a device of this
+    /// app and goes through this app's providers. Absent in messages queued before apps
+    /// existed: those belong to `default`.
+    #[serde(default)]
+    pub app: AppId,
     pub accepted_at_ms: u64,
     pub expires_at_ms: u64,
     pub priority: Priority,

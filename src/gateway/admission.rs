@@ -21,7 +21,7 @@ use super::Gateway;
 use super::refusal::Refusal;
 use super::token::{self, TokenError};
 use crate::config::GatewaySettings;
-use crate::domain::DeviceId;
+use crate::domain::DeviceKey;
 
 /// How long a connect waits for the cluster directory to be (re)registered before it is
 /// refused with 503 `not_ready`: covers a node's first second after start and a quick
@@ -77,7 +77,7 @@ impl Bucket {
 pub(super) struct Admission {
     bucket: Bucket,
     state: Mutex<(f64, Instant)>,
-    per_device: KeyedLimiter<DeviceId>,
+    per_device: KeyedLimiter<DeviceKey>,
     per_ip: KeyedLimiter<IpAddr>,
     trusted_proxies: Vec<IpNet>,
 }
@@ -227,11 +227,12 @@ impl IpNet {
 
 impl Gateway {
     /// Counts a refusal by reason and hands it back.
-    fn refused(&self, refusal: Refusal) -> Refusal {
+    /// `app` is empty until a valid token named it.
+    fn refused(&self, app: &str, refusal: Refusal) -> Refusal {
         self.0
             .metrics
             .sessions_refused
-            .with_label_values(&[refusal.reason_label()])
+            .with_label_values(&[app, refusal.reason_label()])
             .inc();
         refusal
     }
@@ -243,7 +244,7 @@ impl Gateway {
         &self,
         headers: &HeaderMap,
         query: &str,
-    ) -> Result<DeviceId, Refusal> {
+    ) -> Result<DeviceKey, Refusal> {
         let query = if self.0.settings.allow_query_token {
             query
         } else {
@@ -251,8 +252,8 @@ impl Gateway {
         };
         match token::presented(headers, query).map(|t| self.0.tokens.verify(&t)) {
             Some(Ok(device)) => Ok(device),
-            Some(Err(e)) => Err(self.refused(Refusal::unauthorized(&e))),
-            None => Err(self.refused(Refusal::unauthorized(&TokenError::Missing))),
+            Some(Err(e)) => Err(self.refused("", Refusal::unauthorized(&e))),
+            None => Err(self.refused("", Refusal::unauthorized(&TokenError::Missing))),
         }
     }
 
@@ -265,20 +266,23 @@ impl Gateway {
         headers: &HeaderMap,
         query: &str,
         peer: IpAddr,
-    ) -> Result<DeviceId, Refusal> {
+    ) -> Result<DeviceKey, Refusal> {
         let device = self.authenticate(headers, query)?;
         if !self.is_accepting() {
-            return Err(self.refused(Refusal::unavailable(
-                "shutting_down",
-                "this node is shutting down; connect to another",
-                1,
-            )));
+            return Err(self.refused(
+                device.app.as_str(),
+                Refusal::unavailable(
+                    "shutting_down",
+                    "this node is shutting down; connect to another",
+                    1,
+                ),
+            ));
         }
         if let Some(registrar) = self.0.table.registrar()
             && !registrar.wait_ready(REGISTRY_READY_WAIT).await
         {
             // Cluster mode with the broker away: a session here could not be routed to.
-            return Err(self.refused(Refusal::unavailable(
+            return Err(self.refused(device.app.as_str(), Refusal::unavailable(
                 "not_ready",
                 "this node cannot register sessions now (broker unavailable); retry or connect to another",
                 1,
@@ -286,28 +290,28 @@ impl Gateway {
         }
         let admission = &self.0.admission;
         if let Err(wait) = admission.per_device.take(&device) {
-            return Err(self.refused(Refusal::too_many_connects(
+            return Err(self.refused(device.app.as_str(), Refusal::too_many_connects(
                 "this device is reconnecting faster than gateway.device_connects_per_minute allows; retry after the delay",
                 retry_secs(wait),
             )));
         }
         let ip = admission.client_ip(peer, headers);
         if let Err(wait) = admission.per_ip.take(&ip) {
-            return Err(self.refused(Refusal::too_many_connects(
+            return Err(self.refused(device.app.as_str(), Refusal::too_many_connects(
                 "this address is opening sessions faster than gateway.ip_connects_per_second allows; retry after the delay",
                 retry_secs(wait),
             )));
         }
         // A device replacing its own session does not add one.
         if self.session_count() >= self.0.settings.max_sessions && !self.is_connected(&device) {
-            return Err(self.refused(Refusal::unavailable(
+            return Err(self.refused(device.app.as_str(), Refusal::unavailable(
                 "node_full",
                 "this node holds gateway.max_sessions sessions; connect to another or retry later",
                 1,
             )));
         }
         if let Err(wait) = admission.try_admit() {
-            return Err(self.refused(Refusal::unavailable(
+            return Err(self.refused(device.app.as_str(), Refusal::unavailable(
                 "too_many_sessions",
                 "this node is admitting new sessions as fast as it allows (gateway.max_session_rate); retry after the delay or connect to another",
                 retry_secs(wait),

@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::GatewaySettings;
-use crate::domain::{DeviceId, NotificationId, QueuedNotification};
+use crate::domain::{DeviceKey, NotificationId, QueuedNotification};
 use crate::metrics::Metrics;
 use admission::Admission;
 pub use admission::IpNet;
@@ -143,7 +143,7 @@ impl Gateway {
 
     /// If `device` has a session on this node, has it replay its inbox once more (after the
     /// replay it may be running) and returns true.
-    pub fn replay_now(&self, device: &DeviceId) -> bool {
+    pub fn replay_now(&self, device: &DeviceKey) -> bool {
         match self.0.table.get(device) {
             Some(h) => {
                 h.request_replay();
@@ -160,7 +160,7 @@ impl Gateway {
 
     /// A newer session of `device` (id `newer`, a UUIDv7) opened on another node: close
     /// this node's session of it if it is older ("replaced").
-    pub(crate) fn close_older(&self, device: &DeviceId, newer: uuid::Uuid) {
+    pub(crate) fn close_older(&self, device: &DeviceKey, newer: uuid::Uuid) {
         if self.0.table.close_older(device, newer) {
             tracing::info!(device = %device, "a newer session opened on another node: replacing");
         }
@@ -177,7 +177,7 @@ impl Gateway {
     }
 
     /// Whether `device` has a session on this node now.
-    pub fn is_connected(&self, device: &DeviceId) -> bool {
+    pub fn is_connected(&self, device: &DeviceKey) -> bool {
         self.0.table.contains(device)
     }
 
@@ -186,7 +186,7 @@ impl Gateway {
     }
 
     /// Sends `n` down `device`'s session and waits up to `ack_timeout` for the ack.
-    pub async fn deliver(&self, device: &DeviceId, n: &QueuedNotification) -> LiveOutcome {
+    pub async fn deliver(&self, device: &DeviceKey, n: &QueuedNotification) -> LiveOutcome {
         self.deliver_frame(device, n.id, protocol::notification_json(n))
             .await
     }
@@ -195,7 +195,7 @@ impl Gateway {
     /// the cluster directory sends only the device's own frame across nodes.
     pub async fn deliver_frame(
         &self,
-        device: &DeviceId,
+        device: &DeviceKey,
         id: NotificationId,
         frame: String,
     ) -> LiveOutcome {
@@ -277,7 +277,7 @@ impl Gateway {
     }
 
     /// Puts a new session in the table; an older session of the same device is closed.
-    fn register(&self, device: DeviceId, handle: SessionHandle) -> Admitted {
+    fn register(&self, device: DeviceKey, handle: SessionHandle) -> Admitted {
         if !self.is_accepting() {
             return Admitted::No;
         }
@@ -288,7 +288,7 @@ impl Gateway {
 
     /// Removes the session from the table (and its cluster registration), unless a newer
     /// one already took its place.
-    fn unregister(&self, device: &DeviceId, id: uuid::Uuid) {
+    fn unregister(&self, device: &DeviceKey, id: uuid::Uuid) {
         self.0.table.remove(device, id);
     }
 

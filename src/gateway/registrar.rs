@@ -12,18 +12,18 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot, watch};
 
-use crate::domain::DeviceId;
+use crate::domain::DeviceKey;
 
 /// One change to the session table, for the registrar to apply.
 pub enum Command {
     /// Route `device` to this node; `done` says whether the bind was applied.
     Bind {
-        device: DeviceId,
+        device: DeviceKey,
         session: uuid::Uuid,
         done: Option<oneshot::Sender<bool>>,
     },
     /// Stop routing `device` to this node.
-    Unbind { device: DeviceId },
+    Unbind { device: DeviceKey },
     /// Answered once every command sent before it was applied.
     Flush(oneshot::Sender<()>),
 }
@@ -60,11 +60,11 @@ struct Shared {
 struct Queue {
     order: VecDeque<Slot>,
     /// The latest command of each device with a `Slot::Device` in `order`.
-    latest: HashMap<DeviceId, Command>,
+    latest: HashMap<DeviceKey, Command>,
 }
 
 enum Slot {
-    Device(DeviceId),
+    Device(DeviceKey),
     Flush(oneshot::Sender<()>),
 }
 
@@ -190,7 +190,7 @@ pub struct Empty;
 impl Registrar {
     /// Asks for `device` to be routed to this node; the receiver says whether the bind was
     /// applied. Called with the gateway's session lock held, so commands follow the table.
-    pub(crate) fn bind(&self, device: DeviceId, session: uuid::Uuid) -> oneshot::Receiver<bool> {
+    pub(crate) fn bind(&self, device: DeviceKey, session: uuid::Uuid) -> oneshot::Receiver<bool> {
         let (done, rx) = oneshot::channel();
         self.shared.push(Command::Bind {
             device,
@@ -200,7 +200,7 @@ impl Registrar {
         rx
     }
 
-    pub(crate) fn unbind(&self, device: DeviceId) {
+    pub(crate) fn unbind(&self, device: DeviceKey) {
         self.shared.push(Command::Unbind { device });
     }
 
@@ -235,8 +235,8 @@ impl Registrar {
 mod tests {
     use super::*;
 
-    fn device(id: &str) -> DeviceId {
-        DeviceId::parse(id).unwrap()
+    fn device(id: &str) -> DeviceKey {
+        crate::domain::DeviceKey::parse_routing_key(&format!("default/{id}")).unwrap()
     }
 
     /// A device flapping while the registrar is stalled (broker slow) queues one entry,
@@ -255,10 +255,10 @@ mod tests {
         registrar.shared.push(Command::Flush(flushed));
         assert_eq!(rx.len(), 3, "phone-1, phone-2, the flush");
         assert!(
-            matches!(rx.recv().await, Some(Command::Unbind { device }) if device.as_str() == "phone-1")
+            matches!(rx.recv().await, Some(Command::Unbind { device }) if device.device.as_str() == "phone-1")
         );
         assert!(
-            matches!(rx.recv().await, Some(Command::Bind { device, .. }) if device.as_str() == "phone-2")
+            matches!(rx.recv().await, Some(Command::Bind { device, .. }) if device.device.as_str() == "phone-2")
         );
         assert!(matches!(rx.recv().await, Some(Command::Flush(_))));
         // The first bind was superseded by a bind: its session hears it stays routed here.

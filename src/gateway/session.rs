@@ -21,8 +21,7 @@ use super::protocol::{ClientFrame, CloseKind, ServerFrame, error_code};
 use super::replay::Replayer;
 use super::table::{Control, Outbound, SessionHandle};
 use super::{Admitted, Gateway};
-use crate::domain::{DeviceId, NotificationId};
-use crate::inbox::DEFAULT_APP;
+use crate::domain::{DeviceKey, NotificationId};
 
 /// How long the server tries to get its close frame out before dropping the connection
 /// (a slow consumer's socket may never take it).
@@ -33,7 +32,7 @@ type Sink = SplitSink<WebSocketStream<TcpStream>, Message>;
 type Replaying = std::pin::Pin<Box<dyn Future<Output = Replayer> + Send>>;
 type Stream = SplitStream<WebSocketStream<TcpStream>>;
 
-pub(super) async fn run(gateway: Gateway, device: DeviceId, ws: WebSocketStream<TcpStream>) {
+pub(super) async fn run(gateway: Gateway, device: DeviceKey, ws: WebSocketStream<TcpStream>) {
     let (ws, mut stream) = ws.split();
     let settings = gateway.settings();
     let (tx, mut rx) = mpsc::channel(settings.send_buffer);
@@ -41,14 +40,17 @@ pub(super) async fn run(gateway: Gateway, device: DeviceId, ws: WebSocketStream<
     let id = uuid::Uuid::now_v7();
     let metrics = gateway.metrics();
     metrics.sessions_opened.inc();
-    metrics.sessions_active.inc();
+    let active = metrics
+        .sessions_active
+        .with_label_values(&[device.app.as_str()]);
+    active.inc();
     // The replay feeds the same send buffer as live deliveries.
     let replayer = gateway.inbox().map(|inbox| {
         Replayer::new(
             gateway.clone(),
             inbox.clone(),
-            DEFAULT_APP.to_owned(),
-            device.clone(),
+            device.app.as_str().to_owned(),
+            device.device.clone(),
             tx.clone(),
         )
     });
@@ -100,7 +102,7 @@ pub(super) async fn run(gateway: Gateway, device: DeviceId, ws: WebSocketStream<
         .sessions_closed
         .with_label_values(&[kind.label()])
         .inc();
-    metrics.sessions_active.dec();
+    active.dec();
     if let Some(code) = kind.code() {
         let description = match kind {
             CloseKind::Shutdown => {
@@ -159,7 +161,7 @@ impl Session<'_> {
     async fn serve(
         &mut self,
         id: &uuid::Uuid,
-        device: &DeviceId,
+        device: &DeviceKey,
         stream: &mut Stream,
         rx: &mut mpsc::Receiver<Box<Outbound>>,
         replayer: Option<Replayer>,
@@ -168,7 +170,7 @@ impl Session<'_> {
         let session_id = id.to_string();
         let hello = ServerFrame::Hello {
             session_id: &session_id,
-            device_id: device.as_str(),
+            device_id: device.device.as_str(),
             ping_interval_ms: cfg.ping_interval.as_millis() as u64,
             pong_timeout_ms: cfg.pong_timeout.as_millis() as u64,
             ack_timeout_ms: cfg.ack_timeout.as_millis() as u64,

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::protocol::CloseKind;
 use super::registrar::Registrar;
-use crate::domain::{DeviceId, NotificationId};
+use crate::domain::{DeviceKey, NotificationId};
 
 /// One notification on its way to a device. Boxed in the channel so an idle session's
 /// channel block holds pointers, not whole frames.
@@ -97,7 +97,7 @@ impl SessionHandle {
 #[derive(Default)]
 pub(super) struct SessionTable {
     /// A plain mutex: held only to insert, remove or clone a handle, never across an await.
-    sessions: Mutex<HashMap<DeviceId, SessionHandle>>,
+    sessions: Mutex<HashMap<DeviceKey, SessionHandle>>,
     /// The cluster directory's registrar (cluster mode only): bind at connect, unbind at
     /// close, in the order this table changes.
     registrar: OnceLock<Registrar>,
@@ -112,7 +112,7 @@ impl SessionTable {
         self.registrar.get()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<DeviceId, SessionHandle>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<DeviceKey, SessionHandle>> {
         // A panic while holding this lock cannot leave the map half-updated (every
         // operation on it is a single insert/remove/get), so a poisoned lock is still usable.
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
@@ -122,17 +122,17 @@ impl SessionTable {
         self.lock().len()
     }
 
-    pub(super) fn contains(&self, device: &DeviceId) -> bool {
+    pub(super) fn contains(&self, device: &DeviceKey) -> bool {
         self.lock().contains_key(device)
     }
 
-    pub(super) fn get(&self, device: &DeviceId) -> Option<SessionHandle> {
+    pub(super) fn get(&self, device: &DeviceKey) -> Option<SessionHandle> {
         self.lock().get(device).cloned()
     }
 
     /// Closes `device`'s session here if it is older than `newer` (session ids are
     /// UUIDv7, so time ordered). True if one was closed.
-    pub(super) fn close_older(&self, device: &DeviceId, newer: uuid::Uuid) -> bool {
+    pub(super) fn close_older(&self, device: &DeviceKey, newer: uuid::Uuid) -> bool {
         match self.lock().get(device) {
             Some(h) if h.id < newer => {
                 h.close(CloseKind::Replaced);
@@ -148,7 +148,7 @@ impl SessionTable {
     /// broker binding is in place.
     pub(super) fn insert(
         &self,
-        device: DeviceId,
+        device: DeviceKey,
         handle: SessionHandle,
     ) -> Option<oneshot::Receiver<bool>> {
         let mut sessions = self.lock();
@@ -161,7 +161,7 @@ impl SessionTable {
 
     /// Removes session `id` of `device` (and its registration), unless a newer one already
     /// took its place.
-    pub(super) fn remove(&self, device: &DeviceId, id: uuid::Uuid) {
+    pub(super) fn remove(&self, device: &DeviceKey, id: uuid::Uuid) {
         let mut sessions = self.lock();
         if sessions.get(device).is_some_and(|h| h.id == id) {
             sessions.remove(device);

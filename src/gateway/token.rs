@@ -1,4 +1,6 @@
-//! Device tokens: short-lived JWTs whose subject is the device id.
+//! Device tokens: short-lived JWTs whose subject is the device id and whose `app` claim is
+//! the app the device belongs to (device ids are per app). A token without the claim was
+//! minted before apps existed and belongs to `default`.
 //!
 //! HS256 only. The algorithm is pinned on both sides: a token whose header says `none`,
 //! `HS512`, `RS256` or anything else is refused before its signature is looked at, which
@@ -11,7 +13,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Secret;
-use crate::domain::DeviceId;
+use crate::domain::{AppId, DeviceId, DeviceKey};
 
 /// The `aud` claim of every device token.
 pub const AUDIENCE: &str = "herald-device";
@@ -26,6 +28,10 @@ struct Claims {
     aud: String,
     exp: u64,
     iat: u64,
+    /// The device's app. Signed with the rest: changing it breaks the signature, so a
+    /// caller of one app cannot open a session in another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    app: Option<String>,
 }
 
 /// Why a presented device token was refused. Only the message is shown to the client.
@@ -120,8 +126,13 @@ impl DeviceTokens {
         }
     }
 
-    /// A token for `device`, and when it expires.
+    /// A token for `device` of the `default` app, and when it expires.
     pub fn mint(&self, device: &DeviceId) -> anyhow::Result<(String, SystemTime)> {
+        self.mint_in(&AppId::default_app(), device)
+    }
+
+    /// A token for `device` of `app`, and when it expires.
+    pub fn mint_in(&self, app: &AppId, device: &DeviceId) -> anyhow::Result<(String, SystemTime)> {
         let now = SystemTime::now();
         let expires = now + self.ttl;
         let claims = Claims {
@@ -129,21 +140,27 @@ impl DeviceTokens {
             aud: AUDIENCE.to_owned(),
             exp: secs(expires),
             iat: secs(now),
+            app: Some(app.as_str().to_owned()),
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?;
         // Report the second the token really expires at (exp has whole seconds).
         Ok((token, UNIX_EPOCH + Duration::from_secs(claims.exp)))
     }
 
-    /// The device a token was minted for, if the token is valid now.
-    pub fn verify(&self, token: &str) -> Result<DeviceId, TokenError> {
+    /// The device (and its app) a token was minted for, if the token is valid now.
+    pub fn verify(&self, token: &str) -> Result<DeviceKey, TokenError> {
         use jsonwebtoken::errors::ErrorKind;
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => TokenError::Expired,
                 _ => TokenError::Invalid,
             })?;
-        DeviceId::parse(data.claims.sub).map_err(|_| TokenError::Invalid)
+        let device = DeviceId::parse(data.claims.sub).map_err(|_| TokenError::Invalid)?;
+        let app = match data.claims.app {
+            None => AppId::default_app(),
+            Some(app) => AppId::parse(&app).map_err(|_| TokenError::Invalid)?,
+        };
+        Ok(DeviceKey::new(app, device))
     }
 }
 
@@ -169,7 +186,59 @@ mod tests {
         let t = tokens();
         let d = DeviceId::parse("phone-42").unwrap();
         let (token, _) = t.mint(&d).unwrap();
-        assert_eq!(t.verify(&token).unwrap(), d);
+        assert_eq!(
+            t.verify(&token).unwrap(),
+            DeviceKey::new(AppId::default(), d.clone())
+        );
+        let shop = AppId::parse("shop").unwrap();
+        let (token, _) = t.mint_in(&shop, &d).unwrap();
+        assert_eq!(t.verify(&token).unwrap(), DeviceKey::new(shop, d));
+    }
+
+    #[test]
+    fn a_token_without_an_app_claim_is_the_default_apps() {
+        let t = tokens();
+        let claims = Claims {
+            sub: "phone-42".into(),
+            aud: AUDIENCE.into(),
+            exp: secs(SystemTime::now()) + 60,
+            iat: 0,
+            app: None,
+        };
+        let key = EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef");
+        let old = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
+        assert!(!old.is_empty());
+        let got = t.verify(&old).unwrap();
+        assert!(got.app.is_default());
+        assert_eq!(got.device.as_str(), "phone-42");
+    }
+
+    #[test]
+    fn an_app_claim_cannot_be_changed_or_malformed() {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let t = tokens();
+        let shop = AppId::parse("shop").unwrap();
+        let (token, _) = t
+            .mint_in(&shop, &DeviceId::parse("phone-42").unwrap())
+            .unwrap();
+        // Swap the payload for one naming another app, keeping shop's signature.
+        let parts: Vec<&str> = token.split('.').collect();
+        let mut claims: serde_json::Value =
+            serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
+        claims["app"] = "pay".into();
+        let forged = format!(
+            "{}.{}.{}",
+            parts[0],
+            b64.encode(serde_json::to_vec(&claims).unwrap()),
+            parts[2]
+        );
+        assert!(matches!(t.verify(&forged), Err(TokenError::Invalid)));
+        // Correctly signed, but not an app name.
+        claims["app"] = "Not An App".into();
+        let key = EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef");
+        let bad = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
+        assert!(matches!(t.verify(&bad), Err(TokenError::Invalid)));
     }
 
     #[test]
@@ -180,6 +249,7 @@ mod tests {
             aud: AUDIENCE.into(),
             exp: secs(SystemTime::now()) + 60,
             iat: 0,
+            app: None,
         };
         let key = EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef");
         let hs512 = jsonwebtoken::encode(&Header::new(Algorithm::HS512), &claims, &key).unwrap();

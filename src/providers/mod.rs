@@ -8,11 +8,18 @@
 //! Each provider is a bulkhead: its own connection pool, its own bounded concurrency, its own
 //! circuit breaker (`[apns]` / `[fcm]` `concurrency`, `timeout`, `breaker_*`), so an APNs
 //! outage cannot starve FCM sends or the reverse.
+//!
+//! And each app has its own: its own key, topic, project, connection pools and bulkheads.
+//! A notification goes only through its own app's clients ([`Providers::send`] picks them
+//! by `n.app`), so one app's credentials never carry another's notification, and one app's
+//! slow provider holds only its own slots.
 
 pub mod apns;
 mod breaker;
 pub mod fcm;
 mod transport;
+
+use std::collections::HashMap;
 
 pub use transport::check_url;
 
@@ -22,8 +29,8 @@ pub use apns::ApnsClient;
 pub use breaker::{Admission, CircuitBreaker, Transition};
 pub use fcm::FcmClient;
 
-use crate::config::Settings;
-use crate::domain::{NotifyError, QueuedNotification, TargetRoute};
+use crate::config::{AppConfig, Settings};
+use crate::domain::{AppId, NotifyError, QueuedNotification, TargetRoute};
 use crate::metrics::Metrics;
 
 /// Every delivery failure is classified once, here; the dispatcher acts on the class.
@@ -57,50 +64,93 @@ impl ProviderOutcome {
     }
 }
 
-/// The configured providers. Cheap to share behind an `Arc`; every method takes `&self`.
+/// Every app's providers. Cheap to share behind an `Arc`; every method takes `&self`.
 pub struct Providers {
+    apps: HashMap<AppId, AppProviders>,
+}
+
+/// One app's providers (either may be unconfigured).
+struct AppProviders {
     apns: Option<ApnsClient>,
     fcm: Option<FcmClient>,
+    /// `apps.<name>.` or empty for `default`: how the config names this app's keys.
+    prefix: String,
 }
 
 impl Providers {
-    /// Builds the providers `[apns]` and `[fcm]` configure (an empty `apns.key_file` /
+    /// Builds every app's providers ([`Settings::apps`]; an empty `apns.key_file` /
     /// `fcm.service_account_file` leaves that one out). Reads and checks the key files now;
     /// errors name the config key.
     pub fn from_settings(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Providers> {
-        Ok(Providers {
-            apns: ApnsClient::from_settings(&settings.apns, metrics)?,
-            fcm: FcmClient::from_settings(&settings.fcm, metrics)?,
-        })
+        Self::from_apps(&settings.apps()?, metrics)
     }
 
-    /// Built from clients directly (tests that tune a client, e.g. its JWT refresh age).
+    /// Builds the providers of `apps`.
+    pub fn from_apps(apps: &[AppConfig], metrics: &Metrics) -> anyhow::Result<Providers> {
+        let mut built = HashMap::new();
+        for app in apps {
+            let prefix = app.key_prefix.clone();
+            built.insert(
+                app.id.clone(),
+                AppProviders {
+                    apns: ApnsClient::for_app(&app.apns, &prefix, metrics)?,
+                    fcm: FcmClient::for_app(&app.fcm, &prefix, metrics)?,
+                    prefix,
+                },
+            );
+        }
+        Ok(Providers { apps: built })
+    }
+
+    /// The `default` app's providers, from clients directly (tests that tune a client, e.g.
+    /// its JWT refresh age).
     pub fn new(apns: Option<ApnsClient>, fcm: Option<FcmClient>) -> Providers {
-        Providers { apns, fcm }
-    }
-
-    /// Whether the provider of `route` is configured.
-    pub fn has(&self, route: &TargetRoute<'_>) -> bool {
-        match route {
-            TargetRoute::Apns(_) => self.apns.is_some(),
-            TargetRoute::Fcm(_) => self.fcm.is_some(),
+        let default = AppProviders {
+            apns,
+            fcm,
+            prefix: String::new(),
+        };
+        Providers {
+            apps: HashMap::from([(AppId::default_app(), default)]),
         }
     }
 
-    /// Sends `n` through `route`'s provider. The caller drops expired notifications first;
-    /// the provider is told the remaining ttl (apns-expiration, android.ttl).
+    /// Whether `app` has the provider of `route` configured.
+    pub fn has(&self, app: &AppId, route: &TargetRoute<'_>) -> bool {
+        self.apps.get(app).is_some_and(|p| match route {
+            TargetRoute::Apns(_) => p.apns.is_some(),
+            TargetRoute::Fcm(_) => p.fcm.is_some(),
+        })
+    }
+
+    /// Sends `n` through `route`'s provider of `n`'s app, never another app's. The caller
+    /// drops expired notifications first; the provider is told the remaining ttl
+    /// (apns-expiration, android.ttl).
     pub async fn send(&self, route: TargetRoute<'_>, n: &QueuedNotification) -> ProviderOutcome {
+        let Some(app) = self.apps.get(&n.app) else {
+            // Queued under an app this node's config no longer (or does not yet) have.
+            return ProviderOutcome::ConfigError {
+                reason: format!("app `{}` is not configured on this node", n.app),
+            };
+        };
+        let p = &app.prefix;
         match route {
-            TargetRoute::Apns(token) => match &self.apns {
-                Some(c) => c.send(token, n).await,
+            TargetRoute::Apns(apns) => match &app.apns {
+                Some(c) => c.send(apns, n).await,
                 None => ProviderOutcome::ConfigError {
-                    reason: "APNs is not configured (apns.key_file is empty)".into(),
+                    reason: format!(
+                        "APNs is not configured for app `{}` ({p}apns.key_file is empty)",
+                        n.app
+                    ),
                 },
             },
-            TargetRoute::Fcm(token) => match &self.fcm {
+            TargetRoute::Fcm(token) => match &app.fcm {
                 Some(c) => c.send(token, n).await,
                 None => ProviderOutcome::ConfigError {
-                    reason: "FCM is not configured (fcm.service_account_file is empty)".into(),
+                    reason: format!(
+                        "FCM is not configured for app `{}` ({p}fcm.service_account_file is empty)",
+                        n.app
+                    ),
                 },
             },
         }
@@ -118,7 +168,10 @@ fn note_outcome(
 ) {
     match outcome {
         ProviderOutcome::TokenDead { reason } => {
-            metrics.tokens_dead.with_label_values(&[provider]).inc();
+            metrics
+                .tokens_dead
+                .with_label_values(&[n.app.as_str(), provider])
+                .inc();
             tracing::info!(notification = %n.id, ?token, %reason, provider, "token dead");
         }
         ProviderOutcome::ConfigError { reason } => {

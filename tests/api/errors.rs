@@ -33,7 +33,7 @@ async fn post_raw(app: &TestApp, body: &str) -> reqwest::Response {
 
 async fn nothing_queued(app: &TestApp) {
     let metrics = app.get("/metrics").await.text().await.unwrap();
-    assert!(metrics.contains("herald_notifications_accepted_total 0"));
+    assert!(metrics.contains("herald_notifications_accepted_total{app=\"default\"} 0"));
     assert!(metrics.contains("herald_queue_depth 0"));
 }
 
@@ -228,6 +228,6 @@ async fn full_embedded_queue_is_503_with_retry_after() {
     expect_error(res, 503, "queue_unavailable").await;
     let metrics = app.get("/metrics").await.text().await.unwrap();
     assert!(metrics.contains(r#"herald_queue_publish_failures_total{reason="full"} 1"#));
-    assert!(metrics.contains("herald_notifications_accepted_total 2"));
+    assert!(metrics.contains("herald_notifications_accepted_total{app=\"default\"} 2"));
     app.stop().await;
 }

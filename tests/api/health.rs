@@ -82,6 +82,6 @@ async fn unreachable_broker_means_not_ready_and_503_within_the_deadline() {
     assert!(took < Duration::from_secs(5), "503 took {took:?}");
     let metrics = app.get("/metrics").await.text().await.unwrap();
     assert!(metrics.contains("herald_broker_connected 0"));
-    assert!(metrics.contains("herald_notifications_accepted_total 0"));
+    assert!(metrics.contains("herald_notifications_accepted_total{app=\"default\"} 0"));
     app.stop().await;
 }

@@ -6,6 +6,7 @@
 mod support;
 
 mod amqps;
+mod apps;
 mod cli;
 mod errors;
 mod hardening;

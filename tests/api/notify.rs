@@ -42,6 +42,8 @@ async fn accepted_notification_is_queued_exactly_as_sent() {
     obj.insert("accepted_at_ms".into(), json!(accepted));
     obj.insert("expires_at_ms".into(), json!(accepted + 3_600_000));
     obj.insert("attempt".into(), json!(0));
+    // The caller's app, from its API key.
+    obj.insert("app".into(), json!("default"));
     assert_eq!(queued, expected);
     // Byte for byte: the queued body is the canonical serialization of what was accepted.
     assert_eq!(delivery.notification().unwrap().to_json(), delivery.body);
@@ -65,10 +67,10 @@ async fn legacy_path_and_counters() {
     }
     let metrics = app.get("/metrics").await.text().await.unwrap();
     assert!(
-        metrics.contains("herald_notifications_accepted_total 2"),
+        metrics.contains("herald_notifications_accepted_total{app=\"default\"} 2"),
         "{metrics}"
     );
-    assert!(metrics.contains("herald_notification_targets_accepted_total 4"));
+    assert!(metrics.contains("herald_notification_targets_accepted_total{app=\"default\"} 4"));
     assert!(
         metrics.contains(
             r#"herald_http_requests_total{method="POST",route="/notify",status="202"} 1"#

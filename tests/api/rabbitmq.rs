@@ -83,7 +83,7 @@ async fn accepted_notification_is_a_persistent_message_on_a_durable_quorum_queue
     // Byte for byte, in the message format's field order.
     let expected = format!(
         concat!(
-            r#"{{"id":"{id}","accepted_at_ms":{acc},"expires_at_ms":{exp},"priority":"high","#,
+            r#"{{"id":"{id}","app":"default","accepted_at_ms":{acc},"expires_at_ms":{exp},"priority":"high","#,
             r#""notification":{{"title":"Hi"}},"apns":{{"push_type":"alert"}},"android":{{}},"#,
             r#""targets":[{{"device_id":"phone-42","fcm":{{"token":"tok"}}}}],"attempt":0}}"#
         ),

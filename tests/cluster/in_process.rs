@@ -140,6 +140,8 @@ struct Ghost {
 
 impl Ghost {
     async fn start(vhost: &TestVhost, device: &str) -> Ghost {
+        // Presence carries the directory's key of the device: `app/device`.
+        let device = gw::device(device).routing_key();
         let conn = lapin::Connection::connect(&vhost.url, lapin::ConnectionProperties::default())
             .await
             .unwrap();

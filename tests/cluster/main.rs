@@ -12,6 +12,7 @@ mod support;
 
 use support::gateway as gw;
 
+mod apps;
 mod broker_users;
 mod in_process;
 mod nodes;

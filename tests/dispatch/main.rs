@@ -10,6 +10,7 @@ use support::gateway as gw;
 
 mod harness;
 
+mod apps;
 mod broker_restart;
 mod delivery;
 mod drain;

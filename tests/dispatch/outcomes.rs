@@ -92,7 +92,7 @@ async fn dead_token_is_reported_and_never_retried(backend: Backend) {
         .await;
         assert!(
             keys.iter()
-                .any(|k| k == "token_dead.apns" || k == "token_dead.fcm"),
+                .any(|k| k == "default.token_dead.apns" || k == "default.token_dead.fcm"),
             "{keys:?}"
         );
     }
@@ -115,7 +115,7 @@ async fn bind_events_queue(url: &str) -> (lapin::Connection, lapin::Channel) {
     ch.queue_bind(
         "events".into(),
         "herald.events".into(),
-        "token_dead.*".into(),
+        "*.token_dead.*".into(),
         QueueBindOptions::default(),
         Default::default(),
     )

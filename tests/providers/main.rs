@@ -6,6 +6,7 @@
 mod support;
 
 mod apns;
+mod apps;
 mod endpoints;
 mod fcm;
 mod resilience;
@@ -13,7 +14,7 @@ mod resilience;
 use std::time::Duration;
 
 use herald::config::Settings;
-use herald::domain::{ApnsToken, FcmToken, QueuedNotification};
+use herald::domain::{ApnsRoute, ApnsToken, FcmToken, QueuedNotification};
 use herald::metrics::Metrics;
 use herald::providers::Providers;
 
@@ -62,17 +63,20 @@ pub fn apns_token(n: u32) -> ApnsToken {
     ApnsToken::parse(format!("{n:08x}{}", "ab".repeat(28))).unwrap()
 }
 
+/// An APNs route to `token` in the app's default environment.
+pub fn route(token: &ApnsToken) -> ApnsRoute {
+    ApnsRoute {
+        token: token.clone(),
+        environment: None,
+    }
+}
+
 pub fn fcm_token(name: &str) -> FcmToken {
     FcmToken::parse(format!("fcm-{name}:APA91b{}", "x".repeat(100))).unwrap()
 }
 
 /// The value of a counter/histogram-count line in the metrics text.
 pub fn metric(metrics: &Metrics, line_prefix: &str) -> f64 {
-    metrics
-        .render()
-        .lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric line starting with {line_prefix}"))
+    support::metric_value(&metrics.render(), line_prefix)
+        .unwrap_or_else(|| panic!("no metric series {line_prefix}"))
 }

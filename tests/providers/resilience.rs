@@ -7,7 +7,7 @@ use herald::providers::ProviderOutcome;
 use crate::support::apns_double::{ApnsDouble, Reply};
 use crate::support::fcm_double::FcmDouble;
 use crate::support::wait_for;
-use crate::{alert, apns_token, fcm_token, providers, settings};
+use crate::{alert, apns_token, fcm_token, providers, route, settings};
 
 #[tokio::test]
 async fn a_hung_apns_does_not_slow_fcm() {
@@ -33,7 +33,7 @@ async fn a_hung_apns_does_not_slow_fcm() {
             let p = p.clone();
             tokio::spawn(async move {
                 let token = apns_token(500 + i);
-                p.send(TargetRoute::Apns(&token), &alert()).await
+                p.send(TargetRoute::Apns(&route(&token)), &alert()).await
             })
         })
         .collect();
@@ -81,7 +81,7 @@ async fn the_circuit_opens_after_consecutive_failures_and_recovers_through_a_pro
 
     apns.reply_always(Some(Reply::reason(503, "ServiceUnavailable")));
     for _ in 0..3 {
-        let outcome = p.send(TargetRoute::Apns(&token), &alert()).await;
+        let outcome = p.send(TargetRoute::Apns(&route(&token)), &alert()).await;
         assert!(
             matches!(&outcome, ProviderOutcome::Transient { reason, .. } if reason.contains("503")),
             "{outcome:?}"
@@ -90,7 +90,7 @@ async fn the_circuit_opens_after_consecutive_failures_and_recovers_through_a_pro
     assert_eq!(apns.request_count(), 3);
 
     // Open: answered at once, without a request, with the cool-down as retry_after.
-    match p.send(TargetRoute::Apns(&token), &alert()).await {
+    match p.send(TargetRoute::Apns(&route(&token)), &alert()).await {
         ProviderOutcome::Transient {
             reason,
             retry_after: Some(wait),
@@ -104,19 +104,19 @@ async fn the_circuit_opens_after_consecutive_failures_and_recovers_through_a_pro
 
     // Still failing when the cool-down ends: the one probe fails and the circuit reopens.
     wait_for(Duration::from_secs(5), "a failed probe", || async {
-        p.send(TargetRoute::Apns(&token), &alert()).await;
+        p.send(TargetRoute::Apns(&route(&token)), &alert()).await;
         (apns.request_count() == 4).then_some(())
     })
     .await;
     assert!(matches!(
-        p.send(TargetRoute::Apns(&token), &alert()).await,
+        p.send(TargetRoute::Apns(&route(&token)), &alert()).await,
         ProviderOutcome::Transient { reason, .. } if reason == "circuit open"
     ));
 
     // APNs recovers: the next probe succeeds and the circuit closes.
     apns.reply_always(None);
     wait_for(Duration::from_secs(5), "a successful probe", || async {
-        (p.send(TargetRoute::Apns(&token), &alert()).await == ProviderOutcome::Delivered)
+        (p.send(TargetRoute::Apns(&route(&token)), &alert()).await == ProviderOutcome::Delivered)
             .then_some(())
     })
     .await;
@@ -127,7 +127,7 @@ async fn the_circuit_opens_after_consecutive_failures_and_recovers_through_a_pro
     );
     for _ in 0..3 {
         assert_eq!(
-            p.send(TargetRoute::Apns(&token), &alert()).await,
+            p.send(TargetRoute::Apns(&route(&token)), &alert()).await,
             ProviderOutcome::Delivered
         );
     }
@@ -144,14 +144,14 @@ async fn dead_tokens_and_config_errors_do_not_open_the_circuit() {
     apns.reply_always(Some(Reply::reason(410, "Unregistered")));
     for _ in 0..5 {
         assert!(matches!(
-            p.send(TargetRoute::Apns(&token), &alert()).await,
+            p.send(TargetRoute::Apns(&route(&token)), &alert()).await,
             ProviderOutcome::TokenDead { .. }
         ));
     }
     apns.reply_always(Some(Reply::reason(400, "BadTopic")));
     for _ in 0..5 {
         assert!(matches!(
-            p.send(TargetRoute::Apns(&token), &alert()).await,
+            p.send(TargetRoute::Apns(&route(&token)), &alert()).await,
             ProviderOutcome::ConfigError { .. }
         ));
     }

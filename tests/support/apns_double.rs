@@ -293,23 +293,46 @@ pub struct ApnsDouble {
 impl ApnsDouble {
     /// Cleartext h2 (prior knowledge).
     pub async fn start() -> ApnsDouble {
-        Self::start_with(false).await
+        Self::start_with(false, "TESTKEY123", "TEAM987654", "com.example.herald").await
     }
 
     /// TLS with ALPN h2; the client needs `server.ca_file` as `apns.ca_file`.
     pub async fn start_tls() -> ApnsDouble {
-        Self::start_with(true).await
+        Self::start_with(true, "TESTKEY123", "TEAM987654", "com.example.herald").await
     }
 
-    async fn start_with(tls: bool) -> ApnsDouble {
+    /// Cleartext, for another APNs account: its own key (every double generates one), key
+    /// id, team id and topic. Only JWTs signed with this key, `kid` and `iss` verify.
+    pub async fn start_as(key_id: &str, team_id: &str, topic: &str) -> ApnsDouble {
+        Self::start_with(false, key_id, team_id, topic).await
+    }
+
+    /// Another endpoint of the same APNs account (same key, key id, team id, topic): the
+    /// other environment's host, which accepts the same provider tokens, as Apple's do.
+    pub async fn start_same_account(&self) -> ApnsDouble {
+        let key = rcgen::KeyPair::from_pem(&self.key_pem).unwrap();
+        Self::start_with_key(false, key, &self.key_id, &self.team_id, &self.topic).await
+    }
+
+    async fn start_with(tls: bool, key_id: &str, team_id: &str, topic: &str) -> ApnsDouble {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        Self::start_with_key(tls, key, key_id, team_id, topic).await
+    }
+
+    async fn start_with_key(
+        tls: bool,
+        key: rcgen::KeyPair,
+        key_id: &str,
+        team_id: &str,
+        topic: &str,
+    ) -> ApnsDouble {
         let dir = tempfile::tempdir().unwrap();
-        let key_file = dir.path().join("AuthKey_TESTKEY123.p8");
+        let key_file = dir.path().join(format!("AuthKey_{key_id}.p8"));
         let key_pem = key.serialize_pem();
         std::fs::write(&key_file, &key_pem).unwrap();
         let state = Arc::new(ApnsState {
-            key_id: "TESTKEY123".into(),
-            team_id: "TEAM987654".into(),
+            key_id: key_id.into(),
+            team_id: team_id.into(),
             decoding: DecodingKey::from_ec_pem(key.public_key_pem().as_bytes()).unwrap(),
             requests: Mutex::default(),
             per_token: Mutex::default(),
@@ -325,7 +348,7 @@ impl ApnsDouble {
             key_file,
             key_id: state.key_id.clone(),
             team_id: state.team_id.clone(),
-            topic: "com.example.herald".into(),
+            topic: topic.into(),
             key_pem,
             state,
             _dir: dir,
@@ -340,6 +363,22 @@ impl ApnsDouble {
         s.apns.topic = self.topic.clone();
         s.apns.endpoint = self.url.clone();
         s.apns.ca_file = self
+            .server
+            .ca_file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+    }
+
+    /// Points `[apps.<app>.apns]` at this double (creating the app section if needed).
+    pub fn configure_app(&self, s: &mut herald::config::Settings, app: &str) {
+        let a = &mut s.apps.entry(app.to_owned()).or_default().apns;
+        a.key_file = self.key_file.display().to_string();
+        a.key_id = self.key_id.clone();
+        a.team_id = self.team_id.clone();
+        a.topic = self.topic.clone();
+        a.endpoint = self.url.clone();
+        a.ca_file = self
             .server
             .ca_file
             .as_ref()

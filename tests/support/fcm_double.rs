@@ -24,6 +24,11 @@ use super::apns_double::{Answer, H2Server, json_response, serve_h2};
 pub const PROJECT_ID: &str = "herald-test-project";
 pub const CLIENT_EMAIL: &str = "herald-sender@herald-test-project.iam.gserviceaccount.com";
 
+/// The service account's e-mail in `project`.
+pub fn client_email(project: &str) -> String {
+    format!("herald-sender@{project}.iam.gserviceaccount.com")
+}
+
 /// What the double answers (instead of its own verdict).
 #[derive(Debug, Clone)]
 pub enum FcmReply {
@@ -185,6 +190,7 @@ pub struct TokenGrant {
 }
 
 struct FcmState {
+    project: String,
     token_uri: String,
     decoding: DecodingKey,
     /// Lifetime of issued access tokens.
@@ -207,15 +213,21 @@ pub struct FcmDouble {
 
 impl FcmDouble {
     pub async fn start() -> FcmDouble {
-        Self::start_with(false).await
+        Self::start_with(false, PROJECT_ID).await
     }
 
     /// TLS with ALPN h2; the client needs `server.ca_file` as `fcm.ca_file`.
     pub async fn start_tls() -> FcmDouble {
-        Self::start_with(true).await
+        Self::start_with(true, PROJECT_ID).await
     }
 
-    async fn start_with(tls: bool) -> FcmDouble {
+    /// Cleartext, for another Firebase project: its own service account (key, e-mail) and
+    /// project path; only that account's assertions get tokens.
+    pub async fn start_for_project(project: &str) -> FcmDouble {
+        Self::start_with(false, project).await
+    }
+
+    async fn start_with(tls: bool, project: &str) -> FcmDouble {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
         // The token URI is only known once the server is bound; the handler reads it from the
         // state, which is filled in right after.
@@ -228,6 +240,7 @@ impl FcmDouble {
         .await;
         let token_uri = format!("{}/token", server.url);
         let state = Arc::new(FcmState {
+            project: project.to_owned(),
             token_uri: token_uri.clone(),
             decoding: DecodingKey::from_rsa_pem(key.public_key_pem().as_bytes()).unwrap(),
             expires_in: Mutex::new(3600),
@@ -243,10 +256,10 @@ impl FcmDouble {
         let service_account_file = dir.path().join("service-account.json");
         let sa = json!({
             "type": "service_account",
-            "project_id": PROJECT_ID,
+            "project_id": project,
             "private_key_id": "test-key-id-1",
             "private_key": key.serialize_pem(),
-            "client_email": CLIENT_EMAIL,
+            "client_email": client_email(project),
             "client_id": "1234567890",
             "auth_uri": "https://accounts.google.com/o/oauth2/auth",
             "token_uri": token_uri,
@@ -263,6 +276,19 @@ impl FcmDouble {
             state,
             _dir: dir,
         }
+    }
+
+    /// Points `[apps.<app>.fcm]` at this double (creating the app section if needed).
+    pub fn configure_app(&self, s: &mut herald::config::Settings, app: &str) {
+        let f = &mut s.apps.entry(app.to_owned()).or_default().fcm;
+        f.service_account_file = self.service_account_file.display().to_string();
+        f.endpoint = self.url.clone();
+        f.ca_file = self
+            .server
+            .ca_file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
     }
 
     /// Points `[fcm]` at this double.
@@ -347,7 +373,7 @@ fn token_endpoint(state: &FcmState, req: &Request<Bytes>) -> Answer {
     };
     let mut validation = Validation::new(Algorithm::RS256);
     validation.set_audience(&[&state.token_uri]);
-    validation.set_issuer(&[CLIENT_EMAIL]);
+    validation.set_issuer(&[client_email(&state.project)]);
     validation.set_required_spec_claims(&["exp", "iat", "aud", "iss"]);
     let data = match jsonwebtoken::decode::<Value>(assertion, &state.decoding, &validation) {
         Ok(d) => d,
@@ -403,7 +429,7 @@ async fn handle(state: Arc<FcmState>, req: Request<Bytes>) -> Answer {
             &[],
         )
     };
-    if path != format!("/v1/projects/{PROJECT_ID}/messages:send")
+    if path != format!("/v1/projects/{}/messages:send", state.project)
         || req.method() != hyper::Method::POST
     {
         return google(404, "NOT_FOUND", "Requested entity was not found.");
@@ -440,8 +466,10 @@ async fn handle(state: Arc<FcmState>, req: Request<Bytes>) -> Answer {
         .status(200)
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(
-            serde_json::to_vec(&json!({"name": format!("projects/{PROJECT_ID}/messages/{id}")}))
-                .unwrap(),
+            serde_json::to_vec(
+                &json!({"name": format!("projects/{}/messages/{id}", state.project)}),
+            )
+            .unwrap(),
         )))
         .unwrap())
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use herald::config::{Secret, Settings};
 use herald::directory::Directory;
-use herald::domain::DeviceId;
+use herald::domain::{DeviceId, DeviceKey};
 use herald::gateway::DeviceTokens;
 use herald::shutdown::Shutdown;
 use herald::startup::Application;
@@ -66,11 +66,7 @@ impl GwApp {
 
     /// Value of a metric line (name with labels, exactly as rendered), 0 if absent.
     pub fn metric(&self, series: &str) -> f64 {
-        self.metrics
-            .render()
-            .lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
+        crate::support::metric_value(&self.metrics.render(), series).unwrap_or(0.0)
     }
 
     pub fn closed(&self, reason: &str) -> f64 {
@@ -85,13 +81,17 @@ impl GwApp {
     }
 }
 
-pub fn device(id: &str) -> DeviceId {
-    DeviceId::parse(id).expect("valid device id")
+/// Device `id` of the app `default`.
+pub fn device(id: &str) -> DeviceKey {
+    DeviceKey::new(
+        Default::default(),
+        DeviceId::parse(id).expect("valid device id"),
+    )
 }
 
 pub fn token(device_id: &str) -> String {
     DeviceTokens::new(Some(&Secret::new(SECRET)), Duration::from_secs(60))
-        .mint(&device(device_id))
+        .mint(&device(device_id).device)
         .expect("mints")
         .0
 }
@@ -113,12 +113,41 @@ pub async fn try_connect(app: &GwApp, token: Option<&str>) -> Result<Ws, tungste
 
 /// Connects and reads the hello frame.
 pub async fn connect(app: &GwApp, device_id: &str) -> (Ws, Value) {
-    let mut ws = try_connect(app, Some(&token(device_id)))
-        .await
-        .expect("connects");
+    connect_with(app, &token(device_id)).await
+}
+
+/// Connects with `token` and reads the hello frame.
+pub async fn connect_with(app: &GwApp, token: &str) -> (Ws, Value) {
+    let mut ws = try_connect(app, Some(token)).await.expect("connects");
     let hello = next_json(&mut ws).await;
     assert_eq!(hello["type"], "hello", "{hello}");
     (ws, hello)
+}
+
+/// A token for device `device_id` of app `app`.
+pub fn token_in(app: &str, device_id: &str) -> String {
+    DeviceTokens::new(Some(&Secret::new(SECRET)), Duration::from_secs(60))
+        .mint_in(
+            &herald::domain::AppId::parse(app).expect("app name"),
+            &device(device_id).device,
+        )
+        .expect("mints")
+        .0
+}
+
+/// The id of the next notification frame an acker (or reader) reports.
+pub async fn next_notification_id(
+    frames: &mut tokio::sync::mpsc::UnboundedReceiver<Value>,
+) -> String {
+    loop {
+        let frame = tokio::time::timeout(WAIT, frames.recv())
+            .await
+            .expect("a frame within the wait")
+            .expect("the session is open");
+        if frame["type"] == "notification" {
+            return frame["id"].as_str().expect("an id").to_owned();
+        }
+    }
 }
 
 /// The next text frame as JSON (pings are answered by tungstenite while reading).

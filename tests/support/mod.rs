@@ -181,6 +181,42 @@ where
     }
 }
 
+/// The value of `series` (`name` or `name{label="value",...}`) in a Prometheus text
+/// exposition, summed over every series of that name whose labels include the ones given,
+/// in any order: `herald_deliveries_total{channel="apns"}` sums over every app and outcome,
+/// `...{app="shop",channel="apns",outcome="delivered"}` is one series. `None` when no
+/// series matches.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    let (name, wanted) = split_series(series);
+    let mut sum = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, labels) = split_series(series);
+        if n == name && wanted.iter().all(|w| labels.contains(w)) {
+            *sum.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    sum
+}
+
+/// `name{a="x",b="y"}` into its name and its `a="x"` pairs (values hold no `",`).
+fn split_series(series: &str) -> (&str, Vec<&str>) {
+    match series.split_once('{') {
+        None => (series, Vec::new()),
+        Some((name, rest)) => {
+            let labels = rest.strip_suffix('}').unwrap_or(rest);
+            let pairs = labels
+                .split("\",")
+                .map(|p| p.trim_end_matches('"'))
+                .filter(|p| !p.is_empty())
+                .collect();
+            (name, pairs)
+        }
+    }
+}
+
 /// A notify body for `n` data-only targets.
 pub fn notify_body(devices: &[&str]) -> serde_json::Value {
     serde_json::json!({

@@ -50,7 +50,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ClusterSettings;
-use crate::domain::{DeviceId, QueuedNotification};
+use crate::domain::{DeviceKey, QueuedNotification};
 use crate::gateway::{Gateway, LiveOutcome, registrar};
 use crate::metrics::Metrics;
 use crate::queue::RabbitQueue;
@@ -189,7 +189,7 @@ impl ClusterDirectory {
     }
 
     /// Whether `device` holds a session on *this* node.
-    pub fn is_connected_here(&self, device: &DeviceId) -> bool {
+    pub fn is_connected_here(&self, device: &DeviceKey) -> bool {
         self.0
             .gateway
             .as_ref()
@@ -197,7 +197,7 @@ impl ClusterDirectory {
     }
 
     /// One live attempt for `device`, wherever its session is.
-    pub async fn deliver(&self, device: &DeviceId, n: &QueuedNotification) -> LiveOutcome {
+    pub async fn deliver(&self, device: &DeviceKey, n: &QueuedNotification) -> LiveOutcome {
         // The session is on this node: no broker hop needed.
         if let Some(g) = &self.0.gateway
             && g.is_connected(device)
@@ -214,7 +214,7 @@ impl ClusterDirectory {
 
     /// The replica path, skipping this node's own sessions: public so the benchmark can
     /// measure it.
-    pub async fn deliver_remote(&self, device: &DeviceId, n: &QueuedNotification) -> LiveOutcome {
+    pub async fn deliver_remote(&self, device: &DeviceKey, n: &QueuedNotification) -> LiveOutcome {
         let Some(replica) = &self.0.replica else {
             return LiveOutcome::Offline;
         };

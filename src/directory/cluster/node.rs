@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::wire::{self, Presence, Reply};
-use crate::domain::{DeviceId, NotificationId};
+use crate::domain::{DeviceKey, NotificationId};
 use crate::gateway::registrar::{self, Command};
 use crate::gateway::{Gateway, LiveOutcome};
 use crate::metrics::Metrics;
@@ -57,7 +57,7 @@ impl Publisher {
         mut snapshots: mpsc::UnboundedReceiver<ShortString>,
         stop: CancellationToken,
     ) {
-        let mut sessions: HashMap<DeviceId, Uuid> = HashMap::new();
+        let mut sessions: HashMap<DeviceKey, Uuid> = HashMap::new();
         let mut seq: u64 = 0;
         let mut tick = tokio::time::interval(self.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -149,7 +149,7 @@ impl Publisher {
         ch: &Channel,
         first: Command,
         commands: &mut registrar::Receiver,
-        sessions: &mut HashMap<DeviceId, Uuid>,
+        sessions: &mut HashMap<DeviceKey, Uuid>,
         seq: &mut u64,
     ) -> bool {
         let mut batch = vec![first];
@@ -158,8 +158,8 @@ impl Publisher {
         {
             batch.push(c);
         }
-        let mut ops: Vec<(DeviceId, Option<Uuid>)> = Vec::new();
-        let mut index: HashMap<DeviceId, usize> = HashMap::new();
+        let mut ops: Vec<(DeviceKey, Option<Uuid>)> = Vec::new();
+        let mut index: HashMap<DeviceKey, usize> = HashMap::new();
         let mut waiters: Vec<oneshot::Sender<bool>> = Vec::new();
         let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
         for c in batch {
@@ -263,7 +263,7 @@ pub async fn serve_queue(
                     continue;
                 };
                 let device = wire::header(&d.properties, wire::HEADER_DEVICE)
-                    .and_then(|s| DeviceId::parse(s).ok());
+                    .and_then(|s| DeviceKey::parse_routing_key(&s));
                 let id = wire::header(&d.properties, wire::HEADER_ID)
                     .and_then(|s| NotificationId::parse(&s));
                 let frame = String::from_utf8(d.data).ok();

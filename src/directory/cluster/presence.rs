@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::wire::Presence;
-use crate::domain::DeviceId;
+use crate::domain::DeviceKey;
 
 /// A node silent for this long after its lease expired is forgotten (its claims dropped),
 /// so the replica stays O(live nodes). Long against any lease: a node back after this is
@@ -54,7 +54,7 @@ struct NodeState {
     /// Deltas applied (valid while `synced`).
     seq: u64,
     synced: bool,
-    devices: HashMap<DeviceId, Uuid>,
+    devices: HashMap<DeviceKey, Uuid>,
     /// Deltas received while not synced, by seq.
     buffered: BTreeMap<u64, Vec<(String, Option<Uuid>)>>,
     last_heard: Instant,
@@ -66,11 +66,11 @@ struct NodeState {
 /// Sessions a node other than `me` opened, in a presence message: a gateway closes its own
 /// older session of each device ("newer session wins", across nodes). Independent of any
 /// replica state, so gateway-only nodes need no replica.
-pub fn opened_elsewhere(msg: &Presence, me: Option<&str>) -> Vec<(DeviceId, Uuid)> {
+pub fn opened_elsewhere(msg: &Presence, me: Option<&str>) -> Vec<(DeviceKey, Uuid)> {
     match msg {
         Presence::Delta { node, ops, .. } if me != Some(node.as_str()) => ops
             .iter()
-            .filter_map(|(d, s)| Some((DeviceId::parse(d.as_str()).ok()?, (*s)?)))
+            .filter_map(|(d, s)| Some((DeviceKey::parse_routing_key(d.as_str())?, (*s)?)))
             .collect(),
         _ => Vec::new(),
     }
@@ -81,7 +81,7 @@ pub struct Replica {
     lease: Duration,
     nodes: HashMap<NodeId, NodeState>,
     /// Device → every (node, session) claiming it. Usually one; two while a device moves.
-    index: HashMap<DeviceId, Vec<(NodeId, Uuid)>>,
+    index: HashMap<DeviceKey, Vec<(NodeId, Uuid)>>,
     /// When this process's presence queue started consuming (None while it is down).
     listening_since: Option<Instant>,
 }
@@ -135,7 +135,7 @@ impl Replica {
     }
 
     /// Where `device`'s newest session is, among live nodes.
-    pub fn lookup(&self, device: &DeviceId) -> Option<(NodeId, Uuid)> {
+    pub fn lookup(&self, device: &DeviceKey) -> Option<(NodeId, Uuid)> {
         self.index
             .get(device)?
             .iter()
@@ -227,12 +227,12 @@ impl Replica {
                 }
             }
             Presence::Snapshot { seq, devices, .. } => {
-                let old: Vec<DeviceId> = self.nodes[&node].devices.keys().cloned().collect();
+                let old: Vec<DeviceKey> = self.nodes[&node].devices.keys().cloned().collect();
                 for d in old {
                     self.remove_claim(&node, &d);
                 }
                 for (d, s) in devices {
-                    if let Ok(d) = DeviceId::parse(d) {
+                    if let Some(d) = DeviceKey::parse_routing_key(&d) {
                         self.set_claim(&node, d, s);
                     }
                 }
@@ -289,7 +289,9 @@ impl Replica {
 
     fn apply_ops(&mut self, node: &NodeId, ops: Vec<(String, Option<Uuid>)>) {
         for (d, s) in ops {
-            let Ok(d) = DeviceId::parse(d) else { continue };
+            let Some(d) = DeviceKey::parse_routing_key(&d) else {
+                continue;
+            };
             match s {
                 Some(s) => self.set_claim(node, d, s),
                 None => self.remove_claim(node, &d),
@@ -297,7 +299,7 @@ impl Replica {
         }
     }
 
-    fn set_claim(&mut self, node: &NodeId, device: DeviceId, session: Uuid) {
+    fn set_claim(&mut self, node: &NodeId, device: DeviceKey, session: Uuid) {
         if let Some(st) = self.nodes.get_mut(node) {
             st.devices.insert(device.clone(), session);
         }
@@ -308,7 +310,7 @@ impl Replica {
         }
     }
 
-    fn remove_claim(&mut self, node: &NodeId, device: &DeviceId) {
+    fn remove_claim(&mut self, node: &NodeId, device: &DeviceKey) {
         if let Some(st) = self.nodes.get_mut(node) {
             st.devices.remove(device);
         }
@@ -340,8 +342,8 @@ mod tests {
 
     const LEASE: Duration = Duration::from_millis(1500);
 
-    fn dev(s: &str) -> DeviceId {
-        DeviceId::parse(s).unwrap()
+    fn dev(s: &str) -> DeviceKey {
+        DeviceKey::parse_routing_key(&format!("default/{s}")).unwrap()
     }
 
     fn hb(node: &str, epoch: Uuid, seq: u64) -> Presence {
@@ -357,7 +359,7 @@ mod tests {
             node: node.into(),
             epoch,
             seq,
-            ops: ops.iter().map(|(d, s)| (d.to_string(), *s)).collect(),
+            ops: ops.iter().map(|(d, s)| (dev(d).to_string(), *s)).collect(),
         }
     }
 
@@ -391,7 +393,7 @@ mod tests {
             node: "a".into(),
             epoch: e,
             seq: 5,
-            devices: vec![("x".into(), s1)],
+            devices: vec![(dev("x").to_string(), s1)],
         };
         let d5 = delta("a", e, 5, &[("x", Some(s1))]);
         let d6 = delta("a", e, 6, &[("y", Some(s2)), ("x", None)]);

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::presence::NodeId;
 use super::wire::{self, Reply};
-use crate::domain::{DeviceId, QueuedNotification};
+use crate::domain::{DeviceKey, QueuedNotification};
 use crate::gateway::{LiveOutcome, protocol};
 use crate::metrics::Metrics;
 
@@ -96,7 +96,7 @@ impl Rpc {
     pub async fn deliver(
         &self,
         node: &NodeId,
-        device: &DeviceId,
+        device: &DeviceKey,
         n: &QueuedNotification,
     ) -> LiveOutcome {
         let hop_deadline = Instant::now() + self.hop_timeout;
@@ -119,7 +119,7 @@ impl Rpc {
         let _guard = PendingGuard(self, correlation);
         let id = n.id.to_string();
         let props = wire::deliver_properties(
-            device.as_str(),
+            &device.routing_key(),
             &id,
             correlation,
             self.hop_timeout.as_millis(),

@@ -19,16 +19,22 @@ pub use payload::{MAX_PAYLOAD_BYTES, payload, payload_size};
 use super::ProviderOutcome;
 use super::transport::{Bulkhead, check_url, http_client, send_timed, transport_error};
 use crate::config::ApnsSettings;
-use crate::domain::{ApnsPushType, ApnsToken, Priority, QueuedNotification};
+use crate::domain::{
+    ApnsEnvironment, ApnsPushType, ApnsRoute, ApnsToken, Priority, QueuedNotification,
+};
 use crate::metrics::Metrics;
 
 pub const PRODUCTION: &str = "https://api.push.apple.com";
 pub const SANDBOX: &str = "https://api.sandbox.push.apple.com";
 
-/// An APNs sender: its own connection pool, bulkhead and provider token.
+/// An APNs sender for one app: its own connection pool, bulkhead and provider token, and an
+/// endpoint per environment. One .p8 key signs for both: Apple's provider tokens are not
+/// tied to an environment.
 pub struct ApnsClient {
     http: reqwest::Client,
-    base: String,
+    production: String,
+    sandbox: String,
+    default_environment: ApnsEnvironment,
     topic: String,
     jwt: jwt::ProviderToken,
     bulkhead: Bulkhead,
@@ -38,33 +44,49 @@ pub struct ApnsClient {
 impl ApnsClient {
     /// `None` when APNs is not configured (`apns.key_file` empty). Errors name the key.
     pub fn from_settings(s: &ApnsSettings, metrics: &Metrics) -> anyhow::Result<Option<Self>> {
+        Self::for_app(s, "", metrics)
+    }
+
+    /// As [`ApnsClient::from_settings`] for an app whose keys start with `prefix`
+    /// (`apps.shop.`; empty for `default`), so errors name the key as written.
+    pub fn for_app(
+        s: &ApnsSettings,
+        prefix: &str,
+        metrics: &Metrics,
+    ) -> anyhow::Result<Option<Self>> {
         if s.key_file.is_empty() {
             return Ok(None);
         }
         for (key, value) in [
-            ("apns.key_id", &s.key_id),
-            ("apns.team_id", &s.team_id),
-            ("apns.topic", &s.topic),
+            ("key_id", &s.key_id),
+            ("team_id", &s.team_id),
+            ("topic", &s.topic),
         ] {
             anyhow::ensure!(
                 !value.trim().is_empty(),
-                "{key} must be set when apns.key_file is"
+                "{prefix}apns.{key} must be set when {prefix}apns.key_file is"
             );
         }
         // The error names the file, never its contents.
         let pem = std::fs::read(&s.key_file)
-            .with_context(|| format!("apns.key_file: cannot read {}", s.key_file))?;
+            .with_context(|| format!("{prefix}apns.key_file: cannot read {}", s.key_file))?;
         let jwt = jwt::ProviderToken::new(&pem, s.key_id.trim(), s.team_id.trim())
-            .with_context(|| format!("apns.key_file: {}", s.key_file))?;
-        let base = match s.endpoint.as_str() {
-            "production" => PRODUCTION.to_owned(),
-            "sandbox" => SANDBOX.to_owned(),
-            url => check_url("apns.endpoint", url, s.allow_insecure_endpoints)?,
+            .with_context(|| format!("{prefix}apns.key_file: {}", s.key_file))?;
+        let endpoint = |key: &str, value: &str| match value {
+            "production" => Ok(PRODUCTION.to_owned()),
+            "sandbox" => Ok(SANDBOX.to_owned()),
+            url => check_url(
+                &format!("{prefix}apns.{key}"),
+                url,
+                s.allow_insecure_endpoints,
+            ),
         };
         let limits = s.limits();
         Ok(Some(ApnsClient {
-            http: http_client("apns.ca_file", &s.ca_file, limits.timeout)?,
-            base,
+            http: http_client(&format!("{prefix}apns.ca_file"), &s.ca_file, limits.timeout)?,
+            production: endpoint("endpoint", &s.endpoint)?,
+            sandbox: endpoint("sandbox_endpoint", &s.sandbox_endpoint)?,
+            default_environment: s.default_environment,
             topic: s.topic.trim().to_owned(),
             jwt,
             bulkhead: Bulkhead::new("apns", limits),
@@ -80,15 +102,26 @@ impl ApnsClient {
         self
     }
 
-    /// Sends `n` to one device and classifies Apple's answer.
-    pub async fn send(&self, token: &ApnsToken, n: &QueuedNotification) -> ProviderOutcome {
-        let outcome = self.bulkhead.run(self.send_authenticated(token, n)).await;
+    /// Sends `n` to one device, at its environment's endpoint, and classifies Apple's answer.
+    pub async fn send(&self, route: &ApnsRoute, n: &QueuedNotification) -> ProviderOutcome {
+        let env = route.environment.unwrap_or(self.default_environment);
+        let base = match env {
+            ApnsEnvironment::Production => &self.production,
+            ApnsEnvironment::Sandbox => &self.sandbox,
+        };
+        let token = &route.token;
+        let outcome = self
+            .bulkhead
+            .run(self.send_authenticated(base, token, n))
+            .await;
+        let outcome = explain_environment(outcome, env);
         super::note_outcome(&self.metrics, "apns", n, token, &outcome);
         outcome
     }
 
     async fn send_authenticated(
         &self,
+        base: &str,
         token: &ApnsToken,
         n: &QueuedNotification,
     ) -> ProviderOutcome {
@@ -108,7 +141,7 @@ impl ApnsClient {
                 };
             }
         };
-        match self.post(token, n, &body, &jwt).await {
+        match self.post(base, token, n, &body, &jwt).await {
             Answer::ExpiredProviderToken => {
                 // Refresh now and retry this one request once. Still expired after that means
                 // the clock is off (iat in the future or far past): the next attempt may fare
@@ -122,7 +155,7 @@ impl ApnsClient {
                         };
                     }
                 };
-                match self.post(token, n, &body, &fresh).await {
+                match self.post(base, token, n, &body, &fresh).await {
                     Answer::ExpiredProviderToken => ProviderOutcome::Transient {
                         reason:
                             "apns 403 ExpiredProviderToken, again after a refresh (check the clock)"
@@ -138,6 +171,7 @@ impl ApnsClient {
 
     async fn post(
         &self,
+        base: &str,
         token: &ApnsToken,
         n: &QueuedNotification,
         body: &[u8],
@@ -161,7 +195,7 @@ impl ApnsClient {
         let topic = n.apns.topic.as_deref().unwrap_or(&self.topic);
         let mut req = self
             .http
-            .post(format!("{}/3/device/{}", self.base, token.as_str()))
+            .post(format!("{base}/3/device/{}", token.as_str()))
             .header(AUTHORIZATION, format!("bearer {jwt}"))
             .header("apns-topic", topic)
             .header("apns-push-type", push_type)
@@ -184,6 +218,31 @@ impl ApnsClient {
                 classify(reply.status, reason.as_deref(), reply.retry_after)
             }
         }
+    }
+}
+
+/// `BadDeviceToken` is what Apple answers when a token of one environment is sent to the
+/// other's host (a development build's token to production, or the reverse), far more
+/// often than for a token that is really broken. It stays `token_dead` (the token will
+/// never work *there*), but its reason says so, so a caller can fix the target's
+/// `environment` instead of deleting a good token.
+fn explain_environment(outcome: ProviderOutcome, env: ApnsEnvironment) -> ProviderOutcome {
+    match outcome {
+        ProviderOutcome::TokenDead { reason } if reason.ends_with("BadDeviceToken") => {
+            let other = match env {
+                ApnsEnvironment::Production => ApnsEnvironment::Sandbox,
+                ApnsEnvironment::Sandbox => ApnsEnvironment::Production,
+            };
+            ProviderOutcome::TokenDead {
+                reason: format!(
+                    "{reason}: sent to the {} environment; this usually means the token belongs to the {} environment (set the target's apns.environment to \"{}\") rather than a dead token",
+                    env.as_str(),
+                    other.as_str(),
+                    other.as_str()
+                ),
+            }
+        }
+        other => other,
     }
 }
 
@@ -275,6 +334,30 @@ mod tests {
         for (status, reason, want) in cases {
             assert_eq!(class(status, reason), want, "{status} {reason}");
         }
+    }
+
+    #[test]
+    fn bad_device_token_names_the_other_environment() {
+        let dead = ProviderOutcome::TokenDead {
+            reason: "apns 400 BadDeviceToken".into(),
+        };
+        let ProviderOutcome::TokenDead { reason } =
+            explain_environment(dead, ApnsEnvironment::Production)
+        else {
+            panic!("still token_dead");
+        };
+        assert!(
+            reason.starts_with("apns 400 BadDeviceToken: sent to the production environment"),
+            "{reason}"
+        );
+        assert!(reason.contains("\"sandbox\""), "{reason}");
+        let gone = ProviderOutcome::TokenDead {
+            reason: "apns 410 Unregistered".into(),
+        };
+        assert_eq!(
+            explain_environment(gone.clone(), ApnsEnvironment::Sandbox),
+            gone
+        );
     }
 
     #[test]

@@ -31,13 +31,32 @@ impl FcmClient {
     /// `None` when FCM is not configured (`fcm.service_account_file` empty). Errors name the
     /// key.
     pub fn from_settings(s: &FcmSettings, metrics: &Metrics) -> anyhow::Result<Option<Self>> {
+        Self::for_app(s, "", metrics)
+    }
+
+    /// As [`FcmClient::from_settings`] for an app whose keys start with `prefix`
+    /// (`apps.shop.`; empty for `default`), so errors name the key as written.
+    pub fn for_app(
+        s: &FcmSettings,
+        prefix: &str,
+        metrics: &Metrics,
+    ) -> anyhow::Result<Option<Self>> {
         if s.service_account_file.is_empty() {
             return Ok(None);
         }
-        let sa = oauth::ServiceAccount::load(&s.service_account_file)?;
-        let base = check_url("fcm.endpoint", &s.endpoint, s.allow_insecure_endpoints)?;
+        let sa = match oauth::ServiceAccount::load(&s.service_account_file) {
+            Ok(sa) => sa,
+            Err(e) if prefix.is_empty() => return Err(e),
+            // oauth names the key without the app; say which app's it is.
+            Err(e) => return Err(e.context(format!("in {}", prefix.trim_end_matches('.')))),
+        };
+        let base = check_url(
+            &format!("{prefix}fcm.endpoint"),
+            &s.endpoint,
+            s.allow_insecure_endpoints,
+        )?;
         let limits = s.limits();
-        let http = http_client("fcm.ca_file", &s.ca_file, limits.timeout)?;
+        let http = http_client(&format!("{prefix}fcm.ca_file"), &s.ca_file, limits.timeout)?;
         Ok(Some(FcmClient {
             send_url: format!("{base}/v1/projects/{}/messages:send", sa.project_id),
             tokens: oauth::AccessTokens::new(&sa, http.clone(), s.allow_insecure_endpoints)?,
