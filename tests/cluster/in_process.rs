@@ -120,6 +120,17 @@ async fn the_newer_session_on_another_node_replaces_the_older() {
     .await;
 
     let mut frames = gw::spawn_acker(new);
+    // The dispatcher node is ready (its presence replica in sync) before the notify, as an
+    // operator's load balancer would see it.
+    let readyz = format!("{base}/readyz");
+    wait_for(Duration::from_secs(10), "dispatcher /readyz 200", || {
+        let readyz = readyz.clone();
+        async move {
+            let r = reqwest::get(&readyz).await.ok()?;
+            r.status().is_success().then_some(())
+        }
+    })
+    .await;
     let id = post(&base, "twice").await;
     let frame = tokio::time::timeout(Duration::from_secs(10), frames.recv())
         .await
