@@ -10,6 +10,9 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 step "RabbitMQ"
 scripts/ensure-rabbitmq.sh
 
+step "PostgreSQL (the inbox and offline tests make a database per test)"
+scripts/ensure-postgres.sh
+
 step "Rust tests (cargo nextest)"
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
