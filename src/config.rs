@@ -223,7 +223,7 @@ impl EventsSettings {
 
     /// The webhook signing key (`events.webhook_secret`, else the contents of
     /// `events.webhook_secret_file`), parsed from its `whsec_<base64>` form.
-    pub fn webhook_key(&self) -> Result<Option<crate::events::SigningKey>, SettingsError> {
+    pub fn webhook_key(&self) -> Result<Option<crate::checks::SigningKey>, SettingsError> {
         let text = if !self.webhook_secret.is_empty() {
             self.webhook_secret.clone()
         } else if !self.webhook_secret_file.is_empty() {
@@ -233,7 +233,7 @@ impl EventsSettings {
         } else {
             return Ok(None);
         };
-        crate::events::SigningKey::parse(text.expose())
+        crate::checks::SigningKey::parse(text.expose())
             .map(Some)
             .map_err(|e| invalid("events.webhook_secret", e))
     }
@@ -256,12 +256,12 @@ impl EventsSettings {
             ));
         }
         if !self.ca_file.is_empty() {
-            crate::events::read_ca_file(&self.ca_file).map_err(|e| invalid("events.ca_file", e))?;
+            crate::checks::read_ca_file(&self.ca_file).map_err(|e| invalid("events.ca_file", e))?;
         }
         let key = self.webhook_key()?;
         if let Some(url) = self.webhook_url()? {
             // The messages never repeat the URL: it may hold a credential.
-            crate::events::check_webhook_url(url.expose())
+            crate::checks::check_webhook_url(url.expose())
                 .map_err(|e| invalid("events.webhook_url", e))?;
             // No unsigned webhook: see config/default.toml, events.webhook_secret.
             if key.is_none() {
@@ -440,7 +440,7 @@ pub struct AppConfig {
     /// Empty = no webhook for this app.
     pub webhook_url: Secret,
     /// Signs the app's webhook POSTs; checked present when `webhook_url` is set.
-    pub webhook_key: Option<crate::events::SigningKey>,
+    pub webhook_key: Option<crate::checks::SigningKey>,
     pub max_notify_rate: Option<f64>,
     /// The config key prefix errors name: `""` for `default`, `apps.<name>.` otherwise.
     pub key_prefix: String,
@@ -690,7 +690,7 @@ impl Settings {
             }
         }
         for proxy in &self.gateway.trusted_proxies {
-            if crate::gateway::IpNet::parse(proxy).is_none() {
+            if crate::checks::IpNet::parse(proxy).is_none() {
                 return Err(invalid(
                     "gateway.trusted_proxies",
                     "each entry is an IP address or a CIDR block (10.0.0.0/8, fd00::/8)",
@@ -786,7 +786,7 @@ impl Settings {
                 None
             }
             .map(|s| {
-                crate::events::SigningKey::parse(s.expose())
+                crate::checks::SigningKey::parse(s.expose())
                     .map_err(|e| invalid(format!("{prefix}events.webhook_secret"), e))
             })
             .transpose()?;
@@ -821,16 +821,16 @@ impl Settings {
             ] {
                 if !matches!(url.as_str(), "production" | "sandbox") {
                     let key = format!("{p}apns.{key}");
-                    crate::providers::check_url(&key, url, app.apns.allow_insecure_endpoints)
+                    check_url(&key, url, app.apns.allow_insecure_endpoints)
                         .map_err(|e| invalid(key, format!("{e:#}")))?;
                 }
             }
             let key = format!("{p}fcm.endpoint");
-            crate::providers::check_url(&key, &app.fcm.endpoint, app.fcm.allow_insecure_endpoints)
+            check_url(&key, &app.fcm.endpoint, app.fcm.allow_insecure_endpoints)
                 .map_err(|e| invalid(key, format!("{e:#}")))?;
             if !app.webhook_url.is_empty() {
                 // The messages never repeat the URL: it may hold a credential.
-                crate::events::check_webhook_url(app.webhook_url.expose())
+                crate::checks::check_webhook_url(app.webhook_url.expose())
                     .map_err(|e| invalid(format!("{p}events.webhook_url"), e))?;
                 // No unsigned webhook, per app as at the top level.
                 if app.webhook_key.is_none() {
@@ -1225,34 +1225,7 @@ impl Settings {
     }
 }
 
-/// An endpoint URL as the design's scheme rules read it: `https://`, or cleartext `http://`
-/// only to a loopback host (a local double, a sidecar) unless `allow_insecure` (the
-/// provider's `allow_insecure_endpoints`) says the operator means it. Cleartext elsewhere
-/// would put provider JWTs, OAuth2 assertions and device tokens on the network.
-pub fn check_url(key: &str, url: &str, allow_insecure: bool) -> anyhow::Result<String> {
-    use anyhow::Context;
-    let url = url.trim_end_matches('/');
-    let parsed =
-        reqwest::Url::parse(url).with_context(|| format!("{key}: `{url}` is not a URL"))?;
-    anyhow::ensure!(
-        matches!(parsed.scheme(), "https" | "http") && parsed.host().is_some(),
-        "{key}: `{url}` must be an https:// URL (or http:// to a loopback host)"
-    );
-    if parsed.scheme() == "http" {
-        let host = parsed.host_str().unwrap_or_default();
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let loopback = host.eq_ignore_ascii_case("localhost")
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback());
-        anyhow::ensure!(
-            loopback || allow_insecure,
-            "{key}: `{url}` is cleartext http:// to a host that is not loopback; use https://, \
-             or set allow_insecure_endpoints = true in this provider's section if you mean it"
-        );
-    }
-    Ok(url.to_owned())
-}
+pub use crate::checks::check_url;
 
 #[cfg(test)]
 mod inbox_settings_tests {

@@ -25,6 +25,7 @@
 //! ARCHITECTURE.md walks the data path end to end.
 
 pub mod api;
+pub mod checks;
 pub mod client;
 pub mod config;
 pub mod directory;
