@@ -88,16 +88,6 @@ impl Settlement {
     }
 }
 
-/// After the live attempt: whether to try the target's provider routes. Not after a live
-/// ack. An at_most_once notification gets one attempt: live if a session existed (the frame
-/// went out, acked or not), else the provider routes.
-pub fn falls_back(qos: Qos, live: LiveOutcome) -> bool {
-    match qos {
-        Qos::AtLeastOnce => live != LiveOutcome::Acked,
-        Qos::AtMostOnce => live == LiveOutcome::Offline,
-    }
-}
-
 /// Whether a target goes to its device's offline inbox (when there is one): an
 /// at_least_once notification the device did not ack live (no session, the session died or
 /// did not ack), with no provider route or only routes whose tokens are dead. A target a
@@ -556,12 +546,12 @@ pub(crate) mod tests {
         assert_eq!(settle(&n, &reports), Settlement::Ack);
         assert!(reports.iter().all(|r| !wants_inbox(&n, r)));
         // The one attempt: live if a session took the frame, else the provider.
-        assert!(falls_back(Qos::AtMostOnce, Offline));
-        assert!(!falls_back(Qos::AtMostOnce, NotAcked));
-        assert!(!falls_back(Qos::AtMostOnce, Acked));
-        assert!(falls_back(Qos::AtLeastOnce, NotAcked));
-        assert!(falls_back(Qos::AtLeastOnce, Offline));
-        assert!(!falls_back(Qos::AtLeastOnce, Acked));
+        assert!(super::super::target::falls_back(Qos::AtMostOnce, Offline));
+        assert!(!super::super::target::falls_back(Qos::AtMostOnce, NotAcked));
+        assert!(!super::super::target::falls_back(Qos::AtMostOnce, Acked));
+        assert!(super::super::target::falls_back(Qos::AtLeastOnce, NotAcked));
+        assert!(super::super::target::falls_back(Qos::AtLeastOnce, Offline));
+        assert!(!super::super::target::falls_back(Qos::AtLeastOnce, Acked));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::Dispatcher;
 use super::channel::Channel;
 use crate::directory::LiveOutcome;
-use crate::domain::{DeviceKey, QueuedNotification, Target};
+use crate::domain::{DeviceKey, Qos, QueuedNotification, Target};
 use crate::providers::ProviderOutcome;
 
 /// What one target's attempt did, channel by channel: the input of the settlement (through
@@ -17,7 +17,7 @@ pub struct TargetReport {
     pub live: LiveOutcome,
     /// The fallback routes tried, in order: none when live acked or the target has none.
     pub routes: Vec<RouteAttempt>,
-    /// Whether it went to the device's offline inbox ([`super::settle::wants_inbox`]);
+    /// Whether it went to the device's offline inbox (`settle::wants_inbox`);
     /// `None` when it did not need to.
     pub inbox: Option<InboxResult>,
 }
@@ -124,7 +124,7 @@ impl TargetReport {
 }
 
 /// Tries the live session, then, unless it acked (or the notification is at_most_once and
-/// a session took the frame: [`super::settle::falls_back`]), every route the target carries.
+/// a session took the frame: [`falls_back`]), every route the target carries.
 pub async fn deliver(d: &Dispatcher, n: &QueuedNotification, target: Target) -> TargetReport {
     let live = match &d.directory {
         // The device of this notification's app: a session of another app's device with
@@ -138,7 +138,7 @@ pub async fn deliver(d: &Dispatcher, n: &QueuedNotification, target: Target) -> 
         None => LiveOutcome::Offline,
     };
     let mut routes = Vec::new();
-    if super::settle::falls_back(n.qos, live) {
+    if falls_back(n.qos, live) {
         for route in target.routes() {
             let channel = Channel::of(&route);
             let outcome = d.providers.send(route, n).await;
@@ -150,5 +150,15 @@ pub async fn deliver(d: &Dispatcher, n: &QueuedNotification, target: Target) -> 
         live,
         routes,
         inbox: None,
+    }
+}
+
+/// After the live attempt: whether to try the target's provider routes. Not after a live
+/// ack. An at_most_once notification gets one attempt: live if a session existed (the frame
+/// went out, acked or not), else the provider routes.
+pub fn falls_back(qos: Qos, live: LiveOutcome) -> bool {
+    match qos {
+        Qos::AtLeastOnce => live != LiveOutcome::Acked,
+        Qos::AtMostOnce => live == LiveOutcome::Offline,
     }
 }
