@@ -1,7 +1,8 @@
 //! Outcome events: what happened to each target, out to the callers' systems.
 //!
-//! Each final outcome (delivered live/apns/fcm, token dead, expired, dead-lettered) becomes
-//! one JSON [`Event`] (documented in docs/events.md), published to the `{prefix}.events`
+//! Each final outcome (delivered live/apns/fcm, token dead, expired, dead-lettered, and the
+//! offline inbox's stored, replayed, dropped) and each replaced session becomes one JSON
+//! [`Event`] (documented in docs/events.md), published to the `{prefix}.events`
 //! topic exchange on RabbitMQ (routing key `<app>.<type>.<channel>`, e.g.
 //! `shop.token_dead.apns`) and, when the app's `events.webhook_url` is set, POSTed to it in
 //! batches on either backend: each app's events to its own webhook only, each POST signed
@@ -10,10 +11,14 @@
 //! Emitting never blocks a delivery: events go through a bounded buffer and are dropped
 //! (and counted) when it is full. Events report on deliveries; they must not hold them up.
 //!
+//! The dispatcher emits the delivery outcomes; the gateway emits `replayed` (an inbox entry
+//! acked by its device) and `session_replaced` (a newer session of a device closed its
+//! older one). A process with either role starts one [`Events`] and both roles share it.
+//!
 //! At shutdown both sinks stop on their node of the shutdown tree (`events`), which the
-//! drain cancels only after the dispatcher has finished: each sink then sends what its
-//! buffer still holds, the RabbitMQ sink waits for its publishes' confirms, and
-//! [`Events::flushed`] resolves when both are done (within the grace period).
+//! drain cancels only after the dispatcher and the gateway have finished: each sink then
+//! sends what its buffer still holds, the RabbitMQ sink waits for its publishes' confirms,
+//! and [`Events::flushed`] resolves when both are done (within the grace period).
 
 use std::fmt;
 use std::sync::Arc;
@@ -26,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{AppConfig, EventsSettings, Secret};
-use crate::domain::{AppId, DeviceId, NotificationId, QueuedNotification};
+use crate::domain::{AppId, DeviceId, DeviceKey, NotificationId, QueuedNotification};
 use crate::metrics::Metrics;
 use crate::queue::Queue;
 use crate::queue::backoff_with_jitter;
@@ -59,6 +64,13 @@ pub enum EventKind {
     /// Dropped from a device's inbox because a newer notification with the same
     /// `collapse_key` took its place (`reason` names it): never delivered.
     Replaced,
+    /// An offline-inbox entry sent by the gateway's replay after `hello` and acked by the
+    /// device (channel `live`): the inbox's `delivered`. Emitted by the gateway.
+    Replayed,
+    /// A newer session of a device closed its older one (4001 "replaced"), on this node or
+    /// across nodes: both sessions' ids and peer addresses, no notification. Emitted by the
+    /// gateway that closed the older session.
+    SessionReplaced,
 }
 
 impl EventKind {
@@ -71,6 +83,8 @@ impl EventKind {
             EventKind::Stored => "stored",
             EventKind::InboxOverflow => "inbox_overflow",
             EventKind::Replaced => "replaced",
+            EventKind::Replayed => "replayed",
+            EventKind::SessionReplaced => "session_replaced",
         }
     }
 }
@@ -79,9 +93,11 @@ impl EventKind {
 pub struct Event {
     #[serde(rename = "type")]
     pub kind: EventKind,
-    /// The notification's app.
+    /// The notification's (or the session's) app.
     pub app: AppId,
-    pub notification_id: String,
+    /// Absent on events about a session rather than a notification (`session_replaced`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notification_id: Option<String>,
     pub device_id: String,
     /// live, apns or fcm; absent when no channel was tried (expired).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -95,8 +111,32 @@ pub struct Event {
     /// inbox entry reaped or dropped after it left the queue.
     #[serde(skip_serializing_if = "is_zero")]
     pub attempt: u32,
+    /// `session_replaced` only: the closed session and the one that took its place.
+    #[serde(flatten)]
+    pub sessions: Option<Replacement>,
     /// RFC 3339, UTC, milliseconds.
     pub at: String,
+}
+
+/// The two sessions of a `session_replaced` event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Replacement {
+    /// The session closed with 4001.
+    pub old_session: SessionInfo,
+    /// The session that replaced it.
+    pub new_session: SessionInfo,
+}
+
+/// One device session as the gateway saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SessionInfo {
+    /// The `session_id` its `hello` carried (a UUIDv7).
+    pub id: String,
+    /// The device's address, `ip:port` of the TCP peer, or only `ip` when it came from
+    /// `X-Forwarded-For` (a trusted proxy's hop: the device's port is not known). Absent
+    /// when the node that holds the session did not say (a node from before this field).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
 }
 
 impl Event {
@@ -104,12 +144,13 @@ impl Event {
         Event {
             kind,
             app: n.app.clone(),
-            notification_id: n.id.to_string(),
+            notification_id: Some(n.id.to_string()),
             device_id: device.to_string(),
             channel: None,
             token: None,
             reason: None,
             attempt: n.attempt + 1,
+            sessions: None,
             at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
         }
     }
@@ -127,12 +168,32 @@ impl Event {
         Event {
             kind,
             app: AppId::parse(app).unwrap_or_default(),
-            notification_id: id.to_string(),
+            notification_id: Some(id.to_string()),
             device_id: device.to_owned(),
             channel: None,
             token: None,
             reason: None,
             attempt,
+            sessions: None,
+            at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        }
+    }
+
+    /// `session_replaced`: `device`'s session `old` was closed for `new`.
+    pub fn session_replaced(device: &DeviceKey, old: SessionInfo, new: SessionInfo) -> Event {
+        Event {
+            kind: EventKind::SessionReplaced,
+            app: device.app.clone(),
+            notification_id: None,
+            device_id: device.device.to_string(),
+            channel: None,
+            token: None,
+            reason: None,
+            attempt: 0,
+            sessions: Some(Replacement {
+                old_session: old,
+                new_session: new,
+            }),
             at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
         }
     }
@@ -264,12 +325,17 @@ impl Events {
             .iter()
             .filter(|s| s.app.as_ref().is_none_or(|app| *app == event.app));
         for sink in wanted {
-            if sink.tx.try_send(event.clone()).is_err() {
-                self.metrics
-                    .events_dropped
-                    .with_label_values(&[sink.name, "buffer_full"])
-                    .inc();
-            }
+            let why = match sink.tx.try_send(event.clone()) {
+                Ok(()) => continue,
+                Err(mpsc::error::TrySendError::Full(_)) => "buffer_full",
+                // The sink has stopped (the drain is over): only an event emitted after
+                // the grace period ran out gets here.
+                Err(mpsc::error::TrySendError::Closed(_)) => "stopped",
+            };
+            self.metrics
+                .events_dropped
+                .with_label_values(&[sink.name, why])
+                .inc();
         }
     }
 }
@@ -517,4 +583,52 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         at.duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(e: &Event) -> serde_json::Value {
+        let mut v = serde_json::to_value(e).unwrap();
+        v.as_object_mut().unwrap().remove("at");
+        v
+    }
+
+    /// The gateway's two events, as subscribers match them: fields and routing keys.
+    #[test]
+    fn gateway_events_have_their_documented_shape() {
+        let device = DeviceKey::parse_routing_key("shop/phone-42").unwrap();
+        let (old, new) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+        let replaced = Event::session_replaced(
+            &device,
+            SessionInfo {
+                id: old.to_string(),
+                peer: Some("203.0.113.7:51234".into()),
+            },
+            SessionInfo {
+                id: new.to_string(),
+                peer: None,
+            },
+        );
+        assert_eq!(replaced.routing_key(), "shop.session_replaced");
+        assert_eq!(
+            json(&replaced),
+            serde_json::json!({
+                "type": "session_replaced", "app": "shop", "device_id": "phone-42",
+                "old_session": {"id": old.to_string(), "peer": "203.0.113.7:51234"},
+                "new_session": {"id": new.to_string()},
+            })
+        );
+        let id = NotificationId::generate();
+        let replayed = Event::about(EventKind::Replayed, "shop", id, "web-7", 0).channel("live");
+        assert_eq!(replayed.routing_key(), "shop.replayed.live");
+        assert_eq!(
+            json(&replayed),
+            serde_json::json!({
+                "type": "replayed", "app": "shop", "notification_id": id.to_string(),
+                "device_id": "web-7", "channel": "live",
+            })
+        );
+    }
 }

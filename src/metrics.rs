@@ -283,7 +283,7 @@ impl Metrics {
             events_dropped: counter_vec(
                 &r,
                 "herald_events_dropped_total",
-                "Outcome events dropped, by sink and why (buffer_full, failed).",
+                "Outcome events dropped, by sink and why (buffer_full, failed, stopped).",
                 &["sink", "reason"],
             ),
             cluster_messages: counter_vec(
@@ -363,7 +363,7 @@ impl Metrics {
         }
         for sink in ["rabbitmq", "webhook"] {
             m.events_published.with_label_values(&[sink]);
-            for why in ["buffer_full", "failed"] {
+            for why in ["buffer_full", "failed", "stopped"] {
                 m.events_dropped.with_label_values(&[sink, why]);
             }
         }
