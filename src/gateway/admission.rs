@@ -10,8 +10,9 @@
 //! passed everything else can take from.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::hash::Hash;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,25 @@ const REGISTRY_READY_WAIT: Duration = Duration::from_secs(1);
 /// sweep keeps a day of churn from piling up. 10,000 entries is ~1 MB and one sweep a
 /// few hundred microseconds, done at most once per this many new keys.
 const LIMITER_SWEEP_AT: usize = 10_000;
+
+/// Where a session's device connects from, as this gateway saw it: the TCP peer, or,
+/// behind a trusted proxy, the client address `X-Forwarded-For` gave
+/// ([`Admission::client_ip`]), whose port is not known (the TCP port is the proxy's).
+/// Displayed as `ip:port` (`[v6]:port`) or `ip`; the `session_replaced` event's `peer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Direct(SocketAddr),
+    Forwarded(IpAddr),
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Direct(addr) => addr.fmt(f),
+            Peer::Forwarded(ip) => ip.fmt(f),
+        }
+    }
+}
 
 /// A token bucket: `rate` tokens a second, at most `burst` held.
 #[derive(Clone, Copy)]
@@ -140,6 +160,16 @@ impl Admission {
         }
         client
     }
+
+    /// The session's [`Peer`]: the TCP peer itself unless it is a trusted proxy.
+    pub(super) fn peer(&self, tcp: SocketAddr, headers: &HeaderMap) -> Peer {
+        let ip = self.client_ip(tcp.ip(), headers);
+        if ip == tcp.ip() {
+            Peer::Direct(tcp)
+        } else {
+            Peer::Forwarded(ip)
+        }
+    }
 }
 
 /// One token bucket per key (device, source address).
@@ -218,14 +248,15 @@ impl Gateway {
 
     /// Everything checked before a session may exist, once the WebSocket headers are
     /// known good: the device token, that the node is accepting, that it can register
-    /// sessions (cluster mode), then the limits in the order the module doc gives. `peer`
-    /// is the TCP peer's address. Each refusal is counted by reason.
+    /// sessions (cluster mode), then the limits in the order the module doc gives. `tcp`
+    /// is the TCP peer's address; the answer carries the device and where it connects
+    /// from (after `gateway.trusted_proxies`). Each refusal is counted by reason.
     pub(crate) async fn admit(
         &self,
         headers: &HeaderMap,
         query: &str,
-        peer: IpAddr,
-    ) -> Result<DeviceKey, Refusal> {
+        tcp: SocketAddr,
+    ) -> Result<(DeviceKey, Peer), Refusal> {
         let device = self.authenticate(headers, query)?;
         if !self.is_accepting() {
             return Err(self.refused(
@@ -254,7 +285,11 @@ impl Gateway {
                 retry_secs(wait),
             )));
         }
-        let ip = admission.client_ip(peer, headers);
+        let peer = admission.peer(tcp, headers);
+        let ip = match peer {
+            Peer::Direct(addr) => addr.ip(),
+            Peer::Forwarded(ip) => ip,
+        };
         if let Err(wait) = admission.per_ip.take(&ip) {
             return Err(self.refused(device.app.as_str(), Refusal::too_many_connects(
                 "this address is opening sessions faster than gateway.ip_connects_per_second allows; retry after the delay",
@@ -276,7 +311,7 @@ impl Gateway {
                 retry_secs(wait),
             )));
         }
-        Ok(device)
+        Ok((device, peer))
     }
 }
 

@@ -44,9 +44,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::GatewaySettings;
 use crate::domain::{DeviceKey, NotificationId, QueuedNotification};
+use crate::events::{Event, Events, SessionInfo};
 use crate::metrics::Metrics;
 use admission::Admission;
-pub use admission::IpNet;
+pub use admission::{IpNet, Peer};
 pub use handler::{connect, connect_preflight};
 pub use protocol::CloseKind;
 pub(crate) use refusal::Refusal;
@@ -93,6 +94,9 @@ struct Inner {
     /// The offline inbox sessions replay after `hello` (set once at start-up, when there is
     /// one: `None` in cluster mode without `inbox.url`).
     inbox: std::sync::OnceLock<crate::inbox::Inbox>,
+    /// Where the gateway's own events go (`session_replaced`, `replayed`); set once at
+    /// start-up. Unset: they are not emitted (tests of other parts).
+    events: std::sync::OnceLock<Events>,
 }
 
 /// What registering a new session gave.
@@ -129,6 +133,7 @@ impl Gateway {
             in_flight: TaskTracker::new(),
             sessions: TaskTracker::new(),
             inbox: std::sync::OnceLock::new(),
+            events: std::sync::OnceLock::new(),
         }))
     }
 
@@ -139,6 +144,42 @@ impl Gateway {
 
     fn inbox(&self) -> Option<&crate::inbox::Inbox> {
         self.0.inbox.get()
+    }
+
+    /// The gateway's events (`session_replaced`, `replayed`) go to `events` from now on.
+    /// The process's one [`Events`], shared with its dispatcher when it has that role too;
+    /// it must outlive [`Gateway::shutdown`] (startup.rs stops the sinks after it).
+    pub fn set_events(&self, events: Events) {
+        let _ = self.0.events.set(events);
+    }
+
+    fn emit(&self, event: Event) {
+        if let Some(events) = self.0.events.get() {
+            events.emit(event);
+        }
+    }
+
+    /// `device`'s session `old` was closed with 4001 for the newer session `new` (whose
+    /// peer another node may not have said).
+    fn session_replaced(
+        &self,
+        device: &DeviceKey,
+        old: table::Closed,
+        new: uuid::Uuid,
+        new_peer: Option<String>,
+    ) {
+        tracing::info!(device = %device, old = %old.id, %new, "session replaced by a newer one");
+        self.emit(Event::session_replaced(
+            device,
+            SessionInfo {
+                id: old.id.to_string(),
+                peer: Some(old.peer.to_string()),
+            },
+            SessionInfo {
+                id: new.to_string(),
+                peer: new_peer,
+            },
+        ));
     }
 
     /// If `device` has a session on this node, has it replay its inbox once more (after the
@@ -158,11 +199,13 @@ impl Gateway {
         self.0.table.set_registrar(registrar);
     }
 
-    /// A newer session of `device` (id `newer`, a UUIDv7) opened on another node: close
-    /// this node's session of it if it is older ("replaced").
-    pub(crate) fn close_older(&self, device: &DeviceKey, newer: uuid::Uuid) {
-        if self.0.table.close_older(device, newer) {
+    /// A newer session of `device` (id `newer`, a UUIDv7, connected from `peer` when
+    /// its node said) opened on another node: close this node's session of it if it is
+    /// older ("replaced"), with a `session_replaced` event from this node.
+    pub(crate) fn close_older(&self, device: &DeviceKey, newer: uuid::Uuid, peer: Option<String>) {
+        if let Some(old) = self.0.table.close_older(device, newer) {
             tracing::info!(device = %device, "a newer session opened on another node: replacing");
+            self.session_replaced(device, old, newer, peer);
         }
     }
 
@@ -276,14 +319,18 @@ impl Gateway {
         Control::under(&self.0.stop)
     }
 
-    /// Puts a new session in the table; an older session of the same device is closed.
+    /// Puts a new session in the table; an older session of the same device is closed,
+    /// with a `session_replaced` event.
     fn register(&self, device: DeviceKey, handle: SessionHandle) -> Admitted {
         if !self.is_accepting() {
             return Admitted::No;
         }
-        Admitted::Yes {
-            bound: self.0.table.insert(device, handle),
+        let (id, peer) = (handle.id(), handle.peer());
+        let (bound, replaced) = self.0.table.insert(device.clone(), handle);
+        if let Some(old) = replaced {
+            self.session_replaced(&device, old, id, Some(peer.to_string()));
         }
+        Admitted::Yes { bound }
     }
 
     /// Removes the session from the table (and its cluster registration), unless a newer

@@ -12,14 +12,18 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot, watch};
 
+use super::admission::Peer;
 use crate::domain::DeviceKey;
 
 /// One change to the session table, for the registrar to apply.
 pub enum Command {
-    /// Route `device` to this node; `done` says whether the bind was applied.
+    /// Route `device` to this node; `done` says whether the bind was applied. `peer` is
+    /// where the session's device connects from: other nodes name it in the
+    /// `session_replaced` event when this session closes theirs.
     Bind {
         device: DeviceKey,
         session: uuid::Uuid,
+        peer: Peer,
         done: Option<oneshot::Sender<bool>>,
     },
     /// Stop routing `device` to this node.
@@ -190,11 +194,17 @@ pub struct Empty;
 impl Registrar {
     /// Asks for `device` to be routed to this node; the receiver says whether the bind was
     /// applied. Called with the gateway's session lock held, so commands follow the table.
-    pub(crate) fn bind(&self, device: DeviceKey, session: uuid::Uuid) -> oneshot::Receiver<bool> {
+    pub(crate) fn bind(
+        &self,
+        device: DeviceKey,
+        session: uuid::Uuid,
+        peer: Peer,
+    ) -> oneshot::Receiver<bool> {
         let (done, rx) = oneshot::channel();
         self.shared.push(Command::Bind {
             device,
             session,
+            peer,
             done: Some(done),
         });
         rx
@@ -235,6 +245,11 @@ impl Registrar {
 mod tests {
     use super::*;
 
+    const PEER: Peer = Peer::Direct(std::net::SocketAddr::new(
+        std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        40000,
+    ));
+
     fn device(id: &str) -> DeviceKey {
         crate::domain::DeviceKey::parse_routing_key(&format!("default/{id}")).unwrap()
     }
@@ -245,12 +260,12 @@ mod tests {
     async fn a_flapping_device_queues_one_entry() {
         let (_ready_tx, ready) = watch::channel(true);
         let (registrar, mut rx) = channel(ready, Duration::from_secs(1));
-        let mut first = registrar.bind(device("phone-1"), uuid::Uuid::now_v7());
+        let mut first = registrar.bind(device("phone-1"), uuid::Uuid::now_v7(), PEER);
         for _ in 0..10_000 {
-            drop(registrar.bind(device("phone-1"), uuid::Uuid::now_v7()));
+            drop(registrar.bind(device("phone-1"), uuid::Uuid::now_v7(), PEER));
             registrar.unbind(device("phone-1"));
         }
-        drop(registrar.bind(device("phone-2"), uuid::Uuid::now_v7()));
+        drop(registrar.bind(device("phone-2"), uuid::Uuid::now_v7(), PEER));
         let (flushed, _flush) = oneshot::channel();
         registrar.shared.push(Command::Flush(flushed));
         assert_eq!(rx.len(), 3, "phone-1, phone-2, the flush");

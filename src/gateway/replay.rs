@@ -8,7 +8,8 @@
 //! stops reading is closed by the heartbeat as usual. The frame is the stored notification
 //! frame, byte for byte what a live delivery sends, with the same id.
 //!
-//! Each ack of a replayed id deletes its inbox row ([`Inbox::ack`]). An entry sent but not
+//! Each ack of a replayed id emits a `replayed` event and deletes its inbox row
+//! ([`Inbox::ack`]). An entry sent but not
 //! acked within `gateway.ack_timeout` stays in the inbox for the next session. A device
 //! that drops mid-replay keeps every row it did not ack, so its next session replays the
 //! rest.
@@ -30,6 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::Gateway;
 use super::table::Outbound;
 use crate::domain::{DeviceId, NotificationId};
+use crate::events::{Event, EventKind};
 use crate::inbox::{Cursor, Inbox};
 
 /// Entries read per query. The default `inbox.max_per_device` (100) fits one page, so a
@@ -153,8 +155,15 @@ impl Replayer {
         }
     }
 
-    /// The device acked `id`: delete its row. True once deleted.
+    /// The device acked `id`: a `replayed` event, and delete its row. True once deleted.
     async fn acked(&self, id: NotificationId) -> bool {
+        // On the ack, not the send: it is the inbox's `delivered` (docs/events.md). Channel
+        // `live` (the session it went down); the type says it came from the inbox. The
+        // queue attempt count is not in the inbox: absent.
+        self.gateway.emit(
+            Event::about(EventKind::Replayed, &self.app, id, self.device.as_str(), 0)
+                .channel("live"),
+        );
         match self.inbox.ack(&self.app, self.device.as_str(), id).await {
             Ok(_) => {
                 self.gateway.metrics().inbox_acked.inc();

@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 
+use super::admission::Peer;
 use super::protocol::{ClientFrame, CloseKind, ServerFrame, error_code};
 use super::replay::Replayer;
 use super::table::{Control, Outbound, SessionHandle};
@@ -32,7 +33,12 @@ type Sink = SplitSink<WebSocketStream<TcpStream>, Message>;
 type Replaying = std::pin::Pin<Box<dyn Future<Output = Replayer> + Send>>;
 type Stream = SplitStream<WebSocketStream<TcpStream>>;
 
-pub(super) async fn run(gateway: Gateway, device: DeviceKey, ws: WebSocketStream<TcpStream>) {
+pub(super) async fn run(
+    gateway: Gateway,
+    device: DeviceKey,
+    peer: Peer,
+    ws: WebSocketStream<TcpStream>,
+) {
     let (ws, mut stream) = ws.split();
     let settings = gateway.settings();
     let (tx, mut rx) = mpsc::channel(settings.send_buffer);
@@ -54,7 +60,10 @@ pub(super) async fn run(gateway: Gateway, device: DeviceKey, ws: WebSocketStream
             tx.clone(),
         )
     });
-    let registered = gateway.register(device.clone(), SessionHandle::new(id, tx, control.clone()));
+    let registered = gateway.register(
+        device.clone(),
+        SessionHandle::new(id, peer, tx, control.clone()),
+    );
     let started = Instant::now();
     let mut session = Session {
         gateway: &gateway,

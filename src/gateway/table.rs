@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::admission::Peer;
 use super::protocol::CloseKind;
 use super::registrar::Registrar;
 use crate::domain::{DeviceKey, NotificationId};
@@ -64,21 +65,51 @@ impl Control {
     }
 }
 
-/// What the table holds for a session: its send buffer and a way to close it.
+/// What the table holds for a session: its send buffer, a way to close it, and who it is
+/// (id and peer, for the `session_replaced` event).
 #[derive(Clone)]
 pub(super) struct SessionHandle {
     id: uuid::Uuid,
+    peer: Peer,
     tx: mpsc::Sender<Box<Outbound>>,
     control: Arc<Control>,
+}
+
+/// A session closed because a newer one of its device took its place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Closed {
+    pub(super) id: uuid::Uuid,
+    pub(super) peer: Peer,
 }
 
 impl SessionHandle {
     pub(super) fn new(
         id: uuid::Uuid,
+        peer: Peer,
         tx: mpsc::Sender<Box<Outbound>>,
         control: Arc<Control>,
     ) -> Self {
-        SessionHandle { id, tx, control }
+        SessionHandle {
+            id,
+            peer,
+            tx,
+            control,
+        }
+    }
+
+    pub(super) fn id(&self) -> uuid::Uuid {
+        self.id
+    }
+
+    pub(super) fn peer(&self) -> Peer {
+        self.peer
+    }
+
+    fn closed(&self) -> Closed {
+        Closed {
+            id: self.id,
+            peer: self.peer,
+        }
     }
 
     pub(super) fn sender(&self) -> &mpsc::Sender<Box<Outbound>> {
@@ -131,32 +162,35 @@ impl SessionTable {
     }
 
     /// Closes `device`'s session here if it is older than `newer` (session ids are
-    /// UUIDv7, so time ordered). True if one was closed.
-    pub(super) fn close_older(&self, device: &DeviceKey, newer: uuid::Uuid) -> bool {
+    /// UUIDv7, so time ordered), and says which it closed.
+    pub(super) fn close_older(&self, device: &DeviceKey, newer: uuid::Uuid) -> Option<Closed> {
         match self.lock().get(device) {
             Some(h) if h.id < newer => {
                 h.close(CloseKind::Replaced);
-                true
+                Some(h.closed())
             }
-            _ => false,
+            _ => None,
         }
     }
 
-    /// Puts a session in the table, closing an older session of the same device. In
-    /// cluster mode the bind is asked for under the table's lock, so binds and unbinds
-    /// reach the registrar in the order the table changed; the receiver says when the
-    /// broker binding is in place.
+    /// Puts a session in the table, closing an older session of the same device (handed
+    /// back). In cluster mode the bind is asked for under the table's lock, so binds and
+    /// unbinds reach the registrar in the order the table changed; the receiver says when
+    /// the broker binding is in place.
     pub(super) fn insert(
         &self,
         device: DeviceKey,
         handle: SessionHandle,
-    ) -> Option<oneshot::Receiver<bool>> {
+    ) -> (Option<oneshot::Receiver<bool>>, Option<Closed>) {
         let mut sessions = self.lock();
-        let bound = self.registrar().map(|r| r.bind(device.clone(), handle.id));
-        if let Some(old) = sessions.insert(device, handle) {
+        let bound = self
+            .registrar()
+            .map(|r| r.bind(device.clone(), handle.id, handle.peer));
+        let replaced = sessions.insert(device, handle).map(|old| {
             old.close(CloseKind::Replaced);
-        }
-        bound
+            old.closed()
+        });
+        (bound, replaced)
     }
 
     /// Removes session `id` of `device` (and its registration), unless a newer one already

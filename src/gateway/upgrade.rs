@@ -65,15 +65,14 @@ async fn upgrade(
         Ok(key) => key,
         Err(refusal) => return refusal.write_raw(&mut io).await,
     };
-    let peer = io
+    let tcp = io
         .peer_addr()
-        .map(|a| a.ip())
-        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
-    let device = match gateway
-        .admit(headers, req.uri().query().unwrap_or(""), peer)
+        .unwrap_or((std::net::Ipv4Addr::UNSPECIFIED, 0).into());
+    let (device, peer) = match gateway
+        .admit(headers, req.uri().query().unwrap_or(""), tcp)
         .await
     {
-        Ok(device) => device,
+        Ok(admitted) => admitted,
         Err(refusal) => return refusal.write_raw(&mut io).await,
     };
     // A browser that offered subprotocols (its token rides in one) fails the handshake
@@ -112,7 +111,7 @@ async fn upgrade(
         .max_frame_size(Some(max))
         .max_message_size(Some(max));
     let ws = WebSocketStream::from_partially_read(io, early, Role::Server, Some(config)).await;
-    actix_web::rt::spawn(gateway.track_session(session::run(gateway.clone(), device, ws)));
+    actix_web::rt::spawn(gateway.track_session(session::run(gateway.clone(), device, peer, ws)));
     Ok(())
 }
 

@@ -488,9 +488,10 @@ impl ClusterDirectory {
                 continue;
             };
             if let Some(g) = &inner.gateway {
-                for (device, session) in presence::opened_elsewhere(&msg, inner.node_id.as_deref())
+                for (device, session, peer) in
+                    presence::opened_elsewhere(&msg, inner.node_id.as_deref())
                 {
-                    g.close_older(&device, session);
+                    g.close_older(&device, session, peer);
                 }
             }
             let Some(replica) = &inner.replica else {

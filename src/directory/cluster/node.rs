@@ -159,6 +159,7 @@ impl Publisher {
             batch.push(c);
         }
         let mut ops: Vec<(DeviceKey, Option<Uuid>)> = Vec::new();
+        let mut peers = std::collections::BTreeMap::new();
         let mut index: HashMap<DeviceKey, usize> = HashMap::new();
         let mut waiters: Vec<oneshot::Sender<bool>> = Vec::new();
         let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
@@ -167,9 +168,11 @@ impl Publisher {
                 Command::Bind {
                     device,
                     session,
+                    peer,
                     done,
                 } => {
                     waiters.extend(done);
+                    peers.insert(session, peer.to_string());
                     (device, Some(session))
                 }
                 Command::Unbind { device } => (device, None),
@@ -198,6 +201,12 @@ impl Publisher {
                 node: self.node.clone(),
                 epoch: self.epoch,
                 seq: *seq,
+                // Only the sessions this delta opens (a bind coalesced away is not one).
+                peers: ops
+                    .iter()
+                    .filter_map(|(_, s)| *s)
+                    .filter_map(|s| Some((s, peers.remove(&s)?)))
+                    .collect(),
                 ops: ops.into_iter().map(|(d, s)| (d.to_string(), s)).collect(),
             };
             self.metrics

@@ -63,14 +63,27 @@ struct NodeState {
     requested: Option<Instant>,
 }
 
-/// Sessions a node other than `me` opened, in a presence message: a gateway closes its own
-/// older session of each device ("newer session wins", across nodes). Independent of any
-/// replica state, so gateway-only nodes need no replica.
-pub fn opened_elsewhere(msg: &Presence, me: Option<&str>) -> Vec<(DeviceKey, Uuid)> {
+/// Sessions a node other than `me` opened, in a presence message, with their peer
+/// addresses when the node sent them: a gateway closes its own older session of each
+/// device ("newer session wins", across nodes) and names both in a `session_replaced`
+/// event. Independent of any replica state, so gateway-only nodes need no replica.
+pub fn opened_elsewhere(
+    msg: &Presence,
+    me: Option<&str>,
+) -> Vec<(DeviceKey, Uuid, Option<String>)> {
     match msg {
-        Presence::Delta { node, ops, .. } if me != Some(node.as_str()) => ops
+        Presence::Delta {
+            node, ops, peers, ..
+        } if me != Some(node.as_str()) => ops
             .iter()
-            .filter_map(|(d, s)| Some((DeviceKey::parse_routing_key(d.as_str())?, (*s)?)))
+            .filter_map(|(d, s)| {
+                let s = (*s)?;
+                Some((
+                    DeviceKey::parse_routing_key(d.as_str())?,
+                    s,
+                    peers.get(&s).cloned(),
+                ))
+            })
             .collect(),
         _ => Vec::new(),
     }
@@ -360,6 +373,7 @@ mod tests {
             epoch,
             seq,
             ops: ops.iter().map(|(d, s)| (dev(d).to_string(), *s)).collect(),
+            peers: BTreeMap::new(),
         }
     }
 
@@ -467,7 +481,10 @@ mod tests {
         let (old, new) = (Uuid::now_v7(), Uuid::now_v7());
         r.apply(delta("a", ea, 1, &[("d", Some(old))]), t);
         let moved = delta("b", eb, 1, &[("d", Some(new))]);
-        assert_eq!(opened_elsewhere(&moved, Some("a")), vec![(dev("d"), new)]);
+        assert_eq!(
+            opened_elsewhere(&moved, Some("a")),
+            vec![(dev("d"), new, None)]
+        );
         assert!(
             opened_elsewhere(&moved, Some("b")).is_empty(),
             "not our own"

@@ -1,6 +1,8 @@
 //! What crosses the broker between nodes, and the names it crosses under. One place, so a
 //! change of format is a change of this file only.
 
+use std::collections::BTreeMap;
+
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde::{Deserialize, Serialize};
@@ -51,6 +53,13 @@ pub enum Presence {
         epoch: Uuid,
         seq: u64,
         ops: Vec<(String, Option<Uuid>)>,
+        /// Where each session opened in `ops` connects from (session id → `ip:port`, or
+        /// `ip` behind a trusted proxy): a node that closes its older session of the device
+        /// names it in the `session_replaced` event. Optional both ways: a delta from a
+        /// node without this field parses (no peers), and one with it parses on such a
+        /// node (serde ignores unknown fields).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        peers: BTreeMap<Uuid, String>,
     },
     /// Every session of the node after delta `seq`: sent to one asker's queue.
     Snapshot {
@@ -143,14 +152,45 @@ mod tests {
 
     #[test]
     fn presence_round_trips() {
+        let opened = Uuid::now_v7();
         let m = Presence::Delta {
             node: "n1".into(),
             epoch: Uuid::now_v7(),
             seq: 7,
-            ops: vec![("d1".into(), Some(Uuid::now_v7())), ("d2".into(), None)],
+            ops: vec![("d1".into(), Some(opened)), ("d2".into(), None)],
+            peers: BTreeMap::from([(opened, "[2001:db8::7]:40211".into())]),
         };
         assert_eq!(Presence::from_json(&m.to_json()), Some(m));
         assert_eq!(Presence::from_json(b"{\"t\":\"nope\"}"), None);
+    }
+
+    /// A delta from a node that predates `peers` parses (no peers), and one with `peers`
+    /// has exactly the old fields plus it, which older nodes ignore.
+    #[test]
+    fn a_delta_without_peers_still_parses() {
+        let (epoch, s) = (Uuid::now_v7(), Uuid::now_v7());
+        let old = format!(
+            r#"{{"t":"delta","node":"n1","epoch":"{epoch}","seq":3,"ops":[["default/d1","{s}"]]}}"#
+        );
+        assert_eq!(
+            Presence::from_json(old.as_bytes()),
+            Some(Presence::Delta {
+                node: "n1".into(),
+                epoch,
+                seq: 3,
+                ops: vec![("default/d1".into(), Some(s))],
+                peers: BTreeMap::new(),
+            })
+        );
+        let new = Presence::Delta {
+            node: "n1".into(),
+            epoch,
+            seq: 3,
+            ops: vec![("default/d1".into(), Some(s))],
+            peers: BTreeMap::from([(s, "192.0.2.1:5000".into())]),
+        };
+        let json: serde_json::Value = serde_json::from_slice(&new.to_json()).unwrap();
+        assert_eq!(json["peers"][s.to_string()], "192.0.2.1:5000");
     }
 
     #[test]
