@@ -8,21 +8,23 @@
 //! queue        the broker connection (RabbitQueue's supervisor); closed last
 //! └ directory  the cluster directory's supervisor and consumers
 //!   └ http     the HTTP server: requests in flight finish
-//!     └ gateway    sessions: in-flight acks finish, then "reconnect elsewhere"
-//!       └ events       the webhook and exchange sinks: send what the drain produced
+//!     └ events     the webhook and exchange sinks: send what the drain produced
+//!       └ gateway      sessions: in-flight acks finish, then "reconnect elsewhere"
 //!         └ dispatcher     stop consuming; finish the messages in hand
 //!           └ reaper           the inbox reaper: stops with the dispatcher (its events
 //!                              go to the sinks, which drain after it)
 //! ```
 //!
-//! The event sinks and the gateway drain side by side (a slow webhook must not delay the
-//! sessions' goodbye); what matters is that both start only once the dispatcher is done, so
-//! every event the drain produced is already in the sinks' buffers.
+//! The event sinks stop after both event sources, the dispatcher and the gateway (whose
+//! sessions emit `replayed` and `session_replaced`), so every event the drain produced is
+//! in their buffers when they are told to stop. They are never paused: while the gateway
+//! says goodbye to its sessions they keep sending, so a slow webhook does not delay the
+//! goodbye; stopping them only means "send what you hold, then end".
 //!
 //! Each child outlives nothing it depends on: the dispatcher delivers live through the
-//! gateway and emits events, the sinks publish on the queue, sessions unbind through the
-//! directory. And cancelling a parent cancels its subtree, so when the grace period runs
-//! out, cancelling the root still reaches every loop.
+//! gateway and emits events, the gateway emits events, the sinks publish on the queue,
+//! sessions unbind through the directory. And cancelling a parent cancels its subtree, so
+//! when the grace period runs out, cancelling the root still reaches every loop.
 
 use tokio_util::sync::CancellationToken;
 
@@ -45,9 +47,9 @@ impl StopTree {
         let queue = CancellationToken::new();
         let directory = queue.child_token();
         let http = directory.child_token();
-        let gateway = http.child_token();
-        let events = gateway.child_token();
-        let dispatcher = events.child_token();
+        let events = http.child_token();
+        let gateway = events.child_token();
+        let dispatcher = gateway.child_token();
         let reaper = dispatcher.child_token();
         StopTree {
             queue,
@@ -101,12 +103,13 @@ mod tests {
             tree.reaper.is_cancelled(),
             "the reaper stops with the dispatcher"
         );
-        assert!(!tree.events.is_cancelled(), "a leaf stops first, alone");
+        assert!(!tree.gateway.is_cancelled(), "a leaf stops first, alone");
         tree.gateway.cancel();
         assert!(
-            tree.events.is_cancelled(),
-            "the gateway's subtree stops with it"
+            !tree.events.is_cancelled(),
+            "the sinks outlive the gateway, whose sessions emit events"
         );
+        tree.events.cancel();
         assert!(!tree.http.is_cancelled() && !tree.queue.is_cancelled());
         tree.queue.cancel();
         assert!(tree.http.is_cancelled() && tree.directory.is_cancelled());

@@ -110,8 +110,19 @@ impl Application {
             g.set_inbox(i.clone());
         }
 
-        let (dispatcher, events) = if settings.has_role(Role::Dispatcher) {
-            let events = Events::start(&settings.events, &apps, &queue, &metrics, &stop.events)?;
+        // One event sink per process, for its dispatcher (outcomes) and its gateway
+        // (`session_replaced`, `replayed`); an API-only node emits none.
+        let events = (settings.has_role(Role::Dispatcher) || settings.has_role(Role::Gateway))
+            .then(|| Events::start(&settings.events, &apps, &queue, &metrics, &stop.events))
+            .transpose()?;
+        if let (Some(g), Some(e)) = (&gateway, &events) {
+            g.set_events(e.clone());
+        }
+
+        let dispatcher = if let Some(events) = events
+            .as_ref()
+            .filter(|_| settings.has_role(Role::Dispatcher))
+        {
             let providers = Providers::from_apps(&apps, &metrics)?;
             if let Some(i) = &inbox {
                 let reap = ReapSettings {
@@ -139,9 +150,9 @@ impl Application {
                 target_concurrency: settings.dispatcher.target_concurrency,
             }
             .spawn_under(stop.dispatcher.clone());
-            (Some(dispatcher), Some(events))
+            Some(dispatcher)
         } else {
-            (None, None)
+            None
         };
 
         let state = AppState {
@@ -270,26 +281,26 @@ impl Application {
                     );
                 }
             }
-            // 2. events and 3. gateway, side by side (a slow webhook must not hold up
-            //    the sessions' goodbye). events: the dispatcher is done, so every event of
-            //    the drain is in the sinks' buffers; they send it all, then stop. gateway:
-            //    sessions, long-lived requests the HTTP server would otherwise wait on.
-            //    In-flight ack waits finish, then "reconnect elsewhere" and, in cluster
-            //    mode, every session is unbound so other nodes' lookups get "offline" from
-            //    the broker at once.
-            stop.events.cancel();
-            let flushed = async {
-                if let Some(events) = &self.events {
-                    let _ = tokio::time::timeout(left(), events.flushed()).await;
-                }
-            };
-            let sessions_closed = async {
-                if let Some(gateway) = &self.gateway {
-                    gateway.shutdown(left()).await;
-                }
-            };
-            tokio::join!(flushed, sessions_closed);
+            // 2. gateway: sessions, long-lived requests the HTTP server would otherwise
+            //    wait on. In-flight ack waits finish, then "reconnect elsewhere" and, in
+            //    cluster mode, every session is unbound so other nodes' lookups get
+            //    "offline" from the broker at once. The event sinks keep sending meanwhile
+            //    (they are not stopped, so a slow webhook does not hold up the sessions'
+            //    goodbye), and take what the gateway emits until it is done (`replayed` for
+            //    acks that came in during the drain, `session_replaced`).
+            if let Some(gateway) = &self.gateway {
+                gateway.shutdown(left()).await;
+            }
             stop.gateway.cancel();
+            // 3. events: the dispatcher and the gateway are done, so every event of the
+            //    drain is in the sinks' buffers; they send it all, then stop. Only when
+            //    the gateway's shutdown ran out of the grace period can a session still be
+            //    closing; an event it emits after this is dropped, counted as
+            //    `herald_events_dropped_total{reason="stopped"}`.
+            stop.events.cancel();
+            if let Some(events) = &self.events {
+                let _ = tokio::time::timeout(left(), events.flushed()).await;
+            }
             // 4. http: requests in flight finish.
             stop.http.cancel();
             let _ = http_stopped.await;
