@@ -140,6 +140,87 @@ async fn the_newer_session_on_another_node_replaces_the_older() {
     assert!(apns.requests().is_empty());
 }
 
+/// Issue 14 across nodes: a device's newer session on gateway node B closes its older one
+/// on gateway node A; A (a gateway-only node) publishes one `session_replaced` event to
+/// `herald.events`, naming both sessions and both peers (B's from its presence delta).
+#[tokio::test]
+async fn a_replacement_across_nodes_is_one_session_replaced_event_from_the_closing_node() {
+    use lapin::options::{BasicGetOptions, QueueBindOptions};
+    let vhost = TestVhost::new();
+    let apns = ApnsDouble::start().await;
+    let a = gateway_node(&vhost, &apns).await;
+    let b = gateway_node(&vhost, &apns).await;
+    // The nodes declared herald.events; a subscriber binds its own queue to it.
+    let conn = lapin::Connection::connect(&vhost.url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "sessions".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "sessions".into(),
+        "herald.events".into(),
+        "*.session_replaced".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+
+    let (mut old, old_hello) = gw::connect(&a, "roaming").await;
+    let old_peer = gw::local_addr(&old).to_string();
+    let (new, new_hello) = gw::connect(&b, "roaming").await;
+    let new_peer = gw::local_addr(&new).to_string();
+    let (code, _) = gw::expect_close(&mut old).await;
+    assert_eq!(code, 4001);
+    let got = wait_for(
+        Duration::from_secs(10),
+        "a session_replaced event on herald.events",
+        || {
+            let ch = ch.clone();
+            async move {
+                let m = ch
+                    .basic_get("sessions".into(), BasicGetOptions { no_ack: true })
+                    .await
+                    .unwrap()?;
+                Some((
+                    m.delivery.routing_key.to_string(),
+                    serde_json::from_slice::<serde_json::Value>(&m.delivery.data).unwrap(),
+                ))
+            }
+        },
+    )
+    .await;
+    let (key, e) = got;
+    assert_eq!(key, "default.session_replaced");
+    assert_eq!(e["type"], "session_replaced");
+    assert_eq!(e["device_id"], "roaming");
+    assert_eq!(
+        e["old_session"],
+        json!({"id": old_hello["session_id"], "peer": old_peer})
+    );
+    assert_eq!(
+        e["new_session"],
+        json!({"id": new_hello["session_id"], "peer": new_peer})
+    );
+    // Emitted by the node that closed the old session (counted once its confirm is in),
+    // and only by it.
+    let published = |n: &gw::GwApp| n.metric("herald_events_published_total{sink=\"rabbitmq\"}");
+    wait_for(
+        Duration::from_secs(5),
+        "node A's event confirmed",
+        || async { (published(&a) == 1.0).then_some(()) },
+    )
+    .await;
+    assert_eq!(published(&b), 0.0);
+    drop(new);
+}
+
 /// A fake gateway node speaking the presence protocol by hand: it heartbeats, claims one
 /// device, and swallows whatever reaches its node queue without ever replying (as if it
 /// hung, or died after the broker routed to it).

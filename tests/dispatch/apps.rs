@@ -7,7 +7,7 @@ use std::time::Duration;
 use herald::config::Secret;
 use serde_json::{Value, json};
 
-use crate::harness::{APNS_TOKEN, Backend, Webhook, World};
+use crate::harness::{APNS_TOKEN, Backend, WEBHOOK_SECRET, Webhook, World, signed_with};
 use crate::support::apns_double::{ApnsDouble, Reply};
 use crate::support::fcm_double::{FcmDouble, PROJECT_ID};
 use crate::support::wait_for;
@@ -132,6 +132,83 @@ async fn each_apps_key_sends_through_its_own_credentials_only() {
         let delivered = hook.wait("delivered", 2).await;
         let apps: Vec<&Value> = delivered.iter().map(|e| &e["app"]).collect();
         assert_eq!(apps, [app, app]);
+    }
+    w.stop().await;
+}
+
+/// Issue 11, end to end: every event of the app `shop`, from the dispatcher (`delivered`,
+/// `stored`) and from the gateway (`replayed`, `session_replaced`), reaches shop's webhook
+/// only, every POST signed with `apps.shop.events.webhook_secret` (checked here with the
+/// spec's algorithm), and not with the default app's; the default app's webhook gets none.
+#[tokio::test]
+async fn a_non_default_apps_events_reach_only_its_webhook_signed_with_its_secret() {
+    let shop = Shop::start().await;
+    let w = World::start_with(Backend::Memory, |s| shop.configure(s)).await;
+    // A provider delivery and an inbox entry for shop's devices.
+    notify_as(
+        &w,
+        SHOP_KEY,
+        json!({
+            "targets": [{"device_id": "ios-s", "apns": {"token": SHOP_APNS_TOKEN}}, {"device_id": "web-s"}],
+            "data": {"k": "v"}
+        }),
+    )
+    .await;
+    shop.hook.wait("stored", 1).await;
+    // web-s connects: the entry is replayed and acked; then it connects again, replacing
+    // that session.
+    let token = crate::gw::token_in("shop", "web-s");
+    let (mut first, _) = crate::gw::connect_with(&w.app, &token).await;
+    let frame = loop {
+        let v = crate::gw::next_json(&mut first).await;
+        if v["type"] == "notification" {
+            break v;
+        }
+    };
+    crate::gw::send_json(&mut first, json!({"type": "ack", "id": frame["id"]})).await;
+    shop.hook.wait("replayed", 1).await;
+    let (_second, _) = crate::gw::connect_with(&w.app, &token).await;
+    assert_eq!(crate::gw::expect_close(&mut first).await.0, 4001);
+    shop.hook.wait("session_replaced", 1).await;
+    shop.hook.wait("delivered", 1).await;
+
+    let events = shop.hook.events();
+    let mut kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        ["delivered", "replayed", "session_replaced", "stored"]
+    );
+    assert!(events.iter().all(|e| e["app"] == "shop"), "{events:?}");
+    let posts = shop.hook.posts();
+    assert!(!posts.is_empty());
+    for post in &posts {
+        assert!(
+            signed_with(post, SHOP_WEBHOOK_SECRET),
+            "signed with shop's secret: {:?}",
+            post.headers
+        );
+        assert!(
+            !signed_with(post, WEBHOOK_SECRET),
+            "not with the default app's"
+        );
+    }
+
+    // The default app's webhook: one event of its own, sent after all of shop's were
+    // seen. Each sink is FIFO and an event's sinks are chosen when it is emitted, so a shop
+    // event routed there would have arrived before this one.
+    w.notify(json!({"targets": [{"device_id": "ios-d", "apns": {"token": APNS_TOKEN}}], "data": {"k": "v"}}))
+        .await;
+    w.hook.wait("delivered", 1).await;
+    let default_events = w.hook.events();
+    assert!(
+        default_events.iter().all(|e| e["app"] == "default"),
+        "{default_events:?}"
+    );
+    assert_eq!(default_events.len(), 1, "{default_events:?}");
+    for post in w.hook.posts() {
+        assert!(signed_with(&post, WEBHOOK_SECRET));
+        assert!(!signed_with(&post, SHOP_WEBHOOK_SECRET));
     }
     w.stop().await;
 }

@@ -1,11 +1,12 @@
 //! A herald with every role, pointed at provider doubles, a webhook that records events, and
 //! one of the two queue backends.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use actix_web::{App, HttpResponse, HttpServer, web};
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use herald::config::Settings;
 use serde_json::Value;
 
@@ -17,6 +18,36 @@ use crate::support::{API_KEY, TestVhost, wait_for};
 /// The dispatch tests' webhook signing key (24 bytes of base64, the spec's minimum).
 pub const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
+/// The Standard Webhooks symmetric signature (`v1,<base64>`) of `body` under `secret`
+/// (`whsec_<base64 key>`), computed here from the spec's definition, independently of
+/// herald's signer.
+pub fn expected_signature(secret: &str, id: &str, timestamp: &str, body: &[u8]) -> String {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD as BASE64;
+    use hmac::{KeyInit as _, Mac as _};
+    let key = BASE64
+        .decode(secret.strip_prefix("whsec_").unwrap())
+        .unwrap();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body);
+    format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
+}
+
+/// Whether `post` carries a valid signature under `secret`.
+pub fn signed_with(post: &Post, secret: &str) -> bool {
+    let h = &post.headers;
+    let (Some(id), Some(ts), Some(sigs)) = (
+        h.get("webhook-id"),
+        h.get("webhook-timestamp"),
+        h.get("webhook-signature"),
+    ) else {
+        return false;
+    };
+    let expected = expected_signature(secret, id, ts, &post.body);
+    sigs.split(' ').any(|s| s == expected)
+}
+
 pub const APNS_TOKEN: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 
 #[derive(Clone, Copy, Debug)]
@@ -25,13 +56,26 @@ pub enum Backend {
     Rabbit,
 }
 
-/// What the webhook server shares: the events received, and POSTs still to refuse.
-type Sink = (Arc<Mutex<Vec<Value>>>, Arc<AtomicUsize>);
+/// One POST the webhook accepted: its headers (lower-case names) and raw body.
+#[derive(Clone, Debug)]
+pub struct Post {
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+/// What the webhook server shares: the events received, the accepted POSTs, and POSTs
+/// still to refuse.
+type Sink = (
+    Arc<Mutex<Vec<Value>>>,
+    Arc<Mutex<Vec<Post>>>,
+    Arc<AtomicUsize>,
+);
 
 /// Records every event POSTed to it.
 pub struct Webhook {
     pub url: String,
     events: Arc<Mutex<Vec<Value>>>,
+    posts: Arc<Mutex<Vec<Post>>>,
     /// POSTs still to refuse with 500 before accepting again.
     failing: Arc<AtomicUsize>,
     handle: actix_web::dev::ServerHandle,
@@ -40,23 +84,37 @@ pub struct Webhook {
 impl Webhook {
     pub async fn start() -> Webhook {
         let events: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let posts: Arc<Mutex<Vec<Post>>> = Arc::default();
         let failing: Arc<AtomicUsize> = Arc::default();
-        let sink = web::Data::new((events.clone(), failing.clone()));
+        let sink = web::Data::new((events.clone(), posts.clone(), failing.clone()));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/events", listener.local_addr().unwrap());
         let server = HttpServer::new(move || {
             App::new().app_data(sink.clone()).route(
                 "/events",
                 web::post().to(
-                    |sink: web::Data<Sink>, batch: web::Json<Vec<Value>>| async move {
-                        let (events, failing) = &**sink;
+                    |sink: web::Data<Sink>, req: HttpRequest, body: web::Bytes| async move {
+                        let (events, posts, failing) = &**sink;
                         let refuse = failing
                             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                             .is_ok();
                         if refuse {
                             return HttpResponse::InternalServerError().finish();
                         }
-                        events.lock().unwrap().extend(batch.into_inner());
+                        let Ok(batch) = serde_json::from_slice::<Vec<Value>>(&body) else {
+                            return HttpResponse::BadRequest().finish();
+                        };
+                        events.lock().unwrap().extend(batch);
+                        posts.lock().unwrap().push(Post {
+                            headers: req
+                                .headers()
+                                .iter()
+                                .map(|(k, v)| {
+                                    (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned())
+                                })
+                                .collect(),
+                            body: body.to_vec(),
+                        });
                         HttpResponse::Ok().finish()
                     },
                 ),
@@ -72,9 +130,15 @@ impl Webhook {
         Webhook {
             url,
             events,
+            posts,
             failing,
             handle,
         }
+    }
+
+    /// Every POST accepted so far, with its headers and raw body.
+    pub fn posts(&self) -> Vec<Post> {
+        self.posts.lock().unwrap().clone()
     }
 
     /// Refuse the next `n` POSTs with 500.

@@ -17,10 +17,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use herald::config::{Secret, Settings, SettingsError, Sources};
 use herald::events::SigningKey;
-use hmac::{KeyInit as _, Mac as _};
 use serde_json::{Value, json};
 
-use crate::harness::{APNS_TOKEN, Backend, WEBHOOK_SECRET, World};
+use crate::harness::{APNS_TOKEN, Backend, WEBHOOK_SECRET, World, expected_signature};
 use crate::support::apns_double::{json_response, serve_h2};
 use crate::support::{API_KEY, wait_for};
 
@@ -158,17 +157,6 @@ async fn world_posting_to(url: String, tweak: impl FnOnce(&mut Settings)) -> Wor
 
 fn one_apns_target() -> Value {
     json!({"targets": [{"device_id": "ios-1", "apns": {"token": APNS_TOKEN}}], "data": {"k": "v"}})
-}
-
-/// The Standard Webhooks symmetric signature, computed from the spec's definition.
-fn expected_signature(secret: &str, id: &str, timestamp: &str, body: &[u8]) -> String {
-    let key = BASE64
-        .decode(secret.strip_prefix("whsec_").unwrap())
-        .unwrap();
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
-    mac.update(format!("{id}.{timestamp}.").as_bytes());
-    mac.update(body);
-    format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
 }
 
 #[tokio::test]

@@ -15,6 +15,7 @@ on_both_backends!(
     a_collapse_key_replaces_the_pending_entry,
     at_most_once_to_an_offline_device_is_never_delivered_later,
     a_device_that_drops_mid_replay_gets_the_remainder,
+    a_replay_of_n_entries_emits_n_replayed_events,
 );
 
 async fn offline_then_connect_arrives_after_hello_in_order_and_acks_remove_it(b: Backend) {
@@ -207,5 +208,49 @@ async fn a_device_that_drops_mid_replay_gets_the_remainder(b: Backend) {
         w.w.hook.of("dead_lettered").is_empty().then_some(())
     })
     .await;
+    w.stop().await;
+}
+
+/// Issue 12: one `replayed` event per inbox entry the device acked after `hello`, channel
+/// `live`, with the notification's id; nothing else for them (no `delivered`).
+async fn a_replay_of_n_entries_emits_n_replayed_events(b: Backend) {
+    const N: usize = 5;
+    let w = World::start(b).await;
+    let mut ids = Vec::new();
+    for i in 0..N {
+        ids.push(w.notify_offline("web-r", i).await);
+    }
+    w.wait_stored(N).await;
+    let (mut ws, _) = gw::connect(&w.w.app, "web-r").await;
+    assert_eq!(read_and_ack(&mut ws, N).await, ids);
+    let replayed = w.w.hook.wait("replayed", N).await;
+    let mut got: Vec<&str> = replayed
+        .iter()
+        .map(|e| e["notification_id"].as_str().unwrap())
+        .collect();
+    got.sort();
+    let mut want: Vec<&str> = ids.iter().map(String::as_str).collect();
+    want.sort();
+    assert_eq!(got, want, "one per entry");
+    for e in &replayed {
+        assert_eq!(e["app"], "default");
+        assert_eq!(e["device_id"], "web-r");
+        assert_eq!(e["channel"], "live");
+        assert!(e.get("attempt").is_none(), "{e}");
+    }
+    // A live delivery after the replay is a `delivered` event, not a `replayed` one; the
+    // events sink is FIFO, so every `replayed` (emitted before its ack was counted) is in by
+    // the time this `delivered` arrives: exactly N.
+    w.wait_acked(N).await;
+    assert_nothing_more(&w, &mut ws, "web-r").await;
+    w.w.hook.wait("delivered", 1).await;
+    assert_eq!(w.w.hook.of("replayed").len(), N);
+    assert!(
+        w.w.hook
+            .of("delivered")
+            .iter()
+            .all(|e| !ids.iter().any(|id| e["notification_id"] == id.as_str())),
+        "no delivered event for a replayed entry"
+    );
     w.stop().await;
 }

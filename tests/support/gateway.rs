@@ -223,3 +223,12 @@ pub fn spawn_reader(mut ws: Ws) -> tokio::sync::mpsc::UnboundedReceiver<Value> {
     });
     rx
 }
+
+/// The client's end of the session's TCP connection: the address the gateway sees as the
+/// session's peer (no proxy in the tests).
+pub fn local_addr(ws: &Ws) -> std::net::SocketAddr {
+    match ws.get_ref() {
+        MaybeTlsStream::Plain(s) => s.local_addr().expect("a local address"),
+        _ => panic!("the tests connect over plain TCP"),
+    }
+}
