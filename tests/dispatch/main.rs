@@ -16,4 +16,5 @@ mod delivery;
 mod drain;
 mod events;
 mod outcomes;
+mod slots;
 mod webhook;
