@@ -179,6 +179,9 @@ pub struct RetrySettings {
 #[serde(deny_unknown_fields)]
 pub struct DispatcherSettings {
     pub target_concurrency: usize,
+    /// Messages, beyond `queue.prefetch`, that may wait only for devices' acks
+    /// (src/dispatch/slot.rs); the consumer's broker prefetch is the sum.
+    pub max_awaiting_ack: usize,
 }
 
 /// `[events]`: the outcome event sinks (src/events.rs); config/default.toml says why each
@@ -639,6 +642,14 @@ impl Settings {
             return Err(invalid(
                 "retry.base_delay",
                 "must be positive and at most retry.max_delay",
+            ));
+        }
+        if usize::from(self.queue.prefetch) + self.dispatcher.max_awaiting_ack
+            > usize::from(u16::MAX)
+        {
+            return Err(invalid(
+                "dispatcher.max_awaiting_ack",
+                "queue.prefetch + dispatcher.max_awaiting_ack must be at most 65535 (the AMQP prefetch is 16 bits)",
             ));
         }
         if self.dispatcher.target_concurrency == 0 {

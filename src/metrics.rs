@@ -71,6 +71,9 @@ pub struct Metrics {
     pub cluster_messages: IntCounterVec,
     pub cluster_nodes: IntGauge,
     pub cluster_devices: IntGauge,
+    /// Messages parked by the dispatcher: waiting only for devices' acks, off the active
+    /// budget (dispatch/slot.rs).
+    pub dispatcher_parked: IntGauge,
     /// Offline inbox (src/inbox/): entries written, replayed, acked after replay, dropped
     /// (overflow / replaced / expired), store failures, and the sampled pending rows.
     pub inbox_writes: IntCounter,
@@ -301,6 +304,11 @@ impl Metrics {
                 &r,
                 "herald_cluster_directory_devices",
                 "Devices with a session on a live node, in this process's directory replica.",
+            ),
+            dispatcher_parked: gauge(
+                &r,
+                "herald_dispatcher_parked_messages",
+                "Messages waiting only for devices' acks, off the dispatcher's active budget (queue.prefetch); at most dispatcher.max_awaiting_ack.",
             ),
             inbox_writes: counter(
                 &r,

@@ -148,6 +148,7 @@ impl Application {
                 retry: settings.retry.clone(),
                 in_flight: settings.queue.prefetch.into(),
                 target_concurrency: settings.dispatcher.target_concurrency,
+                max_awaiting_ack: settings.dispatcher.max_awaiting_ack,
             }
             .spawn_under(stop.dispatcher.clone());
             Some(dispatcher)

@@ -15,7 +15,7 @@ use crate::domain::{DeviceKey, QueuedNotification};
 use crate::gateway::Gateway;
 /// The gateway owns the outcome (it produces it); re-exported here, where the dispatcher
 /// asks for live deliveries.
-pub use crate::gateway::LiveOutcome;
+pub use crate::gateway::{AwaitingAck, LiveOutcome};
 pub use cluster::ClusterDirectory;
 
 #[derive(Clone)]
@@ -41,9 +41,20 @@ impl Directory {
     /// Sends `n` to `device`'s live session and waits (at most `gateway.ack_timeout`, plus
     /// the broker hop in cluster mode) for its ack.
     pub async fn deliver(&self, device: &DeviceKey, n: &QueuedNotification) -> LiveOutcome {
+        self.deliver_awaiting(device, n, &|| {}).await
+    }
+
+    /// [`Directory::deliver`], calling `awaiting_ack` once only the device's ack is left to
+    /// wait for ([`AwaitingAck`]).
+    pub async fn deliver_awaiting(
+        &self,
+        device: &DeviceKey,
+        n: &QueuedNotification,
+        awaiting_ack: AwaitingAck<'_>,
+    ) -> LiveOutcome {
         match self {
-            Directory::Local(gateway) => gateway.deliver(device, n).await,
-            Directory::Cluster(cluster) => cluster.deliver(device, n).await,
+            Directory::Local(gateway) => gateway.deliver_awaiting(device, n, awaiting_ack).await,
+            Directory::Cluster(cluster) => cluster.deliver_awaiting(device, n, awaiting_ack).await,
         }
     }
 

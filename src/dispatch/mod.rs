@@ -35,13 +35,13 @@ mod channel;
 pub mod reaper;
 mod record;
 mod settle;
+mod slot;
 mod target;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -75,8 +75,11 @@ pub struct Dispatcher {
     pub events: Events,
     pub metrics: Metrics,
     pub retry: RetrySettings,
-    /// Messages handled at once (the consumer's prefetch).
+    /// Messages worked on at once (`queue.prefetch`).
     pub in_flight: usize,
+    /// Messages beyond those that may wait only for devices' acks (`dispatcher.max_awaiting_ack`,
+    /// see [`slot`]).
+    pub max_awaiting_ack: usize,
     pub target_concurrency: usize,
 }
 
@@ -115,14 +118,15 @@ impl Dispatcher {
     }
 
     async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let mut consumer = self.queue.consume(QueueKind::Work);
-        let slots = Arc::new(Semaphore::new(self.in_flight.max(1)));
+        // The broker may hand this consumer both budgets' worth: parked messages (waiting
+        // only on acks) must not stop new work from arriving.
+        let mut consumer = self
+            .queue
+            .consume_with_headroom(QueueKind::Work, self.max_awaiting_ack);
+        let budgets =
+            slot::Budgets::new(self.in_flight, self.max_awaiting_ack, self.metrics.clone());
         let mut tasks = JoinSet::new();
         loop {
-            let permit = tokio::select! {
-                p = slots.clone().acquire_owned() => p.expect("never closed"),
-                _ = stop.cancelled() => break,
-            };
             let delivery = tokio::select! {
                 d = consumer.next() => match d {
                     Some(d) => d,
@@ -130,10 +134,17 @@ impl Dispatcher {
                 },
                 _ = stop.cancelled() => break,
             };
+            // The message first, then its active slot: a loop idling on an empty queue must
+            // not hold a slot a parked message needs to go on after its ack wait. (Dropped
+            // here on stop, the delivery goes back to the queue.)
+            let permit = tokio::select! {
+                p = budgets.take_active() => p,
+                _ = stop.cancelled() => break,
+            };
             let me = self.clone();
+            let budgets = budgets.clone();
             tasks.spawn(async move {
-                me.handle(delivery).await;
-                drop(permit);
+                me.handle(delivery, budgets, permit).await;
             });
             while tasks.try_join_next().is_some() {}
         }
@@ -142,7 +153,13 @@ impl Dispatcher {
         while tasks.join_next().await.is_some() {}
     }
 
-    async fn handle(self: &Arc<Self>, delivery: Delivery) {
+    /// One message, from its active slot (`permit`) to its settlement.
+    async fn handle(
+        self: &Arc<Self>,
+        delivery: Delivery,
+        budgets: Arc<slot::Budgets>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let n = match delivery.notification() {
             Ok(n) => n,
             Err(e) => {
@@ -156,16 +173,22 @@ impl Dispatcher {
             }
         };
         let span = tracing::info_span!("dispatch", id = %n.id, attempt = n.attempt + 1, targets = n.targets.len());
-        self.dispatch(delivery, n).instrument(span).await
+        let slot = Arc::new(slot::Slot::new(budgets, permit, n.targets.len()));
+        self.dispatch(delivery, n, slot).instrument(span).await
     }
 
     /// Delivers every target (unless the message expired), settles on the reports, carries
     /// the settlement out and records it.
-    async fn dispatch(self: &Arc<Self>, delivery: Delivery, n: QueuedNotification) {
+    async fn dispatch(
+        self: &Arc<Self>,
+        delivery: Delivery,
+        n: QueuedNotification,
+        slot: Arc<slot::Slot>,
+    ) {
         let settlement = match settle::on_arrival(&n, SystemTime::now()) {
             Some(expired) => expired,
             None => {
-                let mut reports = self.deliver_all(&n).await;
+                let mut reports = self.deliver_all(&n, &slot).await;
                 self.store_offline(&n, &mut reports).await;
                 let retry = &self.retry;
                 settle::after_delivery(
@@ -183,16 +206,22 @@ impl Dispatcher {
     }
 
     /// Every target, at most `target_concurrency` at once, each recorded as it ends.
-    async fn deliver_all(self: &Arc<Self>, n: &QueuedNotification) -> Vec<TargetReport> {
+    async fn deliver_all(
+        self: &Arc<Self>,
+        n: &QueuedNotification,
+        slot: &Arc<slot::Slot>,
+    ) -> Vec<TargetReport> {
         // Owned per-target futures (an Arc of the message, a clone of the target): a
         // stream of futures borrowing from this frame cannot be spawned.
         let shared = Arc::new(n.clone());
         futures::stream::iter(n.targets.clone())
             .map(|t| {
-                let (me, n) = (self.clone(), shared.clone());
+                let (me, n, slot) = (self.clone(), shared.clone(), slot.clone());
                 async move {
-                    let report = target::deliver(&me, &n, t).await;
+                    slot.start_target();
+                    let report = target::deliver(&me, &n, t, &slot).await;
                     me.record(Outcome::Target(&n, &report));
+                    slot.end_target();
                     report
                 }
             })

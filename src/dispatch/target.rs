@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::Dispatcher;
 use super::channel::Channel;
+use super::slot::Slot;
 use crate::directory::LiveOutcome;
 use crate::domain::{DeviceKey, Qos, QueuedNotification, Target};
 use crate::providers::ProviderOutcome;
@@ -125,13 +126,31 @@ impl TargetReport {
 
 /// Tries the live session, then, unless it acked (or the notification is at_most_once and
 /// a session took the frame: [`falls_back`]), every route the target carries.
-pub async fn deliver(d: &Dispatcher, n: &QueuedNotification, target: Target) -> TargetReport {
+///
+/// While only the device's ack is awaited the message may lend its active slot out
+/// (`slot`); it takes one back before the fallback.
+pub async fn deliver(
+    d: &Dispatcher,
+    n: &QueuedNotification,
+    target: Target,
+    slot: &Slot,
+) -> TargetReport {
     let live = match &d.directory {
         // The device of this notification's app: a session of another app's device with
         // the same id is another device.
         Some(directory) => {
             let device = DeviceKey::new(n.app.clone(), target.device_id.clone());
-            directory.deliver(&device, n).await
+            let waited = std::sync::atomic::AtomicBool::new(false);
+            let awaiting_ack = || {
+                if !waited.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    slot.awaiting_ack();
+                }
+            };
+            let live = directory.deliver_awaiting(&device, n, &awaiting_ack).await;
+            if waited.load(std::sync::atomic::Ordering::Relaxed) {
+                slot.ack_wait_over().await;
+            }
+            live
         }
         // No gateway in this process (and no cluster directory yet): the device cannot be
         // reached live from here.

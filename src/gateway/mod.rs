@@ -55,6 +55,13 @@ use registrar::Registrar;
 use table::{Control, Outbound, SessionHandle, SessionTable};
 pub use token::{DeviceTokens, TokenError};
 
+/// Called (at most once) by a live delivery when the frame is with the device's session (in
+/// its send buffer here, or "received" by the node that holds it) and only the device's ack
+/// is left to wait for. The dispatcher then lends the message's active slot to other work
+/// for that wait (`dispatch/slot.rs`): a slow device's ack deadline is not a delivery slot
+/// other devices' notifications need.
+pub type AwaitingAck<'a> = &'a (dyn Fn() + Send + Sync);
+
 /// The result of one live delivery attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LiveOutcome {
@@ -230,7 +237,18 @@ impl Gateway {
 
     /// Sends `n` down `device`'s session and waits up to `ack_timeout` for the ack.
     pub async fn deliver(&self, device: &DeviceKey, n: &QueuedNotification) -> LiveOutcome {
-        self.deliver_frame(device, n.id, protocol::notification_json(n))
+        self.deliver_awaiting(device, n, &|| {}).await
+    }
+
+    /// [`Gateway::deliver`], calling `awaiting_ack` once the frame is in the session's send
+    /// buffer and only the device's ack is left to wait for ([`AwaitingAck`]).
+    pub async fn deliver_awaiting(
+        &self,
+        device: &DeviceKey,
+        n: &QueuedNotification,
+        awaiting_ack: AwaitingAck<'_>,
+    ) -> LiveOutcome {
+        self.deliver_frame_awaiting(device, n.id, protocol::notification_json(n), awaiting_ack)
             .await
     }
 
@@ -241,6 +259,17 @@ impl Gateway {
         device: &DeviceKey,
         id: NotificationId,
         frame: String,
+    ) -> LiveOutcome {
+        self.deliver_frame_awaiting(device, id, frame, &|| {}).await
+    }
+
+    /// [`Gateway::deliver_frame`] with the [`AwaitingAck`] signal.
+    pub async fn deliver_frame_awaiting(
+        &self,
+        device: &DeviceKey,
+        id: NotificationId,
+        frame: String,
+        awaiting_ack: AwaitingAck<'_>,
     ) -> LiveOutcome {
         if !self.is_accepting() {
             return LiveOutcome::Offline;
@@ -269,6 +298,8 @@ impl Gateway {
                 return LiveOutcome::Offline;
             }
         }
+        // The frame is the session's now; what is left is the device's time, not herald's.
+        awaiting_ack();
         match tokio::time::timeout_at(deadline, ack).await {
             Ok(Ok(())) => LiveOutcome::Acked,
             // The session ended before the ack: the frame may or may not have arrived.

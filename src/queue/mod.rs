@@ -171,9 +171,16 @@ impl Queue {
 
     /// Starts a consumer of the work queue or the dead letters.
     pub fn consume(&self, kind: QueueKind) -> Consumer {
+        self.consume_with_headroom(kind, 0)
+    }
+
+    /// [`Queue::consume`] whose broker prefetch is `queue.prefetch + headroom`: room for
+    /// messages the dispatcher holds off its active budget (dispatch/slot.rs). The
+    /// embedded queue has no prefetch: its consumer takes a message only when asked.
+    pub fn consume_with_headroom(&self, kind: QueueKind, headroom: usize) -> Consumer {
         match self {
             Queue::Memory(q) => Consumer::Memory(q.consume(kind)),
-            Queue::Rabbit(q) => Consumer::Rabbit(Box::new(q.consume(kind))),
+            Queue::Rabbit(q) => Consumer::Rabbit(Box::new(q.consume_with_headroom(kind, headroom))),
         }
     }
 

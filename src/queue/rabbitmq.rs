@@ -542,9 +542,23 @@ impl RabbitQueue {
     }
 
     pub fn consume(self: &Arc<Self>, kind: QueueKind) -> RabbitConsumer {
+        self.consume_with_headroom(kind, 0)
+    }
+
+    /// A consumer whose prefetch is `queue.prefetch + headroom` (capped at the AMQP 16 bits;
+    /// settings validation keeps the sum in range).
+    pub fn consume_with_headroom(
+        self: &Arc<Self>,
+        kind: QueueKind,
+        headroom: usize,
+    ) -> RabbitConsumer {
+        let prefetch = usize::from(self.settings.prefetch)
+            .saturating_add(headroom)
+            .min(usize::from(u16::MAX)) as u16;
         RabbitConsumer {
             queue: self.clone(),
             kind,
+            prefetch,
             current: None,
         }
     }
@@ -555,6 +569,7 @@ impl RabbitQueue {
 pub struct RabbitConsumer {
     queue: Arc<RabbitQueue>,
     kind: QueueKind,
+    prefetch: u16,
     current: Option<(Channel, lapin::Consumer)>,
 }
 
@@ -568,7 +583,7 @@ impl RabbitConsumer {
         let ch = link.conn.create_channel().await?;
         // Prefetch bounds the unacked messages this consumer holds: its in-flight work, and
         // what another node must wait for if this one dies.
-        ch.basic_qos(self.queue.settings.prefetch, BasicQosOptions::default())
+        ch.basic_qos(self.prefetch, BasicQosOptions::default())
             .await?;
         let name = match self.kind {
             QueueKind::Work => &self.queue.topology.work_queue,

@@ -607,3 +607,67 @@ async fn new_sessions_past_the_admission_rate_get_503_too_many_sessions() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_on_another_node_that_never_acks_does_not_hold_the_dispatchers_only_slot() {
+    let vhost = TestVhost::new();
+    let apns = ApnsDouble::start().await;
+    let mut gs = settings(&vhost, &apns, &[Role::Gateway]);
+    gs.gateway.ack_timeout = Duration::from_secs(30);
+    let g = gw::spawn(gs).await;
+    let mut s = settings(&vhost, &apns, &[Role::Api, Role::Dispatcher]);
+    s.gateway.ack_timeout = Duration::from_secs(30);
+    s.queue.prefetch = 1;
+    s.dispatcher.max_awaiting_ack = 4;
+    let d = dispatch_node_with(s).await;
+    let (silent_ws, _) = gw::connect(&g, "silent").await;
+    let mut silent = gw::spawn_reader(silent_ws);
+    let (acker_ws, _) = gw::connect(&g, "acker").await;
+    let mut acker = gw::spawn_acker(acker_ws);
+    wait_for(
+        Duration::from_secs(10),
+        "both devices in the replica",
+        || async { (d.metrics.cluster_devices.get() >= 2).then_some(()) },
+    )
+    .await;
+
+    let held = post(&d.base, "silent").await;
+    let frame = tokio::time::timeout(Duration::from_secs(10), silent.recv())
+        .await
+        .expect("the silent device gets its frame")
+        .unwrap();
+    assert_eq!(frame["id"], held.as_str());
+    // Its node said "received": the message waits only on the device, off the active budget.
+    wait_for(
+        Duration::from_secs(10),
+        "the waiting message parked",
+        || async { (d.metrics.dispatcher_parked.get() == 1).then_some(()) },
+    )
+    .await;
+    let id = post(&d.base, "acker").await;
+    let frame = tokio::time::timeout(Duration::from_secs(10), acker.recv())
+        .await
+        .expect("delivered while the only active slot's first message waits for an ack")
+        .unwrap();
+    assert_eq!(frame["id"], id.as_str());
+    wait_for(
+        Duration::from_secs(10),
+        "the acker's delivery recorded",
+        || async {
+            let delivered = d
+                .metrics
+                .deliveries
+                .with_label_values(&["default", "live", "delivered"])
+                .get();
+            (delivered >= 1).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        d.metrics.dispatcher_parked.get(),
+        1,
+        "the first still waits"
+    );
+    assert!(apns.requests().is_empty(), "nothing fell back");
+    d.shutdown.cancel();
+}

@@ -17,4 +17,5 @@ mod drain;
 mod events;
 mod gateway_events;
 mod outcomes;
+mod slots;
 mod webhook;

@@ -51,7 +51,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ClusterSettings;
 use crate::domain::{DeviceKey, QueuedNotification};
-use crate::gateway::{Gateway, LiveOutcome, registrar};
+use crate::gateway::{AwaitingAck, Gateway, LiveOutcome, registrar};
 use crate::metrics::Metrics;
 use crate::queue::RabbitQueue;
 use crate::queue::reconnect::{self, Backoff};
@@ -198,23 +198,43 @@ impl ClusterDirectory {
 
     /// One live attempt for `device`, wherever its session is.
     pub async fn deliver(&self, device: &DeviceKey, n: &QueuedNotification) -> LiveOutcome {
+        self.deliver_awaiting(device, n, &|| {}).await
+    }
+
+    /// [`ClusterDirectory::deliver`], calling `awaiting_ack` once the frame is with the
+    /// device's session (here) or its node said "received" ([`AwaitingAck`]).
+    pub async fn deliver_awaiting(
+        &self,
+        device: &DeviceKey,
+        n: &QueuedNotification,
+        awaiting_ack: AwaitingAck<'_>,
+    ) -> LiveOutcome {
         // The session is on this node: no broker hop needed.
         if let Some(g) = &self.0.gateway
             && g.is_connected(device)
         {
-            match g.deliver(device, n).await {
+            match g.deliver_awaiting(device, n, awaiting_ack).await {
                 // Gone between the check and the send (closed, replaced): it may be on
                 // another node by now, so ask the replica.
                 LiveOutcome::Offline => {}
                 outcome => return outcome,
             }
         }
-        self.deliver_remote(device, n).await
+        self.deliver_remote_awaiting(device, n, awaiting_ack).await
     }
 
     /// The replica path, skipping this node's own sessions: public so the benchmark can
     /// measure it.
     pub async fn deliver_remote(&self, device: &DeviceKey, n: &QueuedNotification) -> LiveOutcome {
+        self.deliver_remote_awaiting(device, n, &|| {}).await
+    }
+
+    async fn deliver_remote_awaiting(
+        &self,
+        device: &DeviceKey,
+        n: &QueuedNotification,
+        awaiting_ack: AwaitingAck<'_>,
+    ) -> LiveOutcome {
         let Some(replica) = &self.0.replica else {
             return LiveOutcome::Offline;
         };
@@ -237,7 +257,7 @@ impl ClusterDirectory {
                 // Ours but not in our table (it just closed), or the same node again.
                 return LiveOutcome::Offline;
             }
-            match self.0.rpc.deliver(&node, device, n).await {
+            match self.0.rpc.deliver(&node, device, n, awaiting_ack).await {
                 LiveOutcome::Offline => tried = Some(node),
                 outcome => return outcome,
             }

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::presence::NodeId;
 use super::wire::{self, Reply};
 use crate::domain::{DeviceKey, QueuedNotification};
-use crate::gateway::{LiveOutcome, protocol};
+use crate::gateway::{AwaitingAck, LiveOutcome, protocol};
 use crate::metrics::Metrics;
 
 struct Pending {
@@ -98,6 +98,7 @@ impl Rpc {
         node: &NodeId,
         device: &DeviceKey,
         n: &QueuedNotification,
+        awaiting_ack: AwaitingAck<'_>,
     ) -> LiveOutcome {
         let hop_deadline = Instant::now() + self.hop_timeout;
         let mut rx = self.channel.subscribe();
@@ -156,7 +157,8 @@ impl Rpc {
             _ => return LiveOutcome::NotAcked,
         }
         match tokio::time::timeout_at(hop_deadline, replies.recv()).await {
-            Ok(Some(Reply::Received)) => {}
+            // The node has the frame; from here it is the device's ack deadline.
+            Ok(Some(Reply::Received)) => awaiting_ack(),
             Ok(Some(final_reply)) => return outcome(final_reply),
             // Failed (lease expired, channel cut) or no word within the hop: fall back.
             Ok(None) | Err(_) => return LiveOutcome::NotAcked,
