@@ -218,10 +218,12 @@ async fn main() {
     };
 
     let embedded = Server::start(&api_only(None)).await;
+    // No dispatcher here: declare what one would, or the api-only process waits for it.
+    vhost.declare_dispatcher_topology().await;
     let rabbit = Server::start(&api_only(Some(&url))).await;
 
     // Raw lapin: same broker, same exchange and quorum queue herald publishes to (declared
-    // by the herald server above), persistent + mandatory + confirmed, as herald does.
+    // above), persistent + mandatory + confirmed, as herald does.
     let conn = Connection::connect(
         &url,
         ConnectionProperties::default().with_connection_name(RAW_CONNECTION.into()),

@@ -306,27 +306,31 @@ def role_resources(prefix, retry_queues):
     must not match. Mirrors what the code does with the broker (names with queue.prefix;
     "amq.default" is RabbitMQ's name for the default exchange in permission checks):
 
-    - every role (RabbitQueue::connect -> Topology::declare, src/queue/rabbitmq.rs):
-      exchange.declare work, dead, events; queue.declare dead, work (dead-letters to the
-      dead exchange) and each retry queue (dead-letters to the work exchange); bind dead
-      and work to their exchanges. RabbitMQ wants configure on each, write on a bound
-      queue and on a dead-letter exchange, read on a binding's exchange and on a queue
-      that dead-letters.
-    - api: publishes to the work exchange (covered above).
-    - dispatcher: consumes work; publish_retry (default exchange), publish_dead (dead
-      exchange), publish_event (events exchange); ClusterDirectory (src/directory/
-      cluster/) declares the presence exchange and its own {prefix}.presence.<32 hex>
-      queue, binds and consumes it, and publishes deliveries and snapshot requests to node
-      queues through the default exchange.
-    - gateway: ClusterDirectory with a gateway: declares and consumes the exclusive
-      {prefix}.node.<node id> queue (never bound), publishes presence deltas and heartbeats
-      to the presence exchange, declares/binds/consumes its own presence queue, and
-      replies through the default exchange (direct reply-to).
+    - dispatcher (the only role that declares: RabbitQueue::connect -> Topology::declare,
+      src/queue/rabbitmq.rs): exchange.declare work, dead, events; queue.declare dead,
+      work (dead-letters to the dead exchange) and each retry queue (dead-letters to the
+      work exchange); bind dead and work to their exchanges. RabbitMQ wants configure on
+      each, write on a bound queue and on a dead-letter exchange, read on a binding's
+      exchange and on a queue that dead-letters. Then it consumes work; publish_retry
+      (default exchange), publish_dead (dead exchange), publish_event (events exchange);
+      ClusterDirectory (src/directory/cluster/) declares the presence and replies
+      exchanges, its own {prefix}.presence.<32 hex> queue (bound to presence, and to
+      replies under its own name for snapshots) and its {prefix}.reply.<32 hex> queue
+      (bound to replies under its own name), consumes both, and publishes deliveries and
+      snapshot requests to node queues through the default exchange.
+    - api: declares nothing (a passive declare of the work exchange needs no permission);
+      publishes to the work exchange.
+    - gateway: declares nothing but its own queues: the exclusive {prefix}.node.<node id>
+      queue (never bound) and its presence queue (bound to presence); publishes presence
+      deltas and heartbeats to the presence exchange, replies and snapshots to the replies
+      exchange, outcome events to the events exchange. Nothing on the work topology, no
+      default exchange.
     """
     p = prefix
     node = [f"{p}.node.0194f6c2e5a47b3c8d9e0f1a2b3c4d5e", f"{p}.node.gw-1"]
     presence_q = [f"{p}.presence.019ad9f0c1a27c3e8b4d5f6a7b8c9d0e"]
-    common_needed = {
+    reply_q = [f"{p}.reply.019ad9f0c1a27c3e8b4d5f6a7b8c9d0e"]
+    work = {
         "configure": [f"{p}.work", f"{p}.dead", f"{p}.events", *retry_queues],
         "write": [f"{p}.work", f"{p}.dead"],
         "read": [f"{p}.work", f"{p}.dead", *retry_queues],
@@ -335,35 +339,37 @@ def role_resources(prefix, retry_queues):
     # that only an unanchored or too-wide regex would match.
     outside = ["amq.gen-JzTY20BRgKO", "other.work", f"x{p}.work", f"{p}.work.x", f"{p}x.dead",
                f"{p}.retry.ms", f"{p}.retry.10msx", f"{p}.node.", "amq.topic",
-               f"{p}.presence.", f"{p}.presence.xyz", f"{p}.sessions"]
+               f"{p}.presence.", f"{p}.presence.xyz", f"{p}.sessions", f"{p}.reply.",
+               f"{p}.reply.xyz", f"{p}.repliesx", "amq.rabbitmq.reply-to"]
     needed = {
-        "api": common_needed,
+        "api": {"configure": [], "write": [f"{p}.work"], "read": []},
         "dispatcher": {
-            "configure": common_needed["configure"] + [f"{p}.presence", *presence_q],
-            "write": common_needed["write"] + [f"{p}.events", *presence_q, "amq.default"],
-            "read": common_needed["read"] + [f"{p}.presence", *presence_q],
+            "configure": work["configure"] + [f"{p}.presence", f"{p}.replies", *presence_q, *reply_q],
+            "write": work["write"] + [f"{p}.events", *presence_q, *reply_q, "amq.default"],
+            "read": work["read"] + [f"{p}.presence", f"{p}.replies", *presence_q, *reply_q],
         },
         "gateway": {
-            "configure": common_needed["configure"] + [f"{p}.presence", *presence_q, *node],
-            "write": common_needed["write"] + [f"{p}.presence", *presence_q, "amq.default"],
-            "read": common_needed["read"] + [f"{p}.presence", *presence_q, *node],
+            "configure": [*presence_q, *node],
+            "write": [f"{p}.presence", f"{p}.replies", f"{p}.events", *presence_q],
+            "read": [f"{p}.presence", *presence_q, *node],
         },
     }
+    everything = sorted({n for role in needed.values() for names in role.values() for n in names})
     refused = {
         "api": {
-            "configure": outside + [f"{p}.presence", *presence_q, *node],
-            "write": outside + [f"{p}.presence", *presence_q, f"{p}.events", "amq.default", *node],
-            "read": outside + [f"{p}.presence", *presence_q, f"{p}.events", *node],
+            kind: outside + [n for n in everything if n not in needed["api"][kind]]
+            for kind in ("configure", "write", "read")
         },
         "dispatcher": {
             "configure": outside + node,
-            "write": outside + [f"{p}.presence", *node],
+            "write": outside + [f"{p}.presence", f"{p}.replies", *node],
             "read": outside + [f"{p}.events", *node],
         },
         "gateway": {
-            "configure": outside,
-            "write": outside + [f"{p}.events", *node],
-            "read": outside + [f"{p}.events"],
+            # Nothing of the work topology, no exchange to declare (or delete), no queue by
+            # name through the default exchange, nobody else's reply queue to read.
+            kind: outside + [n for n in everything if n not in needed["gateway"][kind]]
+            for kind in ("configure", "write", "read")
         },
     }
     return needed, refused

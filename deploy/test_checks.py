@@ -120,8 +120,18 @@ class Security(unittest.TestCase):
 
     def test_a_permission_that_reaches_another_role(self):
         perms = by(self.docs, "Permission", "herald-gateway")["spec"]["permissions"]
-        perms["write"] = perms["write"].replace("presence|", "presence|events|")
-        self.assertFails("matches 'herald.events', which the gateway role does not need")
+        perms["write"] = perms["write"].replace("presence|", "presence|work|", 1)
+        self.assertFails("matches 'herald.work', which the gateway role does not need")
+
+    def test_a_gateway_permission_on_the_default_exchange(self):
+        perms = by(self.docs, "Permission", "herald-gateway")["spec"]["permissions"]
+        perms["write"] = "^(" + perms["write"][1:-1] + "|amq\\.default)$"
+        self.assertFails("matches 'amq.default', which the gateway role does not need")
+
+    def test_an_api_that_may_declare(self):
+        perms = by(self.docs, "Permission", "herald-api")["spec"]["permissions"]
+        perms["configure"] = "^herald\\.(work|dead)$"
+        self.assertFails("matches 'herald.work', which the api role does not need")
 
     def test_a_permission_missing_what_the_role_uses(self):
         perms = by(self.docs, "Permission", "herald-dispatcher")["spec"]["permissions"]

@@ -96,6 +96,25 @@ impl BenchVhost {
         let url = format!("amqp://guest:guest@127.0.0.1:5672/{name}");
         BenchVhost { name, url }
     }
+
+    /// Declares what a dispatcher with the default prefix and retry settings declares when
+    /// it connects, for a bench that runs an api-only process (it declares nothing and is
+    /// not ready until the work exchange exists).
+    pub async fn declare_dispatcher_topology(&self) {
+        let conn = lapin::Connection::connect(&self.url, lapin::ConnectionProperties::default())
+            .await
+            .expect("connect to the bench vhost");
+        let ch = conn.create_channel().await.unwrap();
+        let s = herald::config::Settings::defaults();
+        herald::queue::Topology::new(&s.queue.prefix, &s.retry)
+            .declare(&ch)
+            .await
+            .expect("declare the work topology");
+        herald::directory::cluster::declare_exchanges(&ch, &s.queue.prefix)
+            .await
+            .expect("declare the directory's exchanges");
+        let _ = conn.close(200, "declared".into()).await;
+    }
 }
 
 impl Drop for BenchVhost {

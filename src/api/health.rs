@@ -9,7 +9,8 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-/// Ready when the queue is connected, the dispatcher's consumer runs (if this process runs
+/// Ready when the queue is connected (for an API process on RabbitMQ: and the work
+/// exchange a dispatcher declares exists, else `queue = waiting_for_topology`), the dispatcher's consumer runs (if this process runs
 /// the dispatcher), the cluster directory is registered (cluster mode), and the process is
 /// not draining. Kubernetes stops
 /// routing to a pod that is not ready, so during a broker outage or a shutdown callers are
@@ -17,6 +18,10 @@ pub async fn healthz() -> HttpResponse {
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let queue = if state.queue.is_connected() {
         "connected"
+    } else if state.queue.awaiting_topology() {
+        // An API process on RabbitMQ declares nothing: the work exchange is the
+        // dispatcher's, and none has declared it on this vhost yet.
+        "waiting_for_topology"
     } else {
         "disconnected"
     };

@@ -23,12 +23,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
+use crate::config::{Role, Settings};
 use crate::domain::QueuedNotification;
 use crate::metrics::Metrics;
 
 pub use memory::MemoryQueue;
-pub use rabbitmq::{RabbitQueue, Topology};
+pub use rabbitmq::{RabbitQueue, Topology, TopologyUse};
 
 /// Why a publish or a settlement did not happen. The API maps every variant to 503.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +112,15 @@ impl Queue {
             Some(url) => Queue::Rabbit(RabbitQueue::start(
                 url,
                 Topology::new(&settings.queue.prefix, &settings.retry),
+                // The work topology is the dispatcher's (it consumes it): the API and the
+                // gateway then need no configure rights on it (docs/deploy.md).
+                if settings.has_role(Role::Dispatcher) {
+                    TopologyUse::Declare
+                } else if settings.has_role(Role::Api) {
+                    TopologyUse::ExpectWorkExchange
+                } else {
+                    TopologyUse::Nothing
+                },
                 settings.queue.clone(),
                 metrics.clone(),
                 stop,
@@ -190,6 +199,15 @@ impl Queue {
         match self {
             Queue::Memory(_) => true,
             Queue::Rabbit(q) => q.is_connected(),
+        }
+    }
+
+    /// True while an API process waits for a dispatcher to declare the work exchange
+    /// (RabbitMQ only).
+    pub fn awaiting_topology(&self) -> bool {
+        match self {
+            Queue::Memory(_) => false,
+            Queue::Rabbit(q) => q.awaiting_topology(),
         }
     }
 

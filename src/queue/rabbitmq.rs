@@ -10,12 +10,19 @@
 //!  retry ─▶ {p}.retry.<ms>ms (quorum, x-message-ttl)   {p}.dead (exchange) ──▶ {p}.dead (queue)
 //! ```
 //!
+//! Only a process with the dispatcher role declares this topology ([`TopologyUse`]): the
+//! API's broker user may then hold nothing but write on `{p}.work`, and the gateway's
+//! nothing on the work topology at all (docs/deploy.md, "Broker users and what each can
+//! do"). An API process checks on each connect that the work exchange exists, and waits
+//! (not ready) until a dispatcher has declared it.
+//!
 //! Delays are built from per-delay TTL queues that dead-letter back to the work exchange,
 //! because the broker here (Debian's RabbitMQ 3.10, no plugins) has no delayed-message
 //! exchange. One queue per distinct delay keeps each queue FIFO-by-expiry: per-message TTLs
 //! in one shared queue would stall behind a longer-lived head message.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -49,6 +56,20 @@ const REASON_HEADER: &str = "x-herald-reason";
 const DELIVERY_LIMIT: i64 = 20;
 /// How long one connection attempt (TCP + AMQP handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a process does about the work topology each time it connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopologyUse {
+    /// Declares all of it (the dispatcher: it consumes the work queue and publishes
+    /// retries, dead letters and events, so its broker user holds these rights anyway).
+    Declare,
+    /// Declares nothing; checks (a passive declare, which needs no permission) that the
+    /// work exchange exists, and does not count as connected until it does (the API: it
+    /// only publishes to the work exchange).
+    ExpectWorkExchange,
+    /// Nothing on the work topology (a gateway-only process).
+    Nothing,
+}
 
 /// Exchange and queue names, and the retry delays, derived from the prefix and retry config.
 #[derive(Debug, Clone)]
@@ -236,6 +257,10 @@ struct Link {
 pub struct RabbitQueue {
     url: Secret,
     topology: Topology,
+    topology_use: TopologyUse,
+    /// True while the last connection attempt found the work exchange missing (an API
+    /// process started before any dispatcher declared it), for `/readyz`.
+    awaiting_topology: AtomicBool,
     settings: QueueSettings,
     metrics: Metrics,
     link: watch::Sender<Option<Arc<Link>>>,
@@ -250,6 +275,7 @@ impl RabbitQueue {
     pub fn start(
         url: Secret,
         topology: Topology,
+        topology_use: TopologyUse,
         settings: QueueSettings,
         metrics: Metrics,
         stop: CancellationToken,
@@ -258,6 +284,8 @@ impl RabbitQueue {
         let q = Arc::new(RabbitQueue {
             url,
             topology,
+            topology_use,
+            awaiting_topology: AtomicBool::new(false),
             settings,
             metrics,
             link: watch::channel(None).0,
@@ -270,6 +298,12 @@ impl RabbitQueue {
 
     pub fn is_connected(&self) -> bool {
         self.link.borrow().is_some()
+    }
+
+    /// True while this (API) process waits for a dispatcher to declare the work exchange:
+    /// the broker answers, but there is nothing to publish to yet.
+    pub fn awaiting_topology(&self) -> bool {
+        self.awaiting_topology.load(Ordering::Relaxed)
     }
 
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
@@ -318,6 +352,15 @@ impl RabbitQueue {
         loop {
             tokio::select! {
                 ev = events.next() => match ev {
+                    // A channel-level error on another channel of this connection (the
+                    // cluster directory's, which sets its own channels up again; e.g. a
+                    // gateway waiting for a dispatcher to declare the presence exchange):
+                    // the connection and the publishing channel are fine.
+                    Some(lapin::Event::Error(e))
+                        if e.is_amqp_soft_error() && link.publish.status().connected() =>
+                    {
+                        tracing::debug!(error = %e, "RabbitMQ channel error");
+                    }
                     Some(lapin::Event::Error(e)) => {
                         tracing::warn!(error = %e, "RabbitMQ connection error");
                         break;
@@ -373,15 +416,44 @@ impl RabbitQueue {
             super::tls::connect(uri, props, &self.settings.ca_file),
         )
         .await
-        .map_err(|_| anyhow::anyhow!("connection timed out after {CONNECT_TIMEOUT:?}"))??;
+        .map_err(|_| anyhow::anyhow!("connection timed out after {CONNECT_TIMEOUT:?}"))
+        .and_then(|c| c)
+        .inspect_err(|_| self.awaiting_topology.store(false, Ordering::Relaxed))?;
         let publish = conn.create_channel().await?;
-        if let Err(e) = self.topology.declare(&publish).await {
-            let _ = conn.close(200, "topology declaration failed".into()).await;
-            return Err(anyhow::anyhow!(
-                "declaring exchanges and queues {:?}: {e}",
-                self.topology.all_queues()
-            ));
+        match self.topology_use {
+            TopologyUse::Declare => {
+                if let Err(e) = self.topology.declare(&publish).await {
+                    let _ = conn.close(200, "topology declaration failed".into()).await;
+                    return Err(anyhow::anyhow!(
+                        "declaring exchanges and queues {:?}: {e}",
+                        self.topology.all_queues()
+                    ));
+                }
+            }
+            TopologyUse::ExpectWorkExchange => {
+                let exists = publish
+                    .exchange_declare(
+                        self.topology.work_exchange.as_str().into(),
+                        ExchangeKind::Direct,
+                        ExchangeDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await;
+                if let Err(e) = exists {
+                    self.awaiting_topology.store(true, Ordering::Relaxed);
+                    let _ = conn.close(200, "work exchange missing".into()).await;
+                    return Err(anyhow::anyhow!(
+                        "the work exchange {} is not there yet ({e}); a dispatcher declares it when it connects: start one (same queue.prefix and vhost), this process retries",
+                        self.topology.work_exchange
+                    ));
+                }
+            }
+            TopologyUse::Nothing => {}
         }
+        self.awaiting_topology.store(false, Ordering::Relaxed);
         publish
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
@@ -504,7 +576,9 @@ impl RabbitQueue {
         next: &QueuedNotification,
         delay: Duration,
     ) -> Result<(), QueueError> {
-        // The default exchange routes by queue name, so retry queues need no bindings.
+        // The default exchange routes by queue name, so retry queues need no bindings. Only
+        // the dispatcher publishes retries, and its broker user needs `amq.default` anyway
+        // (deliveries and snapshot requests go to gateways' node queues by name).
         self.publish_to(
             "",
             self.topology.retry_queue(delay),

@@ -100,6 +100,7 @@ fn write_pem(pem: &str) -> tempfile::NamedTempFile {
 #[tokio::test]
 async fn notify_is_queued_over_amqps_with_the_configured_ca() {
     let vhost = TestVhost::new();
+    vhost.declare_dispatcher_topology(&vhost.settings()).await;
     let mut front = tls_front().await;
     let ca = write_pem(&front.ca_pem);
     let mut settings = support::api_only(vhost.settings());

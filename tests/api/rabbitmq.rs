@@ -35,6 +35,7 @@ async fn drain(ch: &lapin::Channel, queue: &str) -> Vec<Vec<u8>> {
 #[tokio::test]
 async fn accepted_notification_is_a_persistent_message_on_a_durable_quorum_queue() {
     let vhost = TestVhost::new();
+    vhost.declare_dispatcher_topology(&vhost.settings()).await;
     let app = spawn_app(api_only(vhost.settings())).await;
     assert!(app.queue.wait_connected(Duration::from_secs(10)).await);
 
@@ -100,6 +101,7 @@ async fn accepted_notification_is_a_persistent_message_on_a_durable_quorum_queue
 #[tokio::test]
 async fn connections_killed_mid_stream_lose_no_accepted_notification() {
     let vhost = TestVhost::new();
+    vhost.declare_dispatcher_topology(&vhost.settings()).await;
     let app = Arc::new(spawn_app(api_only(vhost.settings())).await);
     assert!(app.queue.wait_connected(Duration::from_secs(10)).await);
 

@@ -46,7 +46,10 @@ async fn two_nodes_route_each_apps_notification_to_its_own_session_only() {
     let vhost = TestVhost::new();
     let apns = ApnsDouble::start().await;
     let shop = ApnsDouble::start_as("SHOPKEY001", "SHOPTEAM01", "com.example.shop").await;
-    let gateway = gw::spawn(settings(&vhost, &apns, &shop, &[Role::Gateway])).await;
+    // The gateway starts first: what a dispatcher declares must be there for it.
+    let gateway_settings = settings(&vhost, &apns, &shop, &[Role::Gateway]);
+    vhost.declare_dispatcher_topology(&gateway_settings).await;
+    let gateway = gw::spawn(gateway_settings).await;
     wait_for(Duration::from_secs(10), "directory registered", || async {
         let r = reqwest::get(format!("{}/readyz", gateway.base))
             .await

@@ -2,14 +2,18 @@
 //! of `deploy/k8s/overlays/production/broker-users.yaml` (read from that file, so the test
 //! proves what ships) given to three users on a test vhost, one `herald serve` process per
 //! role each with its own user, and every broker path driven through them: a live delivery
-//! (api publish, dispatcher consume, directory routing, gateway reply), a retry (the
-//! default exchange into a retry queue), a dead letter, and outcome events. Then the
-//! negative side: what a role does not need, it is refused.
+//! (api publish, dispatcher consume, directory routing, gateway reply through the replies
+//! exchange), a retry (the default exchange into a retry queue), a dead letter, and outcome
+//! events. Then the negative side: what a role does not need, it is refused. And the start
+//! order that follows from only the dispatcher declaring: the api and the gateway wait, not
+//! ready and saying why, until a dispatcher has declared what they use.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
@@ -153,21 +157,77 @@ async fn try_publish(url: &str, exchange: &str, key: &str) -> Result<(), String>
     result
 }
 
+/// A declaration as `url`'s user: Ok if the broker allowed it, Err with its refusal.
+async fn try_declare_exchange(url: &str, exchange: &str) -> Result<(), String> {
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
+    let result = ch
+        .exchange_declare(
+            exchange.into(),
+            lapin::ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string());
+    let _ = conn.close(200, "done".into()).await;
+    result
+}
+
+async fn readyz(http: &reqwest::Client, node: &Node) -> (u16, serde_json::Value) {
+    let r = http
+        .get(format!("{}/readyz", node.base))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_role_runs_with_only_its_shipped_broker_permissions() {
     let vhost = TestVhost::new();
     let users = RoleUsers::create(&vhost);
     let apns = ApnsDouble::start().await;
     let base = node_env(&vhost.url, &apns);
-    let api = Node::start("api", &env_for(&base, users.url("api")), "api").await;
-    let gateway = Node::start("gw", &env_for(&base, users.url("gateway")), "gateway").await;
+    let http = reqwest::Client::new();
+    // The api and the gateway first, on a fresh vhost: they declare nothing, so they wait
+    // for a dispatcher, not ready, and say what they wait for.
+    let api = Node::spawn("api", &env_for(&base, users.url("api")), "api").await;
+    let gateway = Node::spawn("gw", &env_for(&base, users.url("gateway")), "gateway").await;
+    wait_for(
+        Duration::from_secs(10),
+        "the api waiting for the work exchange",
+        || async {
+            let (status, body) = readyz(&http, &api).await;
+            (status == 503 && body["checks"]["queue"] == "waiting_for_topology").then_some(())
+        },
+    )
+    .await;
+    let (status, body) = readyz(&http, &gateway).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["checks"]["directory"], "unregistered", "{body}");
+    let res = http
+        .post(format!("{}/v1/notify", api.base))
+        .bearer_auth(crate::support::API_KEY)
+        .json(&serde_json::json!({"targets": [{"device_id": "early"}], "data": {"k": "v"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    assert!(res.headers().contains_key("retry-after"));
     let dispatcher = Node::start(
         "disp",
         &env_for(&base, users.url("dispatcher")),
         "dispatcher",
     )
     .await;
-    let http = reqwest::Client::new();
+    api.wait_ready().await;
+    gateway.wait_ready().await;
 
     // A test-owned queue (as guest) on the events exchange: the dispatcher's events land.
     let guest = Connection::connect(&vhost.url, ConnectionProperties::default())
@@ -192,8 +252,8 @@ async fn each_role_runs_with_only_its_shipped_broker_permissions() {
     .unwrap();
 
     // Live, across processes: api -> work queue -> dispatcher (replica fed over
-    // herald.presence) -> gateway's node queue -> device ack -> reply over the default
-    // exchange.
+    // herald.presence) -> gateway's node queue -> device ack -> reply through
+    // herald.replies into the dispatcher's reply queue.
     let device = Device::start("phone-perm", vec![gateway.ws_url.clone()]);
     device.wait_sessions(1).await;
     let id = notify(&http, &api.base, "phone-perm").await.expect("202");
@@ -224,13 +284,20 @@ async fn each_role_runs_with_only_its_shipped_broker_permissions() {
     .await;
     let _ = id;
 
-    // Nothing was refused along the way: a refused operation closes the channel and the
-    // process reconnects.
+    // Nothing was refused along the way: a refused operation closes its channel (the
+    // queue's: the process reconnects; the directory's: it sets its channels up again) and
+    // lapin logs the ACCESS_REFUSED.
     for node in [&api, &gateway, &dispatcher] {
         assert_eq!(
             metric(&http, node, "herald_broker_reconnects_total").await,
             0.0,
             "{} reconnected: a broker operation was refused",
+            node.name
+        );
+        assert_eq!(
+            node.refusals.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "{} logged a broker refusal",
             node.name
         );
     }
@@ -243,7 +310,11 @@ async fn each_role_runs_with_only_its_shipped_broker_permissions() {
             "{what}: {e}"
         );
     };
-    let (api_url, gw_url) = (users.url("api"), users.url("gateway"));
+    let (api_url, gw_url, disp_url) = (
+        users.url("api"),
+        users.url("gateway"),
+        users.url("dispatcher"),
+    );
     refused(
         try_publish(&api_url, "herald.presence", "").await,
         "api forging a gateway's presence",
@@ -257,39 +328,118 @@ async fn each_role_runs_with_only_its_shipped_broker_permissions() {
         "api forging an outcome event",
     );
     refused(
-        try_publish(&gw_url, "herald.events", "delivered.live").await,
-        "gateway forging an outcome event",
+        try_publish(&api_url, "herald.replies", "herald.reply.x").await,
+        "api forging a gateway's reply",
     );
     refused(
-        try_publish(&users.url("dispatcher"), "herald.presence", "").await,
+        try_declare_exchange(&api_url, "herald.work").await,
+        "api (re)declaring the work topology",
+    );
+    refused(
+        try_publish(&gw_url, "herald.work", "notify").await,
+        "gateway queueing a notification",
+    );
+    refused(
+        try_publish(&gw_url, "", "herald.work").await,
+        "gateway writing into the work queue by name (default exchange)",
+    );
+    refused(
+        try_publish(&gw_url, "", "herald.node.other").await,
+        "gateway writing into another node's queue (default exchange)",
+    );
+    refused(
+        try_publish(&gw_url, "herald.dead", "dead").await,
+        "gateway writing a dead letter",
+    );
+    refused(
+        try_declare_exchange(&gw_url, "herald.presence").await,
+        "gateway (re)declaring the presence exchange",
+    );
+    refused(
+        try_declare_exchange(&gw_url, "herald.work").await,
+        "gateway (re)declaring the work topology",
+    );
+    refused(
+        try_publish(&disp_url, "herald.presence", "").await,
         "dispatcher forging a gateway's presence",
     );
-    try_publish(&users.url("dispatcher"), "herald.events", "test.allowed")
+    refused(
+        try_publish(&disp_url, "herald.replies", "herald.reply.x").await,
+        "dispatcher forging a gateway's reply",
+    );
+    try_publish(&disp_url, "herald.events", "test.allowed")
         .await
         .expect("the dispatcher publishes events");
+    try_publish(&gw_url, "herald.events", "test.allowed")
+        .await
+        .expect("the gateway may publish events");
+    try_publish(&gw_url, "herald.replies", "herald.reply.x")
+        .await
+        .expect("the gateway answers through the replies exchange");
 
     let _ = guest.close(200, "done".into()).await;
 }
 
-/// Whichever role connects first creates the topology, and RabbitMQ checks more on
-/// creation than on a re-declaration (read on a queue with a dead-letter exchange): so
-/// each role, alone on a fresh vhost, must be able to create everything it declares.
+/// Only the dispatcher declares: the api and the gateway, alone on a fresh vhost, create
+/// nothing at all and stay not ready; then a dispatcher alone creates the whole topology
+/// it and the others use (RabbitMQ checks more on creation than on a re-declaration: read
+/// on a queue with a dead-letter exchange).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_role_alone_creates_its_topology_on_a_fresh_vhost() {
+async fn only_the_dispatcher_creates_the_topology_on_a_fresh_vhost() {
     let apns = ApnsDouble::start().await;
-    for role in ["api", "dispatcher", "gateway"] {
-        let vhost = TestVhost::new();
-        let users = RoleUsers::create(&vhost);
-        let env = env_for(&node_env(&vhost.url, &apns), users.url(role));
-        // Node::start waits for /readyz 200: connected, topology declared, consumers up.
-        let node = Node::start(role, &env, role).await;
-        let queues = rabbitmqctl(&["list_queues", "-p", &vhost.name, "name"]);
-        for q in ["herald.work", "herald.dead", "herald.retry.100ms"] {
-            assert!(
-                queues.lines().any(|l| l == q),
-                "{role} did not create {q}: {queues}"
-            );
-        }
-        drop(node);
+    let http = reqwest::Client::new();
+    let vhost = TestVhost::new();
+    let users = RoleUsers::create(&vhost);
+    let env = |role: &str| env_for(&node_env(&vhost.url, &apns), users.url(role));
+    let api = Node::spawn("api", &env("api"), "api").await;
+    let gateway = Node::spawn("gateway", &env("gateway"), "gateway").await;
+    // The api has looked for the work exchange; the gateway is connected (its directory
+    // looks for the presence exchange before it declares its own queues).
+    wait_for(Duration::from_secs(10), "both looking", || async {
+        let (_, body) = readyz(&http, &api).await;
+        (body["checks"]["queue"] == "waiting_for_topology"
+            && metric(&http, &gateway, "herald_broker_connected").await == 1.0)
+            .then_some(())
+    })
+    .await;
+    for node in [&api, &gateway] {
+        let (status, body) = readyz(&http, node).await;
+        assert_eq!(status, 503, "{} alone is ready: {body}", node.name);
     }
+    let queues = rabbitmqctl(&["list_queues", "-p", &vhost.name, "name"]);
+    let exchanges = rabbitmqctl(&["list_exchanges", "-p", &vhost.name, "name"]);
+    assert!(
+        !queues.contains("herald") && !exchanges.contains("herald"),
+        "the api or the gateway declared something: {queues} {exchanges}"
+    );
+    drop((api, gateway));
+
+    // Node::start waits for /readyz 200: connected, topology declared, consumers up.
+    let node = Node::start("dispatcher", &env("dispatcher"), "dispatcher").await;
+    let queues = rabbitmqctl(&["list_queues", "-p", &vhost.name, "name"]);
+    for q in ["herald.work", "herald.dead", "herald.retry.100ms"] {
+        assert!(
+            queues.lines().any(|l| l == q),
+            "the dispatcher did not create {q}: {queues}"
+        );
+    }
+    assert!(
+        queues.lines().any(|l| l.starts_with("herald.reply.")),
+        "no reply queue: {queues}"
+    );
+    let exchanges = rabbitmqctl(&["list_exchanges", "-p", &vhost.name, "name"]);
+    for x in [
+        "herald.work",
+        "herald.dead",
+        "herald.events",
+        "herald.presence",
+        "herald.replies",
+    ] {
+        assert!(
+            exchanges.lines().any(|l| l == x),
+            "the dispatcher did not create {x}: {exchanges}"
+        );
+    }
+    assert_eq!(node.refusals.load(std::sync::atomic::Ordering::Relaxed), 0);
+    drop(node);
 }

@@ -33,9 +33,12 @@ fn settings(vhost: &TestVhost, apns: &ApnsDouble, roles: &[Role]) -> Settings {
     s
 }
 
-/// A gateway-only node.
+/// A gateway-only node, on a vhost where a dispatcher has declared its exchanges (a
+/// gateway declares none and waits for them; here gateways start first).
 async fn gateway_node(vhost: &TestVhost, apns: &ApnsDouble) -> gw::GwApp {
-    let app = gw::spawn(settings(vhost, apns, &[Role::Gateway])).await;
+    let s = settings(vhost, apns, &[Role::Gateway]);
+    vhost.declare_dispatcher_topology(&s).await;
+    let app = gw::spawn(s).await;
     wait_for(Duration::from_secs(10), "directory registered", || async {
         let r = reqwest::get(format!("{}/readyz", app.base)).await.ok()?;
         (r.status() == 200).then_some(())

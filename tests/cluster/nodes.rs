@@ -19,6 +19,8 @@ use crate::support::{API_KEY, wait_for};
 /// One `herald serve` child. Killed (SIGKILL) on drop, so a panicking test leaves nothing.
 pub struct Node {
     child: Child,
+    /// Log lines naming a broker refusal (ACCESS_REFUSED) so far.
+    pub refusals: Arc<std::sync::atomic::AtomicUsize>,
     pub base: String,
     pub ws_url: String,
     pub name: String,
@@ -60,6 +62,13 @@ pub fn node_env(vhost_url: &str, apns: &ApnsDouble) -> Vec<(String, String)> {
 impl Node {
     /// Starts `herald serve` with `roles` and waits until it listens and is ready.
     pub async fn start(name: &str, env: &[(String, String)], roles: &str) -> Node {
+        let node = Node::spawn(name, env, roles).await;
+        node.wait_ready().await;
+        node
+    }
+
+    /// Starts `herald serve` with `roles` and waits until it listens (not for ready).
+    pub async fn spawn(name: &str, env: &[(String, String)], roles: &str) -> Node {
         let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
             .arg("serve")
             .env_clear()
@@ -77,8 +86,13 @@ impl Node {
         let (tx, rx) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().expect("piped");
         let tag = name.to_owned();
+        let refusals = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = refusals.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("ACCESS_REFUSED") {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
                 if v["fields"]["message"] == "herald listening" {
                     let _ = tx.send(v["fields"]["addr"].as_str().unwrap_or("").to_owned());
@@ -91,14 +105,13 @@ impl Node {
             .await
             .unwrap()
             .expect("the node logs its address");
-        let node = Node {
+        Node {
             child,
+            refusals,
             base: format!("http://{addr}"),
             ws_url: format!("ws://{addr}/v1/connect"),
             name: name.to_owned(),
-        };
-        node.wait_ready().await;
-        node
+        }
     }
 
     pub async fn wait_ready(&self) {

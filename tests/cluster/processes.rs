@@ -255,10 +255,11 @@ async fn sigterm_to_each_role_during_a_stream_loses_nothing() {
     let vhost = TestVhost::new();
     let apns = ApnsDouble::start().await;
     let env = node_env(&vhost.url, &apns);
-    let mut api1 = Node::start("api1", &env, "api").await;
-    let api2 = Node::start("api2", &env, "api").await;
+    // Dispatchers first: they declare the topology the others only use.
     let mut disp1 = Node::start("disp1", &env, "dispatcher").await;
     let _disp2 = Node::start("disp2", &env, "dispatcher").await;
+    let mut api1 = Node::start("api1", &env, "api").await;
+    let api2 = Node::start("api2", &env, "api").await;
     let mut gw1 = Node::start("gw1", &env, "gateway").await;
     let gw2 = Node::start("gw2", &env, "gateway").await;
 

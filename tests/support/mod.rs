@@ -153,6 +153,26 @@ impl TestVhost {
         s.queue.url = Secret::new(self.url.clone());
         s
     }
+
+    /// Declares, as the guest user, what a dispatcher with `settings` declares when it
+    /// connects (the work topology, the presence and replies exchanges), for a test that
+    /// starts an API or gateway process before any dispatcher: those declare nothing and
+    /// wait, not ready, until a dispatcher has (`tests/cluster/broker_users.rs` covers that
+    /// order; here it is not what is tested).
+    pub async fn declare_dispatcher_topology(&self, settings: &Settings) {
+        let conn = lapin::Connection::connect(&self.url, lapin::ConnectionProperties::default())
+            .await
+            .expect("guest connects to the test vhost");
+        let ch = conn.create_channel().await.unwrap();
+        herald::queue::Topology::new(&settings.queue.prefix, &settings.retry)
+            .declare(&ch)
+            .await
+            .expect("the work topology declares");
+        herald::directory::cluster::declare_exchanges(&ch, &settings.queue.prefix)
+            .await
+            .expect("the directory's exchanges declare");
+        let _ = conn.close(200, "declared".into()).await;
+    }
 }
 
 impl Drop for TestVhost {

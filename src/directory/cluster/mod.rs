@@ -8,14 +8,20 @@
 //!                        snapshot ◀── snapshot_request ── {p}.node.B ◀── (new/lagging replica)
 //!
 //!  dispatcher: replica.lookup(D) = B ─ D's frame ─▶ {p}.node.B ─▶ session ─▶ "received", then
-//!  ◀─────────────── "acked" / "not_acked" / "offline" over direct reply-to ────────┘
+//!  {p}.reply.<id> ◀── "acked" / "not_acked" / "offline" ── {p}.replies (direct) ◀──┘
 //! ```
 //!
 //! - [`presence`]: the replica and the rules that keep it right (sequence numbers,
 //!   snapshots, leases); [`node`]: a gateway node's publisher and its queue; [`rpc`]: remote
 //!   delivery and replies; [`lease`]: the lease clock; [`wire`]: message formats.
-//! - The broker holds O(nodes) metadata: one exchange, one queue per gateway node and one
-//!   per process's presence subscription. A session open or close is one op in a batched,
+//! - The broker holds O(nodes) metadata: two exchanges (presence, replies), one queue per
+//!   gateway node, one per process's presence subscription and one reply queue per
+//!   dispatcher process.
+//! - Who declares what (so each role's broker user holds only what it uses,
+//!   docs/deploy.md): a dispatcher declares the presence and replies exchanges, its
+//!   presence queue and its reply queue; a gateway declares only its node queue and its
+//!   presence queue, and checks (passively) that the exchanges are there, waiting (not
+//!   ready) until a dispatcher has declared them. A session open or close is one op in a batched,
 //!   confirmed publish, never a queue or binding declaration.
 //! - Offline is answered from the replica, locally, with no broker round trip; only a
 //!   target whose device the replica places on another live node costs a publish, of that
@@ -77,6 +83,8 @@ struct Inner {
     queue: Arc<RabbitQueue>,
     prefix: String,
     exchange: String,
+    /// The replies exchange (answers to dispatchers).
+    replies: String,
     /// This node's id when it has the gateway role.
     node_id: Option<NodeId>,
     /// This node's sessions; `None` on a node without the gateway role.
@@ -97,6 +105,31 @@ struct Inner {
     /// The directory's node in the shutdown tree (a child of the queue's): stops the
     /// supervisor, the publisher and the lease clock.
     stop: CancellationToken,
+}
+
+/// Declares the directory's exchanges (what a dispatcher does when it connects): the
+/// presence fanout and the replies direct exchange, durable (they outlive a broker
+/// restart; the queues bound to them are per process and exclusive, re-made by each
+/// process on reconnect). Public for tests and tooling that need them before a dispatcher.
+pub async fn declare_exchanges(ch: &Channel, prefix: &str) -> lapin::Result<()> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        wire::presence_exchange(prefix).as_str().into(),
+        ExchangeKind::Fanout,
+        durable,
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        wire::replies_exchange(prefix).as_str().into(),
+        ExchangeKind::Direct,
+        durable,
+        FieldTable::default(),
+    )
+    .await
 }
 
 impl ClusterDirectory {
@@ -123,6 +156,7 @@ impl ClusterDirectory {
             queue,
             prefix: prefix.to_owned(),
             exchange: wire::presence_exchange(prefix),
+            replies: wire::replies_exchange(prefix),
             node_id: gateway.as_ref().map(|_| NodeId::from(node_id.as_str())),
             gateway: gateway.clone(),
             replica: lookups.then(|| RwLock::new(Replica::new(settings.node_lease))),
@@ -148,6 +182,7 @@ impl ClusterDirectory {
                 node: node_id,
                 epoch: uuid::Uuid::now_v7(),
                 exchange: dir.0.exchange.clone(),
+                replies: dir.0.replies.clone(),
                 heartbeat: settings.heartbeat_interval,
                 confirm_timeout: settings.register_timeout,
                 metrics,
@@ -335,18 +370,30 @@ impl ClusterDirectory {
         // Presence: every cluster process listens (a replica, or a gateway's "newer
         // session elsewhere" check).
         let pch = inner.queue.create_channel().await?;
-        pch.exchange_declare(
-            inner.exchange.as_str().into(),
-            ExchangeKind::Fanout,
-            // durable: the exchange outlives a broker restart; the queues bound to it are
-            // per process and exclusive, re-made by each process on reconnect.
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+        if inner.replica.is_some() {
+            // A dispatcher declares the exchanges.
+            declare_exchanges(&pch, &inner.prefix).await?;
+        } else {
+            // A gateway-only process declares no exchange (its broker user may not): it
+            // checks they are there (a passive declare needs no permission), else waits.
+            for ex in [&inner.exchange, &inner.replies] {
+                pch.exchange_declare(
+                    ex.as_str().into(),
+                    ExchangeKind::Direct,
+                    ExchangeDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "the exchange {ex} is not there yet ({e}); a dispatcher declares it when it connects: start one (same queue.prefix and vhost), this process retries"
+                    )
+                })?;
+            }
+        }
         // Named (not server-named) so the per-role broker permissions can name it; a fresh
         // name per generation, so a re-declare never races the broker deleting the last
         // generation's queue.
@@ -371,6 +418,18 @@ impl ClusterDirectory {
             FieldTable::default(),
         )
         .await?;
+        if inner.replica.is_some() {
+            // Snapshots answer the replica's requests through the replies exchange, keyed
+            // by this queue's name: into the queue the node's deltas come through.
+            pch.queue_bind(
+                q.name().clone(),
+                inner.replies.as_str().into(),
+                q.name().as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
         let consumer = pch
             .basic_consume(
                 q.name().clone(),
@@ -404,8 +463,10 @@ impl ClusterDirectory {
             nch.queue_declare(
                 name.as_str().into(),
                 // exclusive: the queue dies with this connection, so deliveries to a dead
-                // node are returned (offline) instead of piling up. One queue per node, bound
-                // once (the default exchange): the broker's metadata is O(nodes).
+                // node are returned (offline) instead of piling up. One queue per node, never
+                // bound (dispatchers reach it through the default exchange, by name): the
+                // broker's metadata is O(nodes), and no gateway can bind another node's
+                // deliveries to its own queue.
                 QueueDeclareOptions {
                     exclusive: true,
                     auto_delete: true,
@@ -431,6 +492,7 @@ impl ClusterDirectory {
                 nch.clone(),
                 deliveries,
                 gateway.clone(),
+                inner.replies.as_str().into(),
                 snapshots.clone(),
                 inner.metrics.clone(),
                 generation.clone(),
@@ -447,12 +509,33 @@ impl ClusterDirectory {
             // Confirms: the confirm of a mandatory publish comes after its basic.return, so
             // "node queue gone" is known for certain when the confirm arrives.
             rch.confirm_select(ConfirmSelectOptions::default()).await?;
-            // Direct reply-to requires this consumer, in no-ack mode, on the publishing
-            // channel.
+            // This process's reply queue: exclusive (dies with the connection), a fresh name
+            // per generation, bound to the replies exchange with its own name as key, and
+            // consumed on this channel, which carries nothing but deliveries and replies.
+            let reply_queue = wire::reply_queue(&inner.prefix);
+            rch.queue_declare(
+                reply_queue.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+            rch.queue_bind(
+                reply_queue.as_str().into(),
+                inner.replies.as_str().into(),
+                reply_queue.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
             let replies = rch
                 .basic_consume(
-                    wire::REPLY_TO.into(),
+                    reply_queue.as_str().into(),
                     "".into(),
+                    // no_ack: a reply nobody waits for any more is worthless.
                     BasicConsumeOptions {
                         no_ack: true,
                         ..Default::default()
@@ -462,7 +545,9 @@ impl ClusterDirectory {
                 .await?;
             let (me, g) = (self.clone(), generation.clone());
             tokio::spawn(async move { me.0.rpc.pump_replies(replies, g).await });
-            inner.rpc.set_channel(Some(rch.clone()));
+            inner
+                .rpc
+                .set_channel(Some((rch.clone(), reply_queue.as_str().into())));
             channels.push(rch);
         }
         Ok(channels)

@@ -6,7 +6,10 @@
 //! stream, this node's session set as the cluster knows it, and the delta sequence number,
 //! so a snapshot is always exactly "the sessions after delta `seq`". It publishes on its own
 //! confirm-mode channel; replies to deliveries go out on the node queue's channel, so a
-//! reply never waits behind registration traffic.
+//! reply never waits behind registration traffic. Every answer (replies, snapshots) goes
+//! through the `{p}.replies` exchange, keyed by the asker's queue name: a gateway's broker
+//! user writes to the presence, replies and events exchanges only, never to a queue by
+//! name.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,6 +44,8 @@ pub struct Publisher {
     /// This incarnation (UUIDv7: a restart is newer).
     pub epoch: Uuid,
     pub exchange: String,
+    /// The replies exchange: snapshots go there, keyed by the asker's presence queue.
+    pub replies: String,
     pub heartbeat: Duration,
     /// How long one publish may wait for its confirm before the channel is deemed stuck.
     pub confirm_timeout: Duration,
@@ -94,12 +99,13 @@ impl Publisher {
                             devices,
                         };
                         self.metrics.cluster_messages.with_label_values(&["snapshot"]).inc();
-                        // Default exchange, key = the asker's queue: to that replica only.
-                        // On the same channel as the deltas, after every delta counted in
-                        // `seq`; the replica orders the rest by seq.
+                        // The replies exchange, key = the asker's presence queue (bound
+                        // there with its own name): to that replica only, into the queue
+                        // its deltas arrive in, after every delta counted in `seq` (same
+                        // channel); the replica orders the rest by seq.
                         let _ = ch
                             .basic_publish(
-                                "".into(),
+                                self.replies.as_str().into(),
                                 reply_to,
                                 BasicPublishOptions::default(),
                                 &msg.to_json(),
@@ -243,6 +249,7 @@ pub async fn serve_queue(
     ch: Channel,
     mut consumer: lapin::Consumer,
     gateway: Gateway,
+    replies: ShortString,
     snapshots: mpsc::UnboundedSender<ShortString>,
     metrics: Metrics,
     generation: CancellationToken,
@@ -278,6 +285,7 @@ pub async fn serve_queue(
                 let frame = String::from_utf8(d.data).ok();
                 let reply = Replier {
                     ch: ch.clone(),
+                    exchange: replies.clone(),
                     reply_to,
                     correlation,
                     metrics: metrics.clone(),
@@ -312,15 +320,17 @@ pub async fn serve_queue(
 /// Where one delivery's replies go.
 struct Replier {
     ch: Arc<Channel>,
+    /// The replies exchange.
+    exchange: ShortString,
     reply_to: ShortString,
     correlation: ShortString,
     metrics: Metrics,
 }
 
 impl Replier {
-    /// To the default exchange with the reply-to address as key: that is how direct
-    /// reply-to reaches the asking channel. A lost reply becomes the asker's deadline
-    /// (fallback), so it is not retried.
+    /// To the replies exchange with the asker's reply queue as key. A lost reply (none
+    /// bound: the asker is gone) becomes the asker's deadline (fallback), so it is not
+    /// retried.
     async fn send(&self, reply: Reply) {
         self.metrics
             .cluster_messages
@@ -329,7 +339,7 @@ impl Replier {
         let _ = self
             .ch
             .basic_publish(
-                "".into(),
+                self.exchange.clone(),
                 self.reply_to.clone(),
                 BasicPublishOptions::default(),
                 reply.as_bytes(),

@@ -1,5 +1,7 @@
 //! Remote delivery: one device's frame to the node that holds its session, and the replies
-//! ("received" at once, then the outcome) over direct reply-to on a channel of its own.
+//! ("received" at once, then the outcome) through the `{p}.replies` exchange into this
+//! process's own reply queue, consumed on a channel of its own (never behind presence
+//! traffic). Correlation ids are random, so a node can only answer what it was sent.
 //!
 //! Two deadlines, kept apart: the broker hop (`cluster.hop_timeout`: publish confirmed and
 //! "received" back) and the device (`gateway.ack_timeout + cluster.reply_margin` for the
@@ -8,12 +10,12 @@
 //! device that really has the frame can hold a delivery for its ack deadline.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
 use lapin::{Channel, Confirmation};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -36,10 +38,10 @@ pub struct Rpc {
     hop_timeout: Duration,
     /// `gateway.ack_timeout + cluster.reply_margin`, counted from "received".
     outcome_timeout: Duration,
-    /// The `rpc` channel (confirm mode, the reply-to consumer) while it is up.
-    channel: watch::Sender<Option<Channel>>,
-    pending: Mutex<HashMap<u64, Pending>>,
-    next_correlation: AtomicU64,
+    /// The `rpc` channel (confirm mode, consuming the reply queue) and that queue's name,
+    /// while it is up.
+    channel: watch::Sender<Option<(Channel, ShortString)>>,
+    pending: Mutex<HashMap<u128, Pending>>,
     metrics: Metrics,
 }
 
@@ -56,13 +58,13 @@ impl Rpc {
             outcome_timeout,
             channel: watch::channel(None).0,
             pending: Mutex::new(HashMap::new()),
-            next_correlation: AtomicU64::new(1),
             metrics,
         }
     }
 
-    /// A new generation's channel (confirms on, reply-to consumer started), or `None`.
-    pub fn set_channel(&self, ch: Option<Channel>) {
+    /// A new generation's channel (confirms on, consuming the reply queue) and the reply
+    /// queue's name, or `None`.
+    pub fn set_channel(&self, ch: Option<(Channel, ShortString)>) {
         self.channel.send_replace(ch);
         if self.channel.borrow().is_none() {
             // Replies to deliveries in flight would have come over the dead channel.
@@ -87,7 +89,7 @@ impl Rpc {
         });
     }
 
-    fn pending(&self) -> MutexGuard<'_, HashMap<u64, Pending>> {
+    fn pending(&self) -> MutexGuard<'_, HashMap<u128, Pending>> {
         // Single insert/remove/retain operations only: a poisoned lock is still consistent.
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -102,13 +104,14 @@ impl Rpc {
     ) -> LiveOutcome {
         let hop_deadline = Instant::now() + self.hop_timeout;
         let mut rx = self.channel.subscribe();
-        let ch = match tokio::time::timeout_at(hop_deadline, rx.wait_for(|c| c.is_some())).await {
-            Ok(Ok(ch)) => ch.clone().expect("waited for Some"),
-            // Broker away for the whole hop: unknown, so fall back (the dispatcher acks the
-            // queued message only after its fallback).
-            _ => return LiveOutcome::NotAcked,
-        };
-        let correlation = self.next_correlation.fetch_add(1, Ordering::Relaxed);
+        let (ch, reply_to) =
+            match tokio::time::timeout_at(hop_deadline, rx.wait_for(|c| c.is_some())).await {
+                Ok(Ok(ch)) => ch.clone().expect("waited for Some"),
+                // Broker away for the whole hop: unknown, so fall back (the dispatcher acks the
+                // queued message only after its fallback).
+                _ => return LiveOutcome::NotAcked,
+            };
+        let correlation = wire::new_correlation();
         let (tx, mut replies) = mpsc::unbounded_channel();
         self.pending().insert(
             correlation,
@@ -122,6 +125,7 @@ impl Rpc {
         let props = wire::deliver_properties(
             &device.routing_key(),
             &id,
+            reply_to.as_str(),
             correlation,
             self.hop_timeout.as_millis(),
         );
@@ -184,7 +188,7 @@ impl Rpc {
                 .properties
                 .correlation_id()
                 .as_ref()
-                .and_then(|c| c.as_str().parse::<u64>().ok())
+                .and_then(|c| wire::parse_correlation(c.as_str()))
             else {
                 continue;
             };
@@ -207,7 +211,7 @@ fn outcome(r: Reply) -> LiveOutcome {
 }
 
 /// Removes a delivery's waiter however `deliver` returns.
-struct PendingGuard<'a>(&'a Rpc, u64);
+struct PendingGuard<'a>(&'a Rpc, u128);
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {

@@ -8,10 +8,6 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// RabbitMQ's pseudo-queue for direct reply-to: replies go straight to the asking channel's
-/// consumer without a reply queue per request (or per node) to declare and clean up.
-pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
-
 /// AMQP `type` of a notification frame for one session, on a node queue.
 pub const KIND_DELIVER: &str = "deliver";
 /// AMQP `type` of a request for a node's snapshot, on its node queue (`reply_to` = the
@@ -30,6 +26,38 @@ pub fn presence_exchange(prefix: &str) -> String {
 /// One process's presence subscription (exclusive; a fresh name per broker generation).
 pub fn presence_queue(prefix: &str) -> String {
     format!("{prefix}.presence.{}", Uuid::now_v7().simple())
+}
+
+/// The direct exchange every answer to a dispatcher goes through (a node's replies to a
+/// deliver message, and its snapshots), routed by the asker's queue name. Not the default
+/// exchange, so the gateway's broker user can write here without being able to write into
+/// any queue by name (`{p}.work` included).
+pub fn replies_exchange(prefix: &str) -> String {
+    format!("{prefix}.replies")
+}
+
+/// One dispatcher process's reply queue for deliveries (exclusive; a fresh name per broker
+/// generation), bound to the replies exchange with its own name as key.
+pub fn reply_queue(prefix: &str) -> String {
+    format!("{prefix}.reply.{}", Uuid::now_v7().simple())
+}
+
+/// A fresh correlation id: random, so a node can only answer deliveries it was sent (it
+/// never sees the ids of deliveries to other nodes, which share the reply queue).
+pub fn new_correlation() -> u128 {
+    rand::random::<u128>()
+}
+
+/// A correlation id as it crosses the wire (32 hex digits), and back.
+pub fn correlation_str(c: u128) -> String {
+    format!("{c:032x}")
+}
+
+pub fn parse_correlation(s: &str) -> Option<u128> {
+    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u128::from_str_radix(s, 16).ok()
 }
 
 /// A gateway node's queue: deliveries for its sessions and snapshot requests.
@@ -80,7 +108,7 @@ impl Presence {
     }
 }
 
-/// A node's answer to a deliver message, over direct reply-to.
+/// A node's answer to a deliver message, through the replies exchange.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reply {
     /// The node holds a session for the device and queued the frame; the outcome follows.
@@ -119,7 +147,8 @@ impl Reply {
 pub fn deliver_properties(
     device: &str,
     id: &str,
-    correlation: u64,
+    reply_to: &str,
+    correlation: u128,
     expiration_ms: u128,
 ) -> BasicProperties {
     let mut headers = FieldTable::default();
@@ -128,8 +157,8 @@ pub fn deliver_properties(
     BasicProperties::default()
         .with_type(KIND_DELIVER.into())
         .with_content_type("application/json".into())
-        .with_reply_to(REPLY_TO.into())
-        .with_correlation_id(correlation.to_string().into())
+        .with_reply_to(reply_to.into())
+        .with_correlation_id(correlation_str(correlation).into())
         .with_headers(headers)
         // Past the hop deadline the dispatcher has fallen back; the broker drops the copy
         // rather than have the owner deliver it late (a duplicate for nothing).
@@ -204,5 +233,15 @@ mod tests {
             assert_eq!(Reply::parse(r.as_bytes()), Some(r));
         }
         assert_eq!(Reply::parse(b"?"), None);
+    }
+
+    #[test]
+    fn correlations_round_trip_and_differ() {
+        let (a, b) = (new_correlation(), new_correlation());
+        assert_ne!(a, b);
+        assert_eq!(parse_correlation(&correlation_str(a)), Some(a));
+        assert_eq!(parse_correlation(&correlation_str(7)), Some(7));
+        assert_eq!(parse_correlation("7"), None);
+        assert_eq!(parse_correlation("+0000000000000000000000000000007"), None);
     }
 }
