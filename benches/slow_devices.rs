@@ -1,0 +1,189 @@
+//! Head-of-line blocking by devices that take frames and never ack (issue 10): live
+//! latency to healthy devices while other devices hold frames for their whole ack deadline.
+//!
+//! One herald process per row, the same load each time: `BENCH_SILENT` (default 200)
+//! connected devices that read every frame and never ack, sent `BENCH_SILENT_RATE` (default
+//! 40/s) notifications; beside them `BENCH_DEVICES` (default 100) devices that ack, sent
+//! `BENCH_RATE` (default 200/s) notifications, for `BENCH_SECONDS` (default 10).
+//! `gateway.ack_timeout` is 5 s, `queue.prefetch` 64: the silent devices keep ~200 messages
+//! waiting on acks at once, more than the 64 active slots. Rows: parking off
+//! (`dispatcher.max_awaiting_ack = 0`, the dispatcher before `dispatch/slot.rs`) and on
+//! (the default, 256), on the embedded queue and on RabbitMQ (`BENCH_BACKENDS`, default
+//! `embedded,rabbitmq`). Reported: healthy devices' p50 / p99 / max from the POST's
+//! scheduled time to the frame, and how many arrived.
+//!
+//! `cargo bench --bench slow_devices` (RabbitMQ on 127.0.0.1:5672 and rabbitmqctl for the
+//! RabbitMQ rows).
+
+#[path = "common/env.rs"]
+mod env;
+#[path = "common/server.rs"]
+mod server;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use env::env_or;
+use futures::{SinkExt, StreamExt};
+use herald::config::Secret;
+use herald::domain::DeviceId;
+use herald::gateway::DeviceTokens;
+use server::{KEY, Server};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+const SECRET: &str = "bench-device-secret-0123456789abcdef";
+
+type Received = Arc<Mutex<HashMap<u64, Instant>>>;
+
+/// Connects `n` devices named `{prefix}-{i}`; ackers ack and note when each `seq` arrived,
+/// the others only read.
+async fn connect(server: &Server, prefix: &str, n: usize, ack: bool, received: Received) {
+    let tokens = DeviceTokens::new(Some(&Secret::new(SECRET)), Duration::from_secs(600));
+    for i in 0..n {
+        let device = DeviceId::parse(format!("{prefix}-{i}")).unwrap();
+        let (token, _) = tokens.mint(&device).unwrap();
+        let mut req = format!("ws://{}/v1/connect", server.addr)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        let received = received.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(msg)) = ws.next().await {
+                let Message::Text(t) = msg else { continue };
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if v["type"] != "notification" || !ack {
+                    continue;
+                }
+                if let Some(seq) = v["data"]["seq"].as_str().and_then(|s| s.parse().ok()) {
+                    received.lock().unwrap().insert(seq, Instant::now());
+                }
+                let ack = serde_json::json!({"type": "ack", "id": v["id"]});
+                if ws.send(Message::Text(ack.to_string().into())).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Sends `rate`/s notifications for `seconds` round robin over `{prefix}-0..n`, open loop;
+/// returns each seq's scheduled time.
+async fn offer(
+    server: &Server,
+    prefix: &'static str,
+    n: usize,
+    rate: u64,
+    seconds: u64,
+) -> HashMap<u64, Instant> {
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/notify", server.base);
+    let total = rate * seconds;
+    let started = Instant::now();
+    let mut scheduled = HashMap::new();
+    let mut posts = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(2));
+    let mut seq = 0u64;
+    while seq < total {
+        tick.tick().await;
+        let until = ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
+        while seq < until {
+            scheduled.insert(
+                seq,
+                started + Duration::from_secs_f64(seq as f64 / rate as f64),
+            );
+            let body = serde_json::json!({
+                "targets": [{"device_id": format!("{prefix}-{}", seq as usize % n)}],
+                "data": {"seq": seq.to_string()},
+            });
+            let req = client.post(&url).bearer_auth(KEY).json(&body);
+            posts.push(tokio::spawn(async move {
+                req.send().await.is_ok_and(|r| r.status() == 202)
+            }));
+            seq += 1;
+        }
+    }
+    for p in posts {
+        assert!(p.await.unwrap(), "every notification accepted");
+    }
+    scheduled
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[tokio::main]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let silent: usize = env_or("BENCH_SILENT", 200);
+    let silent_rate: u64 = env_or("BENCH_SILENT_RATE", 40);
+    let devices: usize = env_or("BENCH_DEVICES", 100);
+    let rate: u64 = env_or("BENCH_RATE", 200);
+    let seconds: u64 = env_or("BENCH_SECONDS", 10);
+    let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "embedded,rabbitmq".into());
+    println!(
+        "| {silent} silent devices at {silent_rate}/s (ack_timeout 5 s), {devices} healthy at {rate}/s, {seconds} s, queue.prefetch 64 | max_awaiting_ack | healthy p50 | p99 | max | delivered |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    for backend in backends.split(',') {
+        let vhost = (backend == "rabbitmq").then(|| server::BenchVhost::new("slow"));
+        for parked in [0usize, 256] {
+            let mut env = vec![
+                ("HERALD__AUTH__DEVICE_TOKEN_SECRET", SECRET.to_owned()),
+                ("HERALD__GATEWAY__ACK_TIMEOUT", "5s".to_owned()),
+                ("HERALD__QUEUE__PREFETCH", "64".to_owned()),
+                ("HERALD__DISPATCHER__MAX_AWAITING_ACK", parked.to_string()),
+                // Admission sized for the bench's own connects.
+                ("HERALD__GATEWAY__MAX_SESSION_RATE", "5000".to_owned()),
+                ("HERALD__GATEWAY__SESSION_BURST", "5000".to_owned()),
+                ("HERALD__GATEWAY__IP_CONNECTS_PER_SECOND", "100000".to_owned()),
+                ("HERALD__GATEWAY__IP_CONNECT_BURST", "100000".to_owned()),
+            ];
+            if let Some(v) = &vhost {
+                env.push(("HERALD__QUEUE__URL", v.url.clone()));
+            }
+            let server = Server::start(&env).await;
+            let received: Received = Arc::default();
+            connect(&server, "silent", silent, false, Arc::default()).await;
+            connect(&server, "ok", devices, true, received.clone()).await;
+            let (silent_sched, healthy) = tokio::join!(
+                offer(&server, "silent", silent, silent_rate, seconds),
+                offer(&server, "ok", devices, rate, seconds),
+            );
+            drop(silent_sched);
+            // Whatever is still queued behind the silent devices arrives within their ack
+            // deadlines; wait for it (bounded) so late frames count as late, not lost.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while received.lock().unwrap().len() < healthy.len() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let got = received.lock().unwrap().clone();
+            let mut lat: Vec<Duration> = healthy
+                .iter()
+                .filter_map(|(s, at)| Some(got.get(s)?.saturating_duration_since(*at)))
+                .collect();
+            lat.sort();
+            println!(
+                "| {backend} | {parked} | {:.1} ms | {:.1} ms | {:.1} ms | {}/{} |",
+                ms(percentile(&lat, 0.5)),
+                ms(percentile(&lat, 0.99)),
+                ms(lat.last().copied().unwrap_or_default()),
+                lat.len(),
+                healthy.len(),
+            );
+        }
+    }
+}
