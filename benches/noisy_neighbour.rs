@@ -12,7 +12,9 @@
 //! default 50), `BENCH_DEVICES` (connected devices, default 10), `BENCH_FLOOD_RATE` (the
 //! noisy app's notifications/s, default 500), `BENCH_FLOOD_TARGETS` (offline targets per
 //! flood notification, default 1), `BENCH_APNS_DELAY_MS` (default 200), `BENCH_SECONDS`
-//! (per phase, default 10), `HERALD_BENCH_BIN` (another herald build, for a before/after).
+//! (per phase, default 10), `BENCH_PREFETCH` (`queue.prefetch`, default herald's 64; a lower
+//! one makes the same backlog with a lighter flood, for a loaded machine), `HERALD_BENCH_BIN`
+//! (another herald build, for a before/after).
 
 #[path = "../tests/support/apns_double.rs"]
 mod apns_double;
@@ -46,6 +48,7 @@ struct Knobs {
     flood_targets: usize,
     apns_delay: Duration,
     seconds: u64,
+    prefetch: u16,
 }
 
 impl Knobs {
@@ -57,6 +60,7 @@ impl Knobs {
             flood_targets: env_or("BENCH_FLOOD_TARGETS", 1),
             apns_delay: Duration::from_millis(env_or("BENCH_APNS_DELAY_MS", 200)),
             seconds: env_or("BENCH_SECONDS", 10),
+            prefetch: env_or("BENCH_PREFETCH", 64),
         }
     }
 }
@@ -101,7 +105,8 @@ async fn connect_devices(server: &Server, devices: usize, received: Received) {
 
 /// Offers `rate` POSTs per second for `seconds`, open loop (in 1 ms batches, sent on
 /// schedule whether or not earlier ones were answered); `body(seq)` is each one's body.
-/// Returns each seq's scheduled time and how many were accepted (202).
+/// Returns each seq's scheduled time, and for each accepted one (202) how long after its
+/// scheduled time the 202 came.
 async fn offer(
     base: &str,
     key: &'static str,
@@ -109,7 +114,7 @@ async fn offer(
     seconds: u64,
     first_seq: u64,
     body: impl Fn(u64) -> serde_json::Value,
-) -> (HashMap<u64, Instant>, usize) {
+) -> (HashMap<u64, Instant>, Vec<Duration>) {
     let client = reqwest::Client::new();
     let url = format!("{base}/v1/notify");
     let total = rate * seconds;
@@ -123,21 +128,21 @@ async fn offer(
         let until = ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
         while due < until {
             let seq = first_seq + due;
-            scheduled.insert(
-                seq,
-                started + Duration::from_secs_f64(due as f64 / rate as f64),
-            );
+            let at = started + Duration::from_secs_f64(due as f64 / rate as f64);
+            scheduled.insert(seq, at);
             let req = client.post(&url).bearer_auth(key).json(&body(seq));
             posts.push(tokio::spawn(async move {
-                req.send().await.is_ok_and(|r| r.status() == 202)
+                let ok = req.send().await.is_ok_and(|r| r.status() == 202);
+                ok.then(|| at.elapsed())
             }));
             due += 1;
         }
     }
-    let mut accepted = 0;
+    let mut accepted = Vec::with_capacity(posts.len());
     for p in posts {
-        accepted += usize::from(p.await.unwrap());
+        accepted.extend(p.await.unwrap());
     }
+    accepted.sort();
     (scheduled, accepted)
 }
 
@@ -153,6 +158,9 @@ fn ms(d: Duration) -> f64 {
 }
 
 struct Phase {
+    /// The live notifications' POST → 202, from the scheduled time.
+    accept_p50: Duration,
+    accept_p99: Duration,
     p50: Duration,
     p99: Duration,
     max: Duration,
@@ -179,7 +187,7 @@ async fn phase(
         let (rate, seconds, targets) = (k.flood_rate, k.seconds, k.flood_targets);
         tokio::spawn(async move { flood_stream(&base, rate, seconds, targets).await })
     });
-    let (scheduled, accepted) = offer(&server.base, KEY, k.live_rate, k.seconds, first_seq, |seq| {
+    let (scheduled, accept) = offer(&server.base, KEY, k.live_rate, k.seconds, first_seq, |seq| {
         serde_json::json!({
             "targets": [{"device_id": format!("live-{}", seq as usize % devices)}],
             "data": {"seq": seq.to_string()},
@@ -192,7 +200,7 @@ async fn phase(
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     let arrived = |r: &HashMap<u64, Instant>| scheduled.keys().filter(|s| r.contains_key(s)).count();
-    while arrived(&received.lock().unwrap()) < accepted && Instant::now() < deadline {
+    while arrived(&received.lock().unwrap()) < accept.len() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let flood_sent_to_apns = double.request_count() - apns_before;
@@ -203,6 +211,8 @@ async fn phase(
         .collect();
     lat.sort();
     Phase {
+        accept_p50: percentile(&accept, 0.5),
+        accept_p99: percentile(&accept, 0.99),
         p50: percentile(&lat, 0.5),
         p99: percentile(&lat, 0.99),
         max: lat.last().copied().unwrap_or_default(),
@@ -228,7 +238,7 @@ async fn flood_stream(base: &str, rate: u64, seconds: u64, targets: usize) -> us
         serde_json::json!({"targets": targets, "notification": {"title": "Sale"}})
     })
     .await;
-    accepted
+    accepted.len()
 }
 
 #[tokio::main]
@@ -242,6 +252,7 @@ async fn main() {
     double.reply_always(Some(apns_double::Reply::Delay(k.apns_delay)));
     let env = vec![
         ("HERALD__QUEUE__URL", vhost.url.clone()),
+        ("HERALD__QUEUE__PREFETCH", k.prefetch.to_string()),
         ("HERALD__AUTH__DEVICE_TOKEN_SECRET", SECRET.to_owned()),
         ("HERALD__APPS__NOISY__API_KEYS", NOISY_KEY.to_owned()),
         (
@@ -260,27 +271,30 @@ async fn main() {
     connect_devices(&server, k.devices, received.clone()).await;
 
     println!(
-        "| app `default` live, {}/s to {} devices, {} s | noisy app flood | p50 | p99 | max | live delivered | flood accepted | flood sent to APNs in the phase |",
+        "| app `default` live, {}/s to {} devices, {} s | noisy app flood | POST → 202 p50 / p99 | POST → device p50 | p99 | max | live delivered | flood accepted | flood sent to APNs by the end of the phase |",
         k.live_rate, k.devices, k.seconds
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     let mut first_seq = 1_000_000;
     for flood in [false, true] {
         let p = phase(&server, &double, &received, &k, first_seq, flood).await;
         first_seq += k.live_rate * k.seconds;
         let label = if flood {
             format!(
-                "{}/s × {} offline APNs targets, APNs answers in {} ms",
+                "{}/s × {} offline APNs targets, APNs answers in {} ms, prefetch {}",
                 k.flood_rate,
                 k.flood_targets,
-                k.apns_delay.as_millis()
+                k.apns_delay.as_millis(),
+                k.prefetch
             )
         } else {
             "none".to_owned()
         };
         println!(
-            "| {} | {label} | {:.1} ms | {:.1} ms | {:.1} ms | {}/{} | {} | {} |",
+            "| {} | {label} | {:.1} / {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {}/{} | {} | {} |",
             if flood { "with flood" } else { "alone" },
+            ms(p.accept_p50),
+            ms(p.accept_p99),
             ms(p.p50),
             ms(p.p99),
             ms(p.max),
