@@ -15,5 +15,6 @@ mod broker_restart;
 mod delivery;
 mod drain;
 mod events;
+mod neighbours;
 mod outcomes;
 mod webhook;
