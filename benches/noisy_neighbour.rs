@@ -187,19 +187,27 @@ async fn phase(
         let (rate, seconds, targets) = (k.flood_rate, k.seconds, k.flood_targets);
         tokio::spawn(async move { flood_stream(&base, rate, seconds, targets).await })
     });
-    let (scheduled, accept) = offer(&server.base, KEY, k.live_rate, k.seconds, first_seq, |seq| {
-        serde_json::json!({
-            "targets": [{"device_id": format!("live-{}", seq as usize % devices)}],
-            "data": {"seq": seq.to_string()},
-        })
-    })
+    let (scheduled, accept) = offer(
+        &server.base,
+        KEY,
+        k.live_rate,
+        k.seconds,
+        first_seq,
+        |seq| {
+            serde_json::json!({
+                "targets": [{"device_id": format!("live-{}", seq as usize % devices)}],
+                "data": {"seq": seq.to_string()},
+            })
+        },
+    )
     .await;
     let flood_accepted = match flood_task {
         Some(t) => t.await.unwrap(),
         None => 0,
     };
     let deadline = Instant::now() + Duration::from_secs(60);
-    let arrived = |r: &HashMap<u64, Instant>| scheduled.keys().filter(|s| r.contains_key(s)).count();
+    let arrived =
+        |r: &HashMap<u64, Instant>| scheduled.keys().filter(|s| r.contains_key(s)).count();
     while arrived(&received.lock().unwrap()) < accept.len() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
