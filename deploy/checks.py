@@ -330,14 +330,18 @@ def role_resources(prefix, retry_queues):
     node = [f"{p}.node.0194f6c2e5a47b3c8d9e0f1a2b3c4d5e", f"{p}.node.gw-1"]
     presence_q = [f"{p}.presence.019ad9f0c1a27c3e8b4d5f6a7b8c9d0e"]
     reply_q = [f"{p}.reply.019ad9f0c1a27c3e8b4d5f6a7b8c9d0e"]
+    # Every app besides `default` has its own work queue {prefix}.work.<app> (bound to the
+    # work exchange) and retry tiers {prefix}.retry.<app>.<ms>ms (app names [a-z0-9-]{1,32}).
+    app_q = [f"{p}.work.shop", f"{p}.work.merchant-app-2"]
+    app_retry = [f"{p}.retry.shop.1000ms", f"{p}.retry.merchant-app-2.300000ms"]
     work = {
-        "configure": [f"{p}.work", f"{p}.dead", f"{p}.events", *retry_queues],
-        "write": [f"{p}.work", f"{p}.dead"],
-        "read": [f"{p}.work", f"{p}.dead", *retry_queues],
+        "configure": [f"{p}.work", f"{p}.dead", f"{p}.events", *retry_queues, *app_q, *app_retry],
+        "write": [f"{p}.work", f"{p}.dead", *app_q],
+        "read": [f"{p}.work", f"{p}.dead", *retry_queues, *app_q, *app_retry],
     }
     # Names no herald user needs: other apps' queues, server-named queues, look-alikes
     # that only an unanchored or too-wide regex would match.
-    outside = ["amq.gen-JzTY20BRgKO", "other.work", f"x{p}.work", f"{p}.work.x", f"{p}x.dead",
+    outside = ["amq.gen-JzTY20BRgKO", "other.work", f"x{p}.work", f"{p}.work.X_y", f"{p}.work.", f"{p}.retry.shop.ms", f"{p}x.dead",
                f"{p}.retry.ms", f"{p}.retry.10msx", f"{p}.node.", "amq.topic",
                f"{p}.presence.", f"{p}.presence.xyz", f"{p}.sessions", f"{p}.reply.",
                f"{p}.reply.xyz", f"{p}.repliesx", "amq.rabbitmq.reply-to"]

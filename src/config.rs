@@ -753,6 +753,21 @@ impl Settings {
         Ok(())
     }
 
+    /// The names of every app, `default` first, then the `[apps.<name>]` sections in name
+    /// order; a name that does not parse is left out (`validate` refuses it). What the queue
+    /// builds its per-app work queues from, without reading any key file.
+    pub fn app_ids(&self) -> Vec<crate::domain::AppId> {
+        use crate::domain::AppId;
+        std::iter::once(AppId::default_app())
+            .chain(
+                self.apps
+                    .keys()
+                    .filter_map(|name| AppId::parse(name).ok())
+                    .filter(|id| !id.is_default()),
+            )
+            .collect()
+    }
+
     /// Every app, `default` first, resolved and checked: names, provider limits, webhook
     /// URLs, rates, and that no API key belongs to two apps. Reads the key files.
     pub fn apps(&self) -> Result<Vec<AppConfig>, SettingsError> {

@@ -1,7 +1,11 @@
 //! The dispatcher: consume queued notifications and deliver every target, live first, then
 //! through APNs/FCM; settle each message once every target reached a final outcome.
 //!
-//! Per message (one task, at most `queue.prefetch` at once):
+//! One consumer per app (its own work queue, [`Queue::consume_app`]), each with its own
+//! budget of `queue.prefetch` messages in flight, so one app's backlog or slow provider
+//! holds only its own slots and never delays another app's messages.
+//!
+//! Per message (one task, at most `queue.prefetch` at once per app):
 //!
 //! 1. Unparseable → dead letter (`unparseable`). Past its ttl → settled at once as
 //!    expired ([`settle::on_arrival`]): acked with an `expired` event per target, dropped,
@@ -48,13 +52,13 @@ use tracing::Instrument;
 
 use crate::config::RetrySettings;
 use crate::directory::{Directory, LiveOutcome};
-use crate::domain::{DeviceId, DeviceKey, QueuedNotification};
+use crate::domain::{AppId, DeviceId, DeviceKey, QueuedNotification};
 use crate::events::Events;
 use crate::gateway::{Gateway, protocol};
 use crate::inbox::{Inbox, InboxEntry, InboxWrite};
 use crate::metrics::Metrics;
 use crate::providers::Providers;
-use crate::queue::{Delivery, Queue, QueueKind, SettleError, backoff_with_jitter};
+use crate::queue::{Delivery, Queue, SettleError, backoff_with_jitter};
 
 pub use channel::Channel;
 pub use record::Outcome;
@@ -75,7 +79,8 @@ pub struct Dispatcher {
     pub events: Events,
     pub metrics: Metrics,
     pub retry: RetrySettings,
-    /// Messages worked on at once (`queue.prefetch`).
+    /// Messages worked on at once per app (`queue.prefetch`, each app's consumer's active
+    /// budget): the process works on at most this many times the number of apps.
     pub in_flight: usize,
     /// Messages beyond those that may wait only for devices' acks (`dispatcher.max_awaiting_ack`,
     /// see [`slot`]).
@@ -117,12 +122,22 @@ impl Dispatcher {
         DispatcherHandle { stop, task }
     }
 
+    /// One consumer loop per app, each with its own budget; returns once every loop has
+    /// stopped and finished its in-flight work.
     async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut apps = JoinSet::new();
+        for app in self.queue.apps() {
+            apps.spawn(self.clone().run_app(app, stop.clone()));
+        }
+        while apps.join_next().await.is_some() {}
+    }
+
+    /// Consumes one app's work queue: at most `in_flight` messages worked on at once, plus
+    /// `max_awaiting_ack` parked on devices' acks ([`slot`]), both budgets the app's own.
+    async fn run_app(self: Arc<Self>, app: AppId, stop: CancellationToken) {
         // The broker may hand this consumer both budgets' worth: parked messages (waiting
         // only on acks) must not stop new work from arriving.
-        let mut consumer = self
-            .queue
-            .consume_with_headroom(QueueKind::Work, self.max_awaiting_ack);
+        let mut consumer = self.queue.consume_app(&app, self.max_awaiting_ack);
         let budgets =
             slot::Budgets::new(self.in_flight, self.max_awaiting_ack, self.metrics.clone());
         let mut tasks = JoinSet::new();

@@ -1,6 +1,12 @@
 //! The embedded queue: bounded and in-process, with the same ack / retry / dead-letter
 //! semantics as the RabbitMQ backend. It makes `herald serve` a working service on a bare
 //! machine; it loses queued work when the process dies, and herald says so at start-up.
+//!
+//! One FIFO per app (the apps come from config), so one app's backlog never sits in front
+//! of another app's messages: the dispatcher consumes each app's FIFO with its own budget
+//! ([`MemoryQueue::consume_app`]). The count and byte bounds are the queue's, shared by
+//! every app, as before. A consumer of every app ([`MemoryQueue::consume`] of the work
+//! queue) takes them round-robin.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -9,6 +15,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use super::{Delivery, DeliveryHandle, QueueError, QueueKind};
+use crate::domain::AppId;
 use crate::metrics::Metrics;
 
 /// Dead letters kept in memory; past this the oldest is dropped (and logged). A bound,
@@ -53,8 +60,18 @@ struct Held {
     bytes: usize,
 }
 
+/// Which FIFO a message sits in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// The work FIFO of `apps[i]`.
+    Work(usize),
+    Dead,
+}
+
 pub struct MemoryQueue {
-    work: Fifo,
+    /// The apps, `default` first; `work[i]` is `apps[i]`'s FIFO.
+    apps: Vec<AppId>,
+    work: Vec<Fifo>,
     dead: Fifo,
     held: Mutex<Held>,
     capacity: usize,
@@ -66,10 +83,17 @@ pub struct MemoryQueue {
 }
 
 impl MemoryQueue {
-    pub fn new(capacity: usize, max_bytes: usize, metrics: Metrics) -> Self {
+    /// A queue with one work FIFO per app of `apps` (and always one for `default`).
+    pub fn new(capacity: usize, max_bytes: usize, apps: &[AppId], metrics: Metrics) -> Self {
         metrics.broker_connected.set(1);
+        let mut apps = apps.to_vec();
+        if !apps.first().is_some_and(AppId::is_default) {
+            apps.retain(|a| !a.is_default());
+            apps.insert(0, AppId::default_app());
+        }
         MemoryQueue {
-            work: Fifo::default(),
+            work: apps.iter().map(|_| Fifo::default()).collect(),
+            apps,
             dead: Fifo::default(),
             held: Mutex::new(Held::default()),
             capacity,
@@ -79,7 +103,18 @@ impl MemoryQueue {
         }
     }
 
-    pub fn publish(&self, body: Vec<u8>) -> Result<(), QueueError> {
+    /// The apps with a work FIFO, `default` first.
+    pub fn apps(&self) -> &[AppId] {
+        &self.apps
+    }
+
+    /// The work FIFO of `app`; an app this queue was not built with (a message queued for
+    /// an app since removed from config) shares `default`'s, whose dispatcher reports it.
+    fn work_slot(&self, app: &AppId) -> usize {
+        self.apps.iter().position(|a| a == app).unwrap_or(0)
+    }
+
+    pub fn publish(&self, app: &AppId, body: Vec<u8>) -> Result<(), QueueError> {
         if self.closed.is_cancelled() {
             return Err(QueueError::Closed);
         }
@@ -95,7 +130,7 @@ impl MemoryQueue {
             held.bytes += body.len();
             self.metrics.queue_depth.set(held.messages as i64);
         }
-        self.work.push_back(Message {
+        self.work[self.work_slot(app)].push_back(Message {
             body,
             redelivered: false,
             dead_reason: None,
@@ -103,11 +138,26 @@ impl MemoryQueue {
         Ok(())
     }
 
+    /// A consumer of the dead letters, or of every app's work FIFO, taken round-robin.
     pub fn consume(self: &Arc<Self>, kind: QueueKind) -> MemoryConsumer {
+        let slots = match kind {
+            QueueKind::Work => (0..self.work.len()).map(Slot::Work).collect(),
+            QueueKind::Dead => vec![Slot::Dead],
+        };
+        self.consumer(slots)
+    }
+
+    /// A consumer of one app's work FIFO.
+    pub fn consume_app(self: &Arc<Self>, app: &AppId) -> MemoryConsumer {
+        self.consumer(vec![Slot::Work(self.work_slot(app))])
+    }
+
+    fn consumer(self: &Arc<Self>, slots: Vec<Slot>) -> MemoryConsumer {
         self.metrics.consumers_running.inc();
         MemoryConsumer {
             queue: self.clone(),
-            kind,
+            slots,
+            next_slot: 0,
         }
     }
 
@@ -115,10 +165,10 @@ impl MemoryQueue {
         self.closed.cancel();
     }
 
-    fn fifo(&self, kind: QueueKind) -> &Fifo {
-        match kind {
-            QueueKind::Work => &self.work,
-            QueueKind::Dead => &self.dead,
+    fn fifo(&self, slot: Slot) -> &Fifo {
+        match slot {
+            Slot::Work(i) => &self.work[i],
+            Slot::Dead => &self.dead,
         }
     }
 
@@ -133,7 +183,8 @@ impl MemoryQueue {
     /// capacity bounds cover delayed work; never refused for capacity, since the original
     /// it replaces is released by the ack that follows (a retry copy is never larger than
     /// its original by more than its attempt record).
-    pub fn schedule_retry(self: &Arc<Self>, body: Vec<u8>, delay: Duration) {
+    /// The copy comes back to its app's FIFO.
+    pub fn schedule_retry(self: &Arc<Self>, app: &AppId, body: Vec<u8>, delay: Duration) {
         {
             let mut held = self.held.lock().expect("queue lock");
             held.messages += 1;
@@ -141,12 +192,13 @@ impl MemoryQueue {
             self.metrics.queue_depth.set(held.messages as i64);
         }
         let queue = self.clone();
+        let slot = self.work_slot(app);
         tokio::spawn(async move {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = queue.closed.cancelled() => return,
             }
-            queue.work.push_back(Message {
+            queue.work[slot].push_back(Message {
                 body,
                 redelivered: false,
                 dead_reason: None,
@@ -182,35 +234,48 @@ impl MemoryQueue {
 
 pub struct MemoryConsumer {
     queue: Arc<MemoryQueue>,
-    kind: QueueKind,
+    /// The FIFOs this consumer takes from, round-robin.
+    slots: Vec<Slot>,
+    /// Where the next round starts: one past the FIFO that gave the last message.
+    next_slot: usize,
 }
 
 impl MemoryConsumer {
     pub async fn next(&mut self) -> Option<Delivery> {
-        let fifo = self.queue.fifo(self.kind);
         loop {
-            // Register interest before looking, so a push between the look and the wait
-            // still wakes us.
-            let notified = fifo.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
+            // Register interest in every FIFO before looking, so a push between the look
+            // and the wait still wakes us.
+            let mut waits: Vec<_> = self
+                .slots
+                .iter()
+                .map(|&s| Box::pin(self.queue.fifo(s).notify.notified()))
+                .collect();
+            for w in &mut waits {
+                w.as_mut().enable();
+            }
             if self.queue.closed.is_cancelled() {
                 return None;
             }
-            if let Some(m) = fifo.pop() {
-                return Some(Delivery {
-                    redelivered: m.redelivered,
-                    dead_reason: m.dead_reason.clone(),
-                    body: m.body.clone(),
-                    handle: DeliveryHandle::Memory(MemoryHandle {
-                        queue: self.queue.clone(),
-                        kind: self.kind,
-                        message: Some(m),
-                    }),
-                });
+            let n = self.slots.len();
+            for k in 0..n {
+                let i = (self.next_slot + k) % n;
+                let slot = self.slots[i];
+                if let Some(m) = self.queue.fifo(slot).pop() {
+                    self.next_slot = (i + 1) % n;
+                    return Some(Delivery {
+                        redelivered: m.redelivered,
+                        dead_reason: m.dead_reason.clone(),
+                        body: m.body.clone(),
+                        handle: DeliveryHandle::Memory(MemoryHandle {
+                            queue: self.queue.clone(),
+                            slot,
+                            message: Some(m),
+                        }),
+                    });
+                }
             }
             tokio::select! {
-                _ = &mut notified => {}
+                _ = futures::future::select_all(waits) => {}
                 _ = self.queue.closed.cancelled() => return None,
             }
         }
@@ -228,7 +293,7 @@ impl Drop for MemoryConsumer {
 /// when its consumer's channel closes.
 pub struct MemoryHandle {
     queue: Arc<MemoryQueue>,
-    kind: QueueKind,
+    slot: Slot,
     message: Option<Message>,
 }
 
@@ -238,10 +303,10 @@ impl MemoryHandle {
     }
 
     pub fn ack(self) {
-        let kind = self.kind;
+        let slot = self.slot;
         let queue = self.queue.clone();
         let m = self.settle();
-        if kind == QueueKind::Work {
+        if slot != Slot::Dead {
             queue.release(m.body.len());
         }
     }
@@ -252,10 +317,10 @@ impl MemoryHandle {
 
     pub fn requeue(self) {
         let queue = self.queue.clone();
-        let kind = self.kind;
+        let slot = self.slot;
         let mut m = self.settle();
         m.redelivered = true;
-        queue.fifo(kind).push_front(m);
+        queue.fifo(slot).push_front(m);
     }
 }
 
@@ -263,7 +328,7 @@ impl Drop for MemoryHandle {
     fn drop(&mut self) {
         if let Some(mut m) = self.message.take() {
             m.redelivered = true;
-            self.queue.fifo(self.kind).push_front(m);
+            self.queue.fifo(self.slot).push_front(m);
         }
     }
 }

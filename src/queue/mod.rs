@@ -12,6 +12,10 @@
 //!   is dropped unsettled, or whose consumer dies, is redelivered with `redelivered = true`.
 //! - `retry` and `dead_letter` first make the new copy safe, then ack the original, so a
 //!   crash between the two can duplicate a message but never lose it.
+//! - Work is queued per app: a notification goes to its app's work queue, and its retry
+//!   copies come back to that same queue. [`Queue::consume_app`] reads one app's work, so
+//!   the dispatcher gives each app its own consumer and in-flight budget and one app's
+//!   backlog never waits in front of another's (ARCHITECTURE.md, Decisions).
 
 mod memory;
 mod rabbitmq;
@@ -24,7 +28,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Role, Settings};
-use crate::domain::QueuedNotification;
+use crate::domain::{AppId, QueuedNotification};
 use crate::metrics::Metrics;
 
 pub use memory::MemoryQueue;
@@ -103,15 +107,17 @@ impl Queue {
         metrics: &Metrics,
         stop: CancellationToken,
     ) -> anyhow::Result<Queue> {
+        let apps = settings.app_ids();
         Ok(match settings.queue_url()? {
             None => Queue::Memory(Arc::new(MemoryQueue::new(
                 settings.queue.memory_capacity,
                 settings.queue.memory_max_bytes,
+                &apps,
                 metrics.clone(),
             ))),
             Some(url) => Queue::Rabbit(RabbitQueue::start(
                 url,
-                Topology::new(&settings.queue.prefix, &settings.retry),
+                Topology::new(&settings.queue.prefix, &settings.retry, &apps),
                 // The work topology is the dispatcher's (it consumes it): the API and the
                 // gateway then need no configure rights on it (docs/deploy.md).
                 if settings.has_role(Role::Dispatcher) {
@@ -135,15 +141,17 @@ impl Queue {
         }
     }
 
-    /// Queues a notification durably (see the module docs for what `Ok` promises).
+    /// Queues a notification durably on its app's work queue (see the module docs for what
+    /// `Ok` promises).
     pub async fn publish(&self, n: &QueuedNotification) -> Result<(), QueueError> {
         match self {
-            Queue::Memory(q) => q.publish(n.to_json()),
+            Queue::Memory(q) => q.publish(&n.app, n.to_json()),
             Queue::Rabbit(q) => q.publish(n).await,
         }
     }
 
-    /// Queues `n` to be delivered after `delay` (a retry). Safe once `Ok`, like `publish`.
+    /// Queues `n` to be delivered after `delay` (a retry), back on its app's work queue.
+    /// Safe once `Ok`, like `publish`.
     pub async fn publish_retry(
         &self,
         n: &QueuedNotification,
@@ -151,7 +159,7 @@ impl Queue {
     ) -> Result<(), QueueError> {
         match self {
             Queue::Memory(q) => {
-                q.schedule_retry(n.to_json(), delay);
+                q.schedule_retry(&n.app, n.to_json(), delay);
                 Ok(())
             }
             Queue::Rabbit(q) => q.publish_retry(n, delay).await,
@@ -178,18 +186,32 @@ impl Queue {
         }
     }
 
-    /// Starts a consumer of the work queue or the dead letters.
+    /// Starts a consumer of the dead letters, or of every app's work (for tools and tests
+    /// that inspect what was queued; the dispatcher consumes per app, [`Queue::consume_app`]).
     pub fn consume(&self, kind: QueueKind) -> Consumer {
-        self.consume_with_headroom(kind, 0)
-    }
-
-    /// [`Queue::consume`] whose broker prefetch is `queue.prefetch + headroom`: room for
-    /// messages the dispatcher holds off its active budget (dispatch/slot.rs). The
-    /// embedded queue has no prefetch: its consumer takes a message only when asked.
-    pub fn consume_with_headroom(&self, kind: QueueKind, headroom: usize) -> Consumer {
         match self {
             Queue::Memory(q) => Consumer::Memory(q.consume(kind)),
-            Queue::Rabbit(q) => Consumer::Rabbit(Box::new(q.consume_with_headroom(kind, headroom))),
+            Queue::Rabbit(q) => Consumer::Rabbit(Box::new(q.consume(kind))),
+        }
+    }
+
+    /// Starts a consumer of one app's work queue, with its own prefetch (RabbitMQ) so the
+    /// messages it holds are that app's budget alone: `queue.prefetch + headroom`, the
+    /// headroom being room for messages the dispatcher holds off its active budget
+    /// (dispatch/slot.rs). The embedded queue has no prefetch: its consumer takes a
+    /// message only when asked.
+    pub fn consume_app(&self, app: &AppId, headroom: usize) -> Consumer {
+        match self {
+            Queue::Memory(q) => Consumer::Memory(q.consume_app(app)),
+            Queue::Rabbit(q) => Consumer::Rabbit(Box::new(q.consume_app(app, headroom))),
+        }
+    }
+
+    /// The apps with their own work queue, `default` first: the ones in config.
+    pub fn apps(&self) -> Vec<AppId> {
+        match self {
+            Queue::Memory(q) => q.apps().to_vec(),
+            Queue::Rabbit(q) => q.topology().apps.iter().map(|a| a.app.clone()).collect(),
         }
     }
 

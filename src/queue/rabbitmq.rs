@@ -10,6 +10,15 @@
 //!  retry ─▶ {p}.retry.<ms>ms (quorum, x-message-ttl)   {p}.dead (exchange) ──▶ {p}.dead (queue)
 //! ```
 //!
+//! That is the `default` app's part, unchanged since before apps existed, so an existing
+//! broker upgrades without PRECONDITION_FAILED. Every other configured app `<a>` has the
+//! same shape beside it: `{p}.work.<a>` bound to the same work exchange with key
+//! `notify.<a>`, and its own tiers `{p}.retry.<a>.<ms>ms` dead-lettering back with key
+//! `notify.<a>` (a queue's `x-dead-letter-routing-key`, so a retry returns to its own app's
+//! queue). Each app's queue has its own consumer and prefetch in the dispatcher, so one
+//! app's backlog or slow deliveries never hold another app's messages. Dead letters share
+//! `{p}.dead`. Broker metadata is O(apps × retry tiers), fixed by config.
+//!
 //! Only a process with the dispatcher role declares this topology ([`TopologyUse`]): the
 //! API's broker user may then hold nothing but write on `{p}.work`, and the gateway's
 //! nothing on the work topology at all (docs/deploy.md, "Broker users and what each can
@@ -26,6 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::stream::SelectAll;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -41,10 +51,11 @@ use tokio_util::sync::CancellationToken;
 use super::reconnect::{self, Backoff};
 use super::{Delivery, DeliveryHandle, QueueError, QueueKind, backoff_with_jitter};
 use crate::config::{QueueSettings, RetrySettings, Secret};
-use crate::domain::{QueuedNotification, unix_millis};
+use crate::domain::{AppId, QueuedNotification, unix_millis};
 use crate::metrics::Metrics;
 
-/// Routing key of work messages on the work exchange.
+/// Routing key of the `default` app's work messages on the work exchange; another app's is
+/// `notify.<app>`.
 const WORK_ROUTING_KEY: &str = "notify";
 /// Routing key of dead letters on the dead exchange.
 const DEAD_ROUTING_KEY: &str = "dead";
@@ -71,43 +82,20 @@ pub enum TopologyUse {
     Nothing,
 }
 
-/// Exchange and queue names, and the retry delays, derived from the prefix and retry config.
+/// One app's work queue, the routing key that reaches it, and its retry tiers.
 #[derive(Debug, Clone)]
-pub struct Topology {
-    pub work_exchange: String,
+pub struct AppQueues {
+    pub app: AppId,
+    /// `notify` for `default` (as before apps), `notify.<app>` for the others.
+    pub routing_key: String,
+    /// `{prefix}.work` for `default`, `{prefix}.work.<app>` for the others.
     pub work_queue: String,
-    pub dead_exchange: String,
-    pub dead_queue: String,
-    /// Topic exchange for outcome events (`delivered.live`, `token_dead.apns`, …).
-    pub events_exchange: String,
-    /// (delay, queue name), ascending by delay.
+    /// (delay, queue name), ascending by delay: `{prefix}.retry.<ms>ms` for `default`,
+    /// `{prefix}.retry.<app>.<ms>ms` for the others.
     pub retry_queues: Vec<(Duration, String)>,
 }
 
-impl Topology {
-    pub fn new(prefix: &str, retry: &RetrySettings) -> Self {
-        let mut delays: Vec<Duration> = (0..retry.max_attempts)
-            .map(|k| {
-                retry
-                    .base_delay
-                    .saturating_mul(2u32.saturating_pow(k.min(30)))
-                    .min(retry.max_delay)
-            })
-            .collect();
-        delays.dedup();
-        Topology {
-            work_exchange: format!("{prefix}.work"),
-            work_queue: format!("{prefix}.work"),
-            dead_exchange: format!("{prefix}.dead"),
-            dead_queue: format!("{prefix}.dead"),
-            events_exchange: format!("{prefix}.events"),
-            retry_queues: delays
-                .into_iter()
-                .map(|d| (d, format!("{prefix}.retry.{}ms", d.as_millis())))
-                .collect(),
-        }
-    }
-
+impl AppQueues {
     /// The retry queue for a requested delay: the shortest one at least that long, else
     /// the longest.
     pub fn retry_queue(&self, delay: Duration) -> &str {
@@ -118,11 +106,99 @@ impl Topology {
             .map(|(_, q)| q.as_str())
             .expect("at least one retry delay (retry.max_attempts >= 1)")
     }
+}
+
+/// Exchange and queue names, and the retry delays, derived from the prefix, the retry
+/// config and the apps.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub work_exchange: String,
+    /// The `default` app's work queue (`apps[0].work_queue`).
+    pub work_queue: String,
+    pub dead_exchange: String,
+    pub dead_queue: String,
+    /// Topic exchange for outcome events (`delivered.live`, `token_dead.apns`, …).
+    pub events_exchange: String,
+    /// The `default` app's retry queues (`apps[0].retry_queues`), ascending by delay.
+    pub retry_queues: Vec<(Duration, String)>,
+    /// Every app's queues, `default` first.
+    pub apps: Vec<AppQueues>,
+}
+
+impl Topology {
+    /// The topology for `apps` (`default` is always there, first, whether listed or not).
+    pub fn new(prefix: &str, retry: &RetrySettings, apps: &[AppId]) -> Self {
+        let mut delays: Vec<Duration> = (0..retry.max_attempts)
+            .map(|k| {
+                retry
+                    .base_delay
+                    .saturating_mul(2u32.saturating_pow(k.min(30)))
+                    .min(retry.max_delay)
+            })
+            .collect();
+        delays.dedup();
+        let app_queues = |app: AppId| {
+            // App names are [a-z0-9-], so `<prefix>.work.<app>` can never be another
+            // app's `<prefix>.retry...` or the default's names.
+            let (routing_key, work_queue, retry_prefix) = if app.is_default() {
+                (
+                    WORK_ROUTING_KEY.to_owned(),
+                    format!("{prefix}.work"),
+                    format!("{prefix}.retry"),
+                )
+            } else {
+                (
+                    format!("{WORK_ROUTING_KEY}.{app}"),
+                    format!("{prefix}.work.{app}"),
+                    format!("{prefix}.retry.{app}"),
+                )
+            };
+            AppQueues {
+                app,
+                routing_key,
+                work_queue,
+                retry_queues: delays
+                    .iter()
+                    .map(|d| (*d, format!("{retry_prefix}.{}ms", d.as_millis())))
+                    .collect(),
+            }
+        };
+        let all: Vec<AppQueues> = std::iter::once(AppId::default_app())
+            .chain(apps.iter().filter(|a| !a.is_default()).cloned())
+            .map(app_queues)
+            .collect();
+        Topology {
+            work_exchange: format!("{prefix}.work"),
+            work_queue: all[0].work_queue.clone(),
+            dead_exchange: format!("{prefix}.dead"),
+            dead_queue: format!("{prefix}.dead"),
+            events_exchange: format!("{prefix}.events"),
+            retry_queues: all[0].retry_queues.clone(),
+            apps: all,
+        }
+    }
+
+    /// The queues of `app`; an app not in this topology (a message queued for an app since
+    /// removed from config) uses `default`'s, whose dispatcher reports it.
+    pub fn app(&self, app: &AppId) -> &AppQueues {
+        self.apps
+            .iter()
+            .find(|a| &a.app == app)
+            .unwrap_or(&self.apps[0])
+    }
+
+    /// The `default` app's retry queue for a requested delay (see [`AppQueues::retry_queue`]).
+    pub fn retry_queue(&self, delay: Duration) -> &str {
+        self.apps[0].retry_queue(delay)
+    }
 
     /// Every queue this topology declares, for clean-up in tests and tooling.
     pub fn all_queues(&self) -> Vec<String> {
-        let mut qs = vec![self.work_queue.clone(), self.dead_queue.clone()];
-        qs.extend(self.retry_queues.iter().map(|(_, q)| q.clone()));
+        let mut qs = vec![self.dead_queue.clone()];
+        for app in &self.apps {
+            qs.push(app.work_queue.clone());
+            qs.extend(app.retry_queues.iter().map(|(_, q)| q.clone()));
+        }
         qs
     }
 
@@ -168,36 +244,55 @@ impl Topology {
         )
         .await?;
 
-        let mut work_args = quorum_args();
-        dead_letter_to(&mut work_args, &self.dead_exchange, DEAD_ROUTING_KEY);
-        work_args.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(DELIVERY_LIMIT),
-        );
-        ch.queue_declare(self.work_queue.as_str().into(), queue_durable, work_args)
-            .await?;
-        ch.queue_bind(
-            self.work_queue.as_str().into(),
-            self.work_exchange.as_str().into(),
-            WORK_ROUTING_KEY.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-
-        for (delay, name) in &self.retry_queues {
-            let mut args = quorum_args();
-            // Every message waits exactly `delay`, then dead-letters back to work.
-            args.insert(
-                "x-message-ttl".into(),
-                AMQPValue::LongLongInt(delay.as_millis() as i64),
-            );
-            dead_letter_to(&mut args, &self.work_exchange, WORK_ROUTING_KEY);
-            ch.queue_declare(name.as_str().into(), queue_durable, args)
-                .await?;
+        for app in &self.apps {
+            declare_app(ch, app, &self.work_exchange, &self.dead_exchange).await?;
         }
         Ok(())
     }
+}
+
+/// One app's work queue (bound to the work exchange with the app's routing key) and its
+/// retry tiers, each dead-lettering back to the work exchange with that same key. The
+/// arguments are the same for every app, and for `default` exactly those it had before
+/// apps existed.
+async fn declare_app(
+    ch: &Channel,
+    app: &AppQueues,
+    work_exchange: &str,
+    dead_exchange: &str,
+) -> lapin::Result<()> {
+    let queue_durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let mut work_args = quorum_args();
+    dead_letter_to(&mut work_args, dead_exchange, DEAD_ROUTING_KEY);
+    work_args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(DELIVERY_LIMIT),
+    );
+    ch.queue_declare(app.work_queue.as_str().into(), queue_durable, work_args)
+        .await?;
+    ch.queue_bind(
+        app.work_queue.as_str().into(),
+        work_exchange.into(),
+        app.routing_key.as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    for (delay, name) in &app.retry_queues {
+        let mut args = quorum_args();
+        // Every message waits exactly `delay`, then dead-letters back to its app's queue.
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(delay.as_millis() as i64),
+        );
+        dead_letter_to(&mut args, work_exchange, &app.routing_key);
+        ch.queue_declare(name.as_str().into(), queue_durable, args)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Quorum queues: replicated (Raft) and durable; the queue type RabbitMQ recommends for
@@ -500,10 +595,17 @@ impl RabbitQueue {
         }
     }
 
+    /// The queue names this backend declares and consumes.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Publishes to the work exchange with the notification's app's routing key, so it
+    /// lands in that app's work queue.
     pub async fn publish(&self, n: &QueuedNotification) -> Result<(), QueueError> {
         self.publish_to(
             &self.topology.work_exchange,
-            WORK_ROUTING_KEY,
+            &self.topology.app(&n.app).routing_key,
             n.to_json(),
             message_properties(Some(n.id.to_string())),
             true,
@@ -576,12 +678,13 @@ impl RabbitQueue {
         next: &QueuedNotification,
         delay: Duration,
     ) -> Result<(), QueueError> {
-        // The default exchange routes by queue name, so retry queues need no bindings. Only
+        // The default exchange routes by queue name, so retry queues need no bindings. The
+        // tier is the notification's app's, so the copy comes back to that app's queue. Only
         // the dispatcher publishes retries, and its broker user needs `amq.default` anyway
         // (deliveries and snapshot requests go to gateways' node queues by name).
         self.publish_to(
             "",
-            self.topology.retry_queue(delay),
+            self.topology.app(&next.app).retry_queue(delay),
             next.to_json(),
             message_properties(Some(next.id.to_string())),
             true,
@@ -615,23 +718,38 @@ impl RabbitQueue {
         .await
     }
 
+    /// A consumer of the dead letters, or of every app's work queue (one consumer per queue
+    /// on one channel, each with the prefetch).
     pub fn consume(self: &Arc<Self>, kind: QueueKind) -> RabbitConsumer {
-        self.consume_with_headroom(kind, 0)
+        self.consumer(
+            match kind {
+                QueueKind::Work => self
+                    .topology
+                    .apps
+                    .iter()
+                    .map(|a| a.work_queue.clone())
+                    .collect(),
+                QueueKind::Dead => vec![self.topology.dead_queue.clone()],
+            },
+            0,
+        )
     }
 
-    /// A consumer whose prefetch is `queue.prefetch + headroom` (capped at the AMQP 16 bits;
-    /// settings validation keeps the sum in range).
-    pub fn consume_with_headroom(
-        self: &Arc<Self>,
-        kind: QueueKind,
-        headroom: usize,
-    ) -> RabbitConsumer {
+    /// A consumer of one app's work queue, on its own channel with its own prefetch:
+    /// `queue.prefetch + headroom` (room for messages the dispatcher holds off its active
+    /// budget, dispatch/slot.rs; capped at the AMQP 16 bits, which settings validation
+    /// keeps the sum within).
+    pub fn consume_app(self: &Arc<Self>, app: &AppId, headroom: usize) -> RabbitConsumer {
+        self.consumer(vec![self.topology.app(app).work_queue.clone()], headroom)
+    }
+
+    fn consumer(self: &Arc<Self>, queues: Vec<String>, headroom: usize) -> RabbitConsumer {
         let prefetch = usize::from(self.settings.prefetch)
             .saturating_add(headroom)
             .min(usize::from(u16::MAX)) as u16;
         RabbitConsumer {
             queue: self.clone(),
-            kind,
+            queues,
             prefetch,
             current: None,
         }
@@ -642,13 +760,14 @@ impl RabbitQueue {
 /// supervisor's next link and consumes again.
 pub struct RabbitConsumer {
     queue: Arc<RabbitQueue>,
-    kind: QueueKind,
+    /// The queues it reads (usually one: an app's work queue, or the dead letters).
+    queues: Vec<String>,
     prefetch: u16,
-    current: Option<(Channel, lapin::Consumer)>,
+    current: Option<(Channel, SelectAll<lapin::Consumer>)>,
 }
 
 impl RabbitConsumer {
-    async fn start(&self) -> Result<(Channel, lapin::Consumer), lapin::Error> {
+    async fn start(&self) -> Result<(Channel, SelectAll<lapin::Consumer>), lapin::Error> {
         let Some(link) = self.queue.current_link().await else {
             return Err(lapin::Error::from(
                 lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed),
@@ -656,24 +775,25 @@ impl RabbitConsumer {
         };
         let ch = link.conn.create_channel().await?;
         // Prefetch bounds the unacked messages this consumer holds: its in-flight work, and
-        // what another node must wait for if this one dies.
+        // what another node must wait for if this one dies. Not `global`: the limit is per
+        // consumer, so each queue read here has its own.
         ch.basic_qos(self.prefetch, BasicQosOptions::default())
             .await?;
-        let name = match self.kind {
-            QueueKind::Work => &self.queue.topology.work_queue,
-            QueueKind::Dead => &self.queue.topology.dead_queue,
-        };
-        let consumer = ch
-            .basic_consume(
-                name.as_str().into(),
-                "".into(),
-                // no_ack false: manual acks, so unacked work returns to the queue if this
-                // node dies.
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok((ch, consumer))
+        let mut consumers = Vec::with_capacity(self.queues.len());
+        for name in &self.queues {
+            consumers.push(
+                ch.basic_consume(
+                    name.as_str().into(),
+                    "".into(),
+                    // no_ack false: manual acks, so unacked work returns to the queue if
+                    // this node dies.
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?,
+            );
+        }
+        Ok((ch, futures::stream::select_all(consumers)))
     }
 
     pub async fn next(&mut self) -> Option<Delivery> {

@@ -16,6 +16,7 @@ mod delivery;
 mod drain;
 mod events;
 mod gateway_events;
+mod neighbours;
 mod outcomes;
 mod slots;
 mod webhook;

@@ -1,10 +1,12 @@
 //! The queue contract, run against both backends: the embedded queue and RabbitMQ (a fresh
 //! vhost per test on the real broker). Each `contract!` line is one behaviour, two tests.
+//! Every backend here has a second app, `shop`, beside `default`: work is queued per app.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use herald::config::Settings;
+use herald::domain::{AppId, QueuedNotification};
 use herald::metrics::Metrics;
 use herald::queue::{Queue, QueueKind};
 
@@ -22,7 +24,19 @@ fn contract_settings(mut s: Settings) -> Settings {
     s.retry.base_delay = Duration::from_millis(100);
     s.retry.max_delay = Duration::from_millis(400);
     s.retry.max_attempts = 3;
+    s.apps.insert("shop".into(), Default::default());
     s
+}
+
+fn shop() -> AppId {
+    AppId::parse("shop").unwrap()
+}
+
+/// A notification of the app `shop`.
+fn shop_notification(device: &str) -> QueuedNotification {
+    let mut n = notification(device);
+    n.app = shop();
+    n
 }
 
 impl Backend {
@@ -72,6 +86,10 @@ contract!(
     retry_redelivers_the_updated_body_after_the_delay,
     dead_letter_parks_it_with_the_reason,
     ack_is_final,
+    each_app_has_its_own_work_queue,
+    one_apps_unacked_backlog_does_not_hold_another_apps_messages,
+    a_retry_comes_back_to_its_own_apps_queue,
+    consuming_every_app_takes_them_in_turn,
 );
 
 async fn next(c: &mut herald::queue::Consumer) -> herald::queue::Delivery {
@@ -190,5 +208,92 @@ async fn ack_is_final(b: Backend) {
     }
     assert_eq!(got, ids);
     assert_empty(&mut c, Duration::from_millis(300)).await;
+    b.queue.close().await;
+}
+
+async fn each_app_has_its_own_work_queue(b: Backend) {
+    assert_eq!(b.queue.apps(), [AppId::default_app(), shop()]);
+    let ours = shop_notification("s");
+    let theirs = notification("d");
+    b.queue.publish(&ours).await.unwrap();
+    b.queue.publish(&theirs).await.unwrap();
+    let mut default = b.queue.consume_app(&AppId::default_app());
+    let mut shop = b.queue.consume_app(&shop());
+    let d = next(&mut default).await;
+    assert_eq!(d.body, theirs.to_json());
+    d.ack().await.unwrap();
+    let d = next(&mut shop).await;
+    assert_eq!(d.body, ours.to_json());
+    d.ack().await.unwrap();
+    assert_empty(&mut default, Duration::from_millis(300)).await;
+    assert_empty(&mut shop, Duration::from_millis(300)).await;
+    b.queue.close().await;
+}
+
+/// The noisy neighbour at the queue: `shop` has a backlog and holds every message its
+/// consumer was given, unsettled; `default`'s messages, queued after all of it, still
+/// arrive one after another.
+async fn one_apps_unacked_backlog_does_not_hold_another_apps_messages(b: Backend) {
+    const BACKLOG: usize = 200;
+    for i in 0..BACKLOG {
+        b.queue
+            .publish(&shop_notification(&format!("s{i}")))
+            .await
+            .unwrap();
+    }
+    let mut shop_consumer = b.queue.consume_app(&shop());
+    // Taken and never settled: the slow deliveries holding shop's budget.
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(next(&mut shop_consumer).await);
+    }
+    let mut default = b.queue.consume_app(&AppId::default_app());
+    for i in 0..5 {
+        let n = notification(&format!("d{i}"));
+        b.queue.publish(&n).await.unwrap();
+        let d = next(&mut default).await;
+        assert_eq!(d.body, n.to_json(), "default's message, not shop's backlog");
+        d.ack().await.unwrap();
+    }
+    assert_eq!(held.len(), 10, "shop's deliveries still held meanwhile");
+    drop(held);
+    b.queue.close().await;
+}
+
+async fn a_retry_comes_back_to_its_own_apps_queue(b: Backend) {
+    let n = shop_notification("s");
+    b.queue.publish(&n).await.unwrap();
+    let mut shop_consumer = b.queue.consume_app(&shop());
+    let mut default = b.queue.consume_app(&AppId::default_app());
+    let d = next(&mut shop_consumer).await;
+    let mut updated = n.clone();
+    updated.attempt = 1;
+    d.retry(&updated, Duration::from_millis(150)).await.unwrap();
+    let d = next(&mut shop_consumer).await;
+    assert_eq!(d.notification().unwrap(), updated);
+    d.ack().await.unwrap();
+    assert_empty(&mut default, Duration::from_millis(300)).await;
+    b.queue.close().await;
+}
+
+async fn consuming_every_app_takes_them_in_turn(b: Backend) {
+    let mut sent = BTreeSet::new();
+    for i in 0..3 {
+        for n in [
+            notification(&format!("d{i}")),
+            shop_notification(&format!("s{i}")),
+        ] {
+            sent.insert(n.to_json());
+            b.queue.publish(&n).await.unwrap();
+        }
+    }
+    let mut all = b.queue.consume(QueueKind::Work);
+    let mut got = BTreeSet::new();
+    for _ in 0..6 {
+        let d = next(&mut all).await;
+        got.insert(d.body.clone());
+        d.ack().await.unwrap();
+    }
+    assert_eq!(got, sent);
     b.queue.close().await;
 }
