@@ -62,7 +62,11 @@ async fn connect(server: &Server, prefix: &str, n: usize, ack: bool, received: R
                     received.lock().unwrap().insert(seq, Instant::now());
                 }
                 let ack = serde_json::json!({"type": "ack", "id": v["id"]});
-                if ws.send(Message::Text(ack.to_string().into())).await.is_err() {
+                if ws
+                    .send(Message::Text(ack.to_string().into()))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -149,7 +153,10 @@ async fn main() {
                 // Admission sized for the bench's own connects.
                 ("HERALD__GATEWAY__MAX_SESSION_RATE", "5000".to_owned()),
                 ("HERALD__GATEWAY__SESSION_BURST", "5000".to_owned()),
-                ("HERALD__GATEWAY__IP_CONNECTS_PER_SECOND", "100000".to_owned()),
+                (
+                    "HERALD__GATEWAY__IP_CONNECTS_PER_SECOND",
+                    "100000".to_owned(),
+                ),
                 ("HERALD__GATEWAY__IP_CONNECT_BURST", "100000".to_owned()),
             ];
             if let Some(v) = &vhost {

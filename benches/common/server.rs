@@ -106,7 +106,7 @@ impl BenchVhost {
             .expect("connect to the bench vhost");
         let ch = conn.create_channel().await.unwrap();
         let s = herald::config::Settings::defaults();
-        herald::queue::Topology::new(&s.queue.prefix, &s.retry)
+        herald::queue::Topology::new(&s.queue.prefix, &s.retry, &s.app_ids())
             .declare(&ch)
             .await
             .expect("declare the work topology");

@@ -217,8 +217,8 @@ async fn each_app_has_its_own_work_queue(b: Backend) {
     let theirs = notification("d");
     b.queue.publish(&ours).await.unwrap();
     b.queue.publish(&theirs).await.unwrap();
-    let mut default = b.queue.consume_app(&AppId::default_app());
-    let mut shop = b.queue.consume_app(&shop());
+    let mut default = b.queue.consume_app(&AppId::default_app(), 0);
+    let mut shop = b.queue.consume_app(&shop(), 0);
     let d = next(&mut default).await;
     assert_eq!(d.body, theirs.to_json());
     d.ack().await.unwrap();
@@ -241,13 +241,13 @@ async fn one_apps_unacked_backlog_does_not_hold_another_apps_messages(b: Backend
             .await
             .unwrap();
     }
-    let mut shop_consumer = b.queue.consume_app(&shop());
+    let mut shop_consumer = b.queue.consume_app(&shop(), 0);
     // Taken and never settled: the slow deliveries holding shop's budget.
     let mut held = Vec::new();
     for _ in 0..10 {
         held.push(next(&mut shop_consumer).await);
     }
-    let mut default = b.queue.consume_app(&AppId::default_app());
+    let mut default = b.queue.consume_app(&AppId::default_app(), 0);
     for i in 0..5 {
         let n = notification(&format!("d{i}"));
         b.queue.publish(&n).await.unwrap();
@@ -263,8 +263,8 @@ async fn one_apps_unacked_backlog_does_not_hold_another_apps_messages(b: Backend
 async fn a_retry_comes_back_to_its_own_apps_queue(b: Backend) {
     let n = shop_notification("s");
     b.queue.publish(&n).await.unwrap();
-    let mut shop_consumer = b.queue.consume_app(&shop());
-    let mut default = b.queue.consume_app(&AppId::default_app());
+    let mut shop_consumer = b.queue.consume_app(&shop(), 0);
+    let mut default = b.queue.consume_app(&AppId::default_app(), 0);
     let d = next(&mut shop_consumer).await;
     let mut updated = n.clone();
     updated.attempt = 1;

@@ -147,7 +147,7 @@ async fn per_app_queues_declare_over_the_topology_from_before_apps() {
         "the new topology declares over the old one (no PRECONDITION_FAILED)"
     );
     // What was queued before the upgrade is still there, for the default app's consumer.
-    let mut default = queue.consume_app(&AppId::default_app());
+    let mut default = queue.consume_app(&AppId::default_app(), 0);
     let d = tokio::time::timeout(Duration::from_secs(10), default.next())
         .await
         .unwrap()

@@ -164,7 +164,7 @@ impl TestVhost {
             .await
             .expect("guest connects to the test vhost");
         let ch = conn.create_channel().await.unwrap();
-        herald::queue::Topology::new(&settings.queue.prefix, &settings.retry)
+        herald::queue::Topology::new(&settings.queue.prefix, &settings.retry, &settings.app_ids())
             .declare(&ch)
             .await
             .expect("the work topology declares");
