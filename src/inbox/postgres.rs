@@ -276,6 +276,16 @@ impl PostgresInbox {
         Ok(n as u64)
     }
 
+    /// One `GROUP BY app` over the table (the pending index's leading column serves it).
+    pub async fn pending_by_app(&self) -> Result<Vec<(String, u64)>, InboxError> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT app, count(*) FROM herald_inbox GROUP BY app ORDER BY app")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?;
+        Ok(rows.into_iter().map(|(app, n)| (app, n as u64)).collect())
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }
