@@ -46,7 +46,14 @@ use crate::domain::NotificationId;
 /// The schema's versioned migrations, embedded in the binary (the `migrations/` directory).
 /// Append new ones; never edit an applied one (sqlx checks their checksums at start).
 fn migrator() -> Migrator {
-    let migrations = [(1, "inbox", include_str!("../../migrations/0001_inbox.sql"))];
+    let migrations = [
+        (1, "inbox", include_str!("../../migrations/0001_inbox.sql")),
+        (
+            2,
+            "inbox store fast path",
+            include_str!("../../migrations/0002_inbox_store_fast_path.sql"),
+        ),
+    ];
     Migrator::with_migrations(
         migrations
             .into_iter()
