@@ -5,7 +5,8 @@
 //! counter's first increment is not lost.
 //!
 //! The metrics a user slices by app (accepted, deliveries, fallbacks, tokens dead, retries,
-//! dead letters, active and refused sessions) carry an `app` label. Apps come from the
+//! dead letters, active and refused sessions, the offline inbox's writes, replays, acks,
+//! drops and pending entries) carry an `app` label. Apps come from the
 //! config, so the label set stays bounded: [`Metrics::new`] pre-creates `default`'s series,
 //! [`Metrics::register_app`] another app's. Where no app is known yet (an unparseable
 //! queued message, a connect with a bad token) the label is empty, which Prometheus shows
@@ -75,13 +76,14 @@ pub struct Metrics {
     /// budget (dispatch/slot.rs).
     pub dispatcher_parked: IntGauge,
     /// Offline inbox (src/inbox/): entries written, replayed, acked after replay, dropped
-    /// (overflow / replaced / expired), store failures, and the sampled pending rows.
-    pub inbox_writes: IntCounter,
+    /// (overflow / replaced / expired), and the sampled pending rows, by app; store failures
+    /// (a database or memory-bound problem, shared by every app) without one.
+    pub inbox_writes: IntCounterVec,
     pub inbox_store_failures: IntCounter,
-    pub inbox_replayed: IntCounter,
-    pub inbox_acked: IntCounter,
+    pub inbox_replayed: IntCounterVec,
+    pub inbox_acked: IntCounterVec,
     pub inbox_dropped: IntCounterVec,
-    pub inbox_pending: IntGauge,
+    pub inbox_pending: IntGaugeVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -310,42 +312,49 @@ impl Metrics {
                 "herald_dispatcher_parked_messages",
                 "Messages waiting only for devices' acks, off the dispatcher's active budget (queue.prefetch); at most dispatcher.max_awaiting_ack.",
             ),
-            inbox_writes: counter(
+            inbox_writes: counter_vec(
                 &r,
                 "herald_inbox_writes_total",
-                "Notifications kept in a device's offline inbox (committed before the queue ack).",
+                "Notifications kept in a device's offline inbox (committed before the queue ack), by app.",
+                &["app"],
             ),
             inbox_store_failures: counter(
                 &r,
                 "herald_inbox_store_failures_total",
                 "Inbox writes that failed (database unavailable, memory inbox full); the targets are retried.",
             ),
-            inbox_replayed: counter(
+            inbox_replayed: counter_vec(
                 &r,
                 "herald_inbox_replayed_total",
-                "Inbox entries sent to a device by a replay after its hello.",
+                "Inbox entries sent to a device by a replay after its hello, by app.",
+                &["app"],
             ),
-            inbox_acked: counter(
+            inbox_acked: counter_vec(
                 &r,
                 "herald_inbox_acked_total",
-                "Replayed inbox entries the device acked (their rows deleted).",
+                "Replayed inbox entries the device acked (their rows deleted), by app.",
+                &["app"],
             ),
             inbox_dropped: counter_vec(
                 &r,
                 "herald_inbox_dropped_total",
-                "Inbox entries dropped undelivered, by reason (overflow, replaced, expired).",
-                &["reason"],
+                "Inbox entries dropped undelivered, by app and reason (overflow, replaced, expired).",
+                &["app", "reason"],
             ),
-            inbox_pending: gauge(
-                &r,
-                "herald_inbox_pending",
-                "Entries held in the offline inbox (all devices; sampled every inbox.reap_interval).",
-            ),
+            inbox_pending: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "herald_inbox_pending",
+                        "Entries held in the offline inbox, by app (all devices; sampled every inbox.reap_interval).",
+                    ),
+                    &["app"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             registry: r,
         };
-        for r in INBOX_DROP_REASONS {
-            m.inbox_dropped.with_label_values(&[r]);
-        }
         for k in [
             "deliver",
             "reply",
@@ -414,9 +423,38 @@ impl Metrics {
         for r in ["shutting_down", "not_ready", "too_many_sessions"] {
             self.sessions_refused.with_label_values(&[app, r]);
         }
+        for r in INBOX_DROP_REASONS {
+            self.inbox_dropped.with_label_values(&[app, r]);
+        }
+        self.inbox_writes.with_label_values(&[app]);
+        self.inbox_replayed.with_label_values(&[app]);
+        self.inbox_acked.with_label_values(&[app]);
+        self.inbox_pending.with_label_values(&[app]);
         self.notifications_accepted.with_label_values(&[app]);
         self.targets_accepted.with_label_values(&[app]);
         self.sessions_active.with_label_values(&[app]);
+    }
+
+    /// Sets the pending-entries gauge from one sample (`(app, entries)`, apps with none
+    /// left out): an app missing from the sample had none, so its series goes to 0 rather
+    /// than keep the last value.
+    pub fn set_inbox_pending(&self, by_app: &[(String, u64)]) {
+        use prometheus::core::Collector;
+        for family in self.inbox_pending.collect() {
+            for series in family.get_metric() {
+                let Some(app) = series.get_label().iter().find(|l| l.name() == "app") else {
+                    continue;
+                };
+                if !by_app.iter().any(|(a, _)| a == app.value()) {
+                    self.inbox_pending.with_label_values(&[app.value()]).set(0);
+                }
+            }
+        }
+        for (app, n) in by_app {
+            self.inbox_pending
+                .with_label_values(&[app.as_str()])
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
     }
 
     /// The Prometheus text exposition of every metric.

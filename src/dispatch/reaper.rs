@@ -1,5 +1,5 @@
 //! The inbox reaper: every `inbox.reap_interval`, delete expired inbox entries in batches of
-//! `inbox.reap_batch` (an `expired` event each) and sample the pending-rows gauge.
+//! `inbox.reap_batch` (an `expired` event each) and sample the pending-rows gauge (per app).
 //!
 //! Expired entries are never sent even before the reaper runs (`pending` filters them);
 //! the reaper reclaims their space and reports them. Every dispatcher node runs one: on
@@ -64,8 +64,8 @@ pub async fn pass(inbox: &Inbox, batch: usize, metrics: &Metrics, events: &Event
             }
         }
     }
-    match inbox.pending_count().await {
-        Ok(rows) => record::record(metrics, emit, Outcome::InboxPending(rows)),
+    match inbox.pending_by_app().await {
+        Ok(by_app) => record::record(metrics, emit, Outcome::InboxPending(&by_app)),
         Err(e) => tracing::debug!(error = %e, "inbox reaper: could not count pending entries"),
     }
 }

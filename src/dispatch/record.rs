@@ -31,8 +31,8 @@ pub enum Outcome<'a> {
     StoreFailed(&'a QueuedNotification, usize, &'a InboxError),
     /// The reaper deleted these expired inbox entries.
     Reaped(&'a [ExpiredEntry]),
-    /// The inbox's pending rows, sampled.
-    InboxPending(u64),
+    /// The inbox's pending rows per app, sampled (apps with none left out).
+    InboxPending(&'a [(String, u64)]),
 }
 
 /// Counts `outcome` in `metrics` and hands its events to `emit` (the dispatcher's
@@ -58,7 +58,7 @@ pub fn record(metrics: &Metrics, mut emit: impl FnMut(Event), outcome: Outcome<'
                 inbox_expired(metrics, &mut emit, &e.app, e.id, &e.device_id, 0);
             }
         }
-        Outcome::InboxPending(rows) => metrics.inbox_pending.set(rows as i64),
+        Outcome::InboxPending(by_app) => metrics.set_inbox_pending(by_app),
     }
 }
 
@@ -78,14 +78,20 @@ fn stored(
             .iter()
             .any(|d| d.id == n.id && d.device_id == device.as_str());
         if kept {
-            metrics.inbox_writes.inc();
+            metrics
+                .inbox_writes
+                .with_label_values(&[n.app.as_str()])
+                .inc();
             emit(Event::new(EventKind::Stored, n, device));
         }
     }
     for d in &report.dropped {
         match d.reason {
             DropReason::Overflow => {
-                metrics.inbox_dropped.with_label_values(&["overflow"]).inc();
+                metrics
+                    .inbox_dropped
+                    .with_label_values(&[d.app.as_str(), "overflow"])
+                    .inc();
                 emit(
                     Event::about(
                         EventKind::InboxOverflow,
@@ -98,7 +104,10 @@ fn stored(
                 );
             }
             DropReason::Replaced { by } => {
-                metrics.inbox_dropped.with_label_values(&["replaced"]).inc();
+                metrics
+                    .inbox_dropped
+                    .with_label_values(&[d.app.as_str(), "replaced"])
+                    .inc();
                 emit(
                     Event::about(
                         EventKind::Replaced,
@@ -126,7 +135,10 @@ fn inbox_expired(
     device: &str,
     attempt: u32,
 ) {
-    metrics.inbox_dropped.with_label_values(&["expired"]).inc();
+    metrics
+        .inbox_dropped
+        .with_label_values(&[app, "expired"])
+        .inc();
     metrics
         .deliveries
         .with_label_values(&[app, "none", "expired"])
@@ -464,7 +476,7 @@ mod tests {
             vec![
                 Outcome::Stored(&n, &devices, &report),
                 Outcome::Reaped(&reaped),
-                Outcome::InboxPending(7),
+                Outcome::InboxPending(&[("default".to_owned(), 7)]),
             ],
         );
         let (id, older) = (n.id.to_string(), older.to_string());
@@ -477,11 +489,24 @@ mod tests {
                 serde_json::json!({"type": "expired", "app": "default", "notification_id": older, "device_id": "phone-3", "reason": "ttl passed in the offline inbox"}),
             ]
         );
-        assert_eq!(m.inbox_writes.get(), 1);
-        assert_eq!(m.inbox_dropped.with_label_values(&["overflow"]).get(), 1);
-        assert_eq!(m.inbox_dropped.with_label_values(&["expired"]).get(), 2);
+        assert_eq!(m.inbox_writes.with_label_values(&["default"]).get(), 1);
+        assert_eq!(
+            m.inbox_dropped
+                .with_label_values(&["default", "overflow"])
+                .get(),
+            1
+        );
+        assert_eq!(
+            m.inbox_dropped
+                .with_label_values(&["default", "expired"])
+                .get(),
+            2
+        );
         assert_eq!(deliveries(&m, "none", "expired"), 2);
-        assert_eq!(m.inbox_pending.get(), 7);
+        assert_eq!(m.inbox_pending.with_label_values(&["default"]).get(), 7);
+        // A later sample without the app: it has none left, not its last value.
+        record_all(&m, vec![Outcome::InboxPending(&[])]);
+        assert_eq!(m.inbox_pending.with_label_values(&["default"]).get(), 0);
     }
 
     #[test]

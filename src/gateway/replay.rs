@@ -145,7 +145,11 @@ impl Replayer {
                 if self.tx.send(out).await.is_err() {
                     return Err(());
                 }
-                self.gateway.metrics().inbox_replayed.inc();
+                self.gateway
+                    .metrics()
+                    .inbox_replayed
+                    .with_label_values(&[self.app.as_str()])
+                    .inc();
                 queued += 1;
                 acks.push(wait_ack(entry.id, ack, ack_timeout));
             }
@@ -166,7 +170,11 @@ impl Replayer {
         );
         match self.inbox.ack(&self.app, self.device.as_str(), id).await {
             Ok(_) => {
-                self.gateway.metrics().inbox_acked.inc();
+                self.gateway
+                    .metrics()
+                    .inbox_acked
+                    .with_label_values(&[self.app.as_str()])
+                    .inc();
                 true
             }
             // The row stays: the device gets it again next time and dedupes by id.

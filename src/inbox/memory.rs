@@ -310,6 +310,22 @@ impl MemoryInbox {
     pub fn pending_count(&self) -> u64 {
         self.state.lock().expect("inbox lock").rows as u64
     }
+
+    /// Entries held per app (apps with none left out). One pass over the devices, so
+    /// sample it, as the reaper does.
+    pub fn pending_by_app(&self) -> Vec<(String, u64)> {
+        let state = self.state.lock().expect("inbox lock");
+        let mut by_app: HashMap<&str, u64> = HashMap::new();
+        for ((app, _), b) in &state.devices {
+            *by_app.entry(app.as_str()).or_default() += b.items.len() as u64;
+        }
+        let mut out: Vec<(String, u64)> = by_app
+            .into_iter()
+            .map(|(app, n)| (app.to_owned(), n))
+            .collect();
+        out.sort();
+        out
+    }
 }
 
 /// The index of the device's entry with this collapse key, if any.

@@ -319,6 +319,16 @@ impl Inbox {
         }
     }
 
+    /// Entries held per app (expired but not yet reaped included; apps with none left
+    /// out), for the per-app pending gauge. A full count too (one `GROUP BY app` on
+    /// PostgreSQL): sample it.
+    pub async fn pending_by_app(&self) -> Result<Vec<(String, u64)>, InboxError> {
+        match self {
+            Inbox::Memory(m) => Ok(m.pending_by_app()),
+            Inbox::Postgres(p) => p.pending_by_app().await,
+        }
+    }
+
     /// Closes the backend: PostgreSQL connections are closed gracefully; the memory inbox
     /// is simply dropped with the process.
     pub async fn close(&self) {

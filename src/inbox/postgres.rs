@@ -46,7 +46,14 @@ use crate::domain::NotificationId;
 /// The schema's versioned migrations, embedded in the binary (the `migrations/` directory).
 /// Append new ones; never edit an applied one (sqlx checks their checksums at start).
 fn migrator() -> Migrator {
-    let migrations = [(1, "inbox", include_str!("../../migrations/0001_inbox.sql"))];
+    let migrations = [
+        (1, "inbox", include_str!("../../migrations/0001_inbox.sql")),
+        (
+            2,
+            "inbox store fast path",
+            include_str!("../../migrations/0002_inbox_store_fast_path.sql"),
+        ),
+    ];
     Migrator::with_migrations(
         migrations
             .into_iter()
@@ -274,6 +281,16 @@ impl PostgresInbox {
             .await
             .map_err(classify)?;
         Ok(n as u64)
+    }
+
+    /// One `GROUP BY app` over the table (the pending index's leading column serves it).
+    pub async fn pending_by_app(&self) -> Result<Vec<(String, u64)>, InboxError> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT app, count(*) FROM herald_inbox GROUP BY app ORDER BY app")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?;
+        Ok(rows.into_iter().map(|(app, n)| (app, n as u64)).collect())
     }
 
     pub async fn close(&self) {

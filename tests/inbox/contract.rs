@@ -194,6 +194,11 @@ async fn pending_is_keyed_by_app_and_device(b: Backend) {
     // An ack names its device: acking d1's id as d2's does nothing.
     assert!(!f.inbox.ack(DEFAULT_APP, "d2", a.id).await.unwrap());
     assert_eq!(f.inbox.pending_count().await.unwrap(), 3);
+    // The per-app gauge's sample: apps in order, each with its own entries.
+    assert_eq!(
+        f.inbox.pending_by_app().await.unwrap(),
+        [(DEFAULT_APP.to_owned(), 2), ("other-app".to_owned(), 1)]
+    );
 }
 
 async fn ack_removes_exactly_one(b: Backend) {

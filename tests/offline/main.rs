@@ -22,6 +22,7 @@ mod pg;
 mod nodes;
 
 mod cluster;
+mod pg_restart;
 mod race;
 mod replay;
 

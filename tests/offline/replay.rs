@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use herald::config::Secret;
 use serde_json::json;
 
 use crate::support::wait_for;
@@ -16,6 +17,7 @@ on_both_backends!(
     at_most_once_to_an_offline_device_is_never_delivered_later,
     a_device_that_drops_mid_replay_gets_the_remainder,
     a_replay_of_n_entries_emits_n_replayed_events,
+    inbox_metrics_carry_the_app,
 );
 
 async fn offline_then_connect_arrives_after_hello_in_order_and_acks_remove_it(b: Backend) {
@@ -252,5 +254,68 @@ async fn a_replay_of_n_entries_emits_n_replayed_events(b: Backend) {
             .all(|e| !ids.iter().any(|id| e["notification_id"] == id.as_str())),
         "no delivered event for a replayed entry"
     );
+}
+
+/// Issue 11: the inbox metrics a user slices by app carry it, pre-created at 0 for every
+/// configured app, and one app's traffic counts under its name only.
+async fn inbox_metrics_carry_the_app(b: Backend) {
+    const SHOP_KEY: &str = "shop-api-key-0123456789";
+    let w = World::start_with(b, |s| {
+        s.apps.entry("shop".into()).or_default().api_keys = vec![Secret::new(SHOP_KEY)];
+        s.inbox.reap_interval = Duration::from_millis(100);
+    })
+    .await;
+    let text = w.w.app.metrics.render();
+    for app in ["default", "shop"] {
+        for series in [
+            format!("herald_inbox_writes_total{{app=\"{app}\"}} 0"),
+            format!("herald_inbox_replayed_total{{app=\"{app}\"}} 0"),
+            format!("herald_inbox_acked_total{{app=\"{app}\"}} 0"),
+            format!("herald_inbox_pending{{app=\"{app}\"}} 0"),
+            format!("herald_inbox_dropped_total{{app=\"{app}\",reason=\"overflow\"}} 0"),
+            format!("herald_inbox_dropped_total{{app=\"{app}\",reason=\"replaced\"}} 0"),
+            format!("herald_inbox_dropped_total{{app=\"{app}\",reason=\"expired\"}} 0"),
+        ] {
+            assert!(text.contains(&series), "{series} pre-created");
+        }
+    }
+
+    let res =
+        w.w.http
+            .post(format!("{}/v1/notify", w.w.app.base))
+            .bearer_auth(SHOP_KEY)
+            .json(&json!({"targets": [{"device_id": "web-shop"}], "data": {"k": "v"}}))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(res.status(), 202);
+    w.wait_stored(1).await;
+    assert_eq!(w.metric("herald_inbox_writes_total{app=\"shop\"}"), 1.0);
+    assert_eq!(w.metric("herald_inbox_writes_total{app=\"default\"}"), 0.0);
+    // The reaper's sample counts it under its app.
+    wait_for(
+        Duration::from_secs(10),
+        "shop's pending entry sampled",
+        || async { (w.metric("herald_inbox_pending{app=\"shop\"}") == 1.0).then_some(()) },
+    )
+    .await;
+    assert_eq!(w.metric("herald_inbox_pending{app=\"default\"}"), 0.0);
+
+    let (mut ws, _) = gw::connect_with(&w.w.app, &gw::token_in("shop", "web-shop")).await;
+    assert_eq!(read_and_ack(&mut ws, 1).await.len(), 1);
+    w.wait_acked(1).await;
+    assert_eq!(w.metric("herald_inbox_replayed_total{app=\"shop\"}"), 1.0);
+    assert_eq!(w.metric("herald_inbox_acked_total{app=\"shop\"}"), 1.0);
+    assert_eq!(
+        w.metric("herald_inbox_replayed_total{app=\"default\"}"),
+        0.0
+    );
+    // Acked: the next sample has no shop entry, and the gauge says 0, not its last value.
+    wait_for(
+        Duration::from_secs(10),
+        "shop's pending back to 0",
+        || async { (w.metric("herald_inbox_pending{app=\"shop\"}") == 0.0).then_some(()) },
+    )
+    .await;
     w.stop().await;
 }
