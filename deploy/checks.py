@@ -12,7 +12,9 @@ Each subcommand prints what it checked and exits non-zero on any failure:
                          NetworkPolicy, 8080 and the broker's AMQP ports only from named
                          sources, amqps:// with a mounted CA, one broker user per herald
                          role (never the default/admin user), and anchored permission
-                         regexes that reach exactly the exchanges and queues each role uses;
+                         regexes that reach exactly the exchanges and queues each role uses,
+                         topic permissions on the events exchange that let each publishing
+                         role send exactly its own event kinds' routing keys;
                          the inbox's PostgreSQL: its URL a mounted Secret file of the
                          dispatcher and gateway only (never inline), sslmode verify-full
                          (or verify-ca/require) with a mounted CA, 5432 only from those
@@ -55,6 +57,8 @@ EXTERNAL_METRICS = {
 TARGET_LABELS = {"namespace", "pod", "service", "job", "instance", "container", "endpoint"}
 
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+EVENTS_RS = REPO / "src/events.rs"
 
 
 def fail(problems, what):
@@ -377,6 +381,96 @@ def role_resources(prefix, retry_queues):
         },
     }
     return needed, refused
+
+
+def event_kinds():
+    """The event types herald emits: EventKind::as_str in src/events.rs."""
+    return set(re.findall(r'EventKind::\w+ => "([a-z_]+)"', EVENTS_RS.read_text()))
+
+
+def event_keys():
+    """(needed, refused) per publishing role: routing keys on the events exchange
+    ({prefix}.events, topic; key <app>.<type>[.<channel>], Event::routing_key in
+    src/events.rs) that its TopicPermission's write regex must and must not match.
+
+    - gateway: session_replaced (src/gateway/mod.rs, no channel) and replayed
+      (src/gateway/replay.rs, channel live). Never a delivery outcome: a backend deletes a
+      device token on token_dead, so a forged one is the attack this closes.
+    - dispatcher: the delivery outcomes (src/dispatch/record.rs): delivered and token_dead
+      with their channel, the others without.
+
+    Every kind in src/events.rs must belong to one of the two, so a new kind fails here
+    until its emitter (and broker-users.yaml) says who may publish it.
+    """
+    apps = ["default", "shop", "merchant-app-2", "a" * 32]
+    kinds = {
+        "gateway": {"session_replaced": [None], "replayed": ["live"]},
+        "dispatcher": {
+            "delivered": ["live", "apns", "fcm"],
+            "token_dead": ["apns", "fcm"],
+            "expired": [None],
+            "dead_lettered": [None],
+            "stored": [None],
+            "inbox_overflow": [None],
+            "replaced": [None],
+        },
+    }
+    problems = []
+    known = event_kinds()
+    if not known:
+        problems.append(f"no EventKind names found in {EVENTS_RS.relative_to(REPO)}")
+    for kind in sorted(known - {k for role in kinds.values() for k in role}):
+        problems.append(
+            f"event kind {kind!r} (src/events.rs) belongs to no role in checks.py event_keys: "
+            "say who emits it there and give that role's TopicPermission its routing key"
+        )
+    for kind in sorted({k for role in kinds.values() for k in role} - known):
+        problems.append(f"checks.py event_keys lists {kind!r}, which src/events.rs does not emit")
+
+    def keys(role):
+        return [
+            f"{app}.{kind}" + (f".{ch}" if ch else "")
+            for app in apps
+            for kind, channels in kinds[role].items()
+            for ch in channels
+        ]
+
+    # Keys no role emits: another kind's channel, words out of place, app names herald
+    # refuses (too long, upper case, a dot shifting the words).
+    outside = ["default.token_dead.live", "default.delivered", "default.replayed", "default.replayed.apns",
+               "default.session_replaced.live", "default.expired.apns", "Default.delivered.live",
+               "a" * 33 + ".delivered.live", "x.default.delivered.live", "default.delivered.livex",
+               ".delivered.live", "default", "#", "default.forged", ""]
+    needed = {role: keys(role) for role in kinds}
+    refused = {
+        "gateway": outside + needed["dispatcher"],
+        "dispatcher": outside + needed["gateway"],
+    }
+    return needed, refused, problems
+
+
+def regex_problems(where, rx, role, needed, refused):
+    """An anchored regex that matches every name in `needed` and none in `refused`."""
+    if rx is None:
+        return [f"{where}: missing"]
+    if rx.strip() in (".*", "^.*$", ".+", "^.+$", ""):
+        if rx.strip() != "" or needed:
+            return [f"{where}: grants everything (or nothing where {role} needs access)"]
+        return []
+    problems = []
+    if not (rx.startswith("^") and rx.endswith("$")):
+        problems.append(f"{where}: not anchored ^...$ (RabbitMQ matches anywhere in the name)")
+    try:
+        compiled = re.compile(rx)
+    except re.error as e:
+        return problems + [f"{where}: not a regex: {e}"]
+    for name in needed:
+        if not compiled.search(name):
+            problems.append(f"{where}: does not match {name!r}, which the {role} role uses")
+    for name in refused:
+        if compiled.search(name):
+            problems.append(f"{where}: matches {name!r}, which the {role} role does not need")
+    return problems
 
 
 def cmd_security(path):
@@ -707,26 +801,58 @@ def broker_client_problems(docs, kinds, deployments, clusters, overlay_dir):
         for kind in ("configure", "write", "read"):
             rx = spec.get(kind)
             where = f"Permission {pms[0]['metadata']['name']} {kind} {rx!r}"
-            if rx is None:
-                problems.append(f"{where}: missing")
-                continue
-            if rx.strip() in (".*", "^.*$", ".+", "^.+$", ""):
-                if rx.strip() != "" or needed[role][kind]:
-                    problems.append(f"{where}: grants everything (or nothing where {role} needs access)")
-                continue
-            if not (rx.startswith("^") and rx.endswith("$")):
-                problems.append(f"{where}: not anchored ^...$ (RabbitMQ matches anywhere in the name)")
-            try:
-                compiled = re.compile(rx)
-            except re.error as e:
-                problems.append(f"{where}: not a regex: {e}")
-                continue
-            for name in needed[role][kind]:
-                if not compiled.search(name):
-                    problems.append(f"{where}: does not match {name!r}, which the {role} role uses")
-            for name in refused[role][kind]:
-                if compiled.search(name):
-                    problems.append(f"{where}: matches {name!r}, which the {role} role does not need")
+            problems += regex_problems(where, rx, role, needed[role][kind], refused[role][kind])
+    problems += topic_permission_problems(kinds, role_of_user, perms_by_user, prefix)
+    return problems
+
+
+def topic_permission_problems(kinds, role_of_user, perms_by_user, prefix):
+    """Write on the events exchange lets a user publish any routing key there unless a
+    TopicPermission narrows it (RabbitMQ's topic authorisation; a user with none on an
+    exchange may publish every key): each role that publishes events has exactly one, on
+    that exchange in its Permission's vhost, whose write regex matches that role's event
+    keys and nothing else, and which binds nothing (read '' or ^$)."""
+    events = f"{prefix}.events"
+    needed, refused, problems = event_keys()
+    tps_by_user = {}
+    for tp in kinds.get("TopicPermission", []):
+        who = (tp["spec"].get("userReference") or {}).get("name") or tp["spec"].get("user")
+        tps_by_user.setdefault(who, []).append(tp)
+        exchange = tp["spec"]["permissions"].get("exchange")
+        if exchange != events:
+            problems.append(
+                f"TopicPermission {tp['metadata']['name']}: on exchange {exchange!r}; herald "
+                f"publishes to no topic exchange but {events}"
+            )
+    for uname, role in sorted(role_of_user.items()):
+        tps = [tp for tp in tps_by_user.get(uname, []) if tp["spec"]["permissions"].get("exchange") == events]
+        if role not in needed:
+            continue
+        if len(tps) != 1:
+            problems.append(
+                f"User {uname}: {len(tps)} TopicPermission objects on {events}, want exactly 1 "
+                f"(without one the {role} may publish any routing key there, e.g. a forged "
+                "default.token_dead.apns)"
+            )
+            continue
+        tp = tps[0]
+        name = tp["metadata"]["name"]
+        pms = perms_by_user.get(uname, [])
+        if pms and tp["spec"].get("vhost") != pms[0]["spec"].get("vhost"):
+            problems.append(
+                f"TopicPermission {name}: vhost {tp['spec'].get('vhost')!r} is not the vhost of "
+                f"{uname}'s Permission ({pms[0]['spec'].get('vhost')!r})"
+            )
+        spec = tp["spec"]["permissions"]
+        rx = spec.get("write")
+        problems += regex_problems(
+            f"TopicPermission {name} write {rx!r}", rx, role, needed[role], refused[role]
+        )
+        if spec.get("read", "") not in ("", "^$"):
+            problems.append(
+                f"TopicPermission {name} read {spec.get('read')!r}: the {role} binds nothing to "
+                f"{events}; want '' (no binding key)"
+            )
     return problems
 
 

@@ -138,6 +138,56 @@ class Security(unittest.TestCase):
         perms["write"] = perms["write"].replace("|amq\\.default", "")
         self.assertFails("does not match 'amq.default', which the dispatcher role uses")
 
+    # --- topic permissions on herald.events (who may publish which event) ---
+
+    def test_no_gateway_topic_permission(self):
+        self.docs.remove(by(self.docs, "TopicPermission", "herald-gateway-events"))
+        self.assertFails("User herald-gateway: 0 TopicPermission objects on herald.events")
+
+    def test_a_gateway_topic_permission_of_everything(self):
+        by(self.docs, "TopicPermission", "herald-gateway-events")["spec"]["permissions"]["write"] = ".*"
+        self.assertFails("TopicPermission herald-gateway-events write '.*': grants everything")
+
+    def test_a_gateway_that_may_forge_delivery_outcomes(self):
+        perms = by(self.docs, "TopicPermission", "herald-gateway-events")["spec"]["permissions"]
+        perms["write"] = "^[a-z0-9-]{1,32}\\.(session_replaced|replayed|token_dead|delivered)(\\.[a-z]+)?$"
+        self.assertFails(
+            "matches 'default.token_dead.apns', which the gateway role does not need",
+            "matches 'default.delivered.live', which the gateway role does not need",
+        )
+
+    def test_a_gateway_topic_permission_missing_its_own_event(self):
+        perms = by(self.docs, "TopicPermission", "herald-gateway-events")["spec"]["permissions"]
+        perms["write"] = "^[a-z0-9-]{1,32}\\.replayed\\.live$"
+        self.assertFails("does not match 'default.session_replaced', which the gateway role uses")
+
+    def test_a_gateway_topic_permission_on_another_exchange(self):
+        by(self.docs, "TopicPermission", "herald-gateway-events")["spec"]["permissions"]["exchange"] = "amq.topic"
+        self.assertFails("on exchange 'amq.topic'", "User herald-gateway: 0 TopicPermission objects on herald.events")
+
+    def test_a_gateway_topic_permission_in_another_vhost(self):
+        by(self.docs, "TopicPermission", "herald-gateway-events")["spec"]["vhost"] = "/"
+        self.assertFails("TopicPermission herald-gateway-events: vhost '/' is not the vhost")
+
+    def test_a_gateway_that_may_bind_events(self):
+        by(self.docs, "TopicPermission", "herald-gateway-events")["spec"]["permissions"]["read"] = ".*"
+        self.assertFails("TopicPermission herald-gateway-events read '.*'")
+
+    def test_no_dispatcher_topic_permission(self):
+        self.docs.remove(by(self.docs, "TopicPermission", "herald-dispatcher-events"))
+        self.assertFails("User herald-dispatcher: 0 TopicPermission objects on herald.events")
+
+    def test_a_dispatcher_that_may_forge_gateway_events(self):
+        perms = by(self.docs, "TopicPermission", "herald-dispatcher-events")["spec"]["permissions"]
+        perms["write"] = perms["write"].replace("|replaced)", "|replaced|session_replaced)")
+        self.assertFails("matches 'default.session_replaced', which the dispatcher role does not need")
+
+    def test_an_event_kind_no_role_owns(self):
+        real = checks.event_kinds
+        checks.event_kinds = lambda: real() | {"forged"}
+        self.addCleanup(setattr, checks, "event_kinds", real)
+        self.assertFails("event kind 'forged' (src/events.rs) belongs to no role")
+
     def test_url_inline_in_the_config(self):
         cm = next(d for d in self.docs if d.get("kind") == "ConfigMap")
         cm["data"]["herald.toml"] = cm["data"]["herald.toml"].replace(
