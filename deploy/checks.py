@@ -484,8 +484,8 @@ def cmd_security(path):
         problems,
         f"security: {count['NetworkPolicy']} NetworkPolicies over {count['Deployment']} Deployment(s), "
         f"{count['RabbitmqCluster']} RabbitmqCluster(s) and {count['Cluster']} PostgreSQL Cluster(s); "
-        f"amqps, per-role broker users, permission regexes and the inbox's TLS, Secret and "
-        f"reach in {Path(path).name}",
+        f"amqps, per-role broker users, permission regexes, events topic permissions and the "
+        f"inbox's TLS, Secret and reach in {Path(path).name}",
     )
 
 

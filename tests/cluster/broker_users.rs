@@ -4,19 +4,26 @@
 //! role each with its own user, and every broker path driven through them: a live delivery
 //! (api publish, dispatcher consume, directory routing, gateway reply through the replies
 //! exchange), a retry (the default exchange into a retry queue), a dead letter, and outcome
-//! events. Then the negative side: what a role does not need, it is refused. And the start
+//! events, the gateway's own among them (its `TopicPermission` on `herald.events`, applied
+//! with `rabbitmqctl set_topic_permissions`). Then the negative side: what a role does not
+//! need, it is refused, down to the routing keys of events it does not emit. And the start
 //! order that follows from only the dispatcher declaring: the api and the gateway wait, not
 //! ready and saying why, until a dispatcher has declared what they use.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use futures::StreamExt;
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+use crate::gw;
 use crate::nodes::{Device, Node, node_env, notify};
 use crate::support::apns_double::{ApnsDouble, Reply};
 use crate::support::{TestVhost, rabbitmqctl, wait_for};
@@ -54,7 +61,40 @@ fn shipped_permissions() -> HashMap<String, [String; 3]> {
     out
 }
 
-/// Three broker users with the shipped permissions on the test's vhost; deleted on drop.
+/// role -> [exchange, write, read], from the TopicPermission objects of broker-users.yaml.
+fn shipped_topic_permissions() -> HashMap<String, [String; 3]> {
+    let text = std::fs::read_to_string(USERS_YAML).expect("broker-users.yaml readable");
+    let mut out = HashMap::new();
+    for doc in text.split("\n---\n") {
+        if !doc.contains("\nkind: TopicPermission\n") {
+            continue;
+        }
+        let field = |key: &str| -> String {
+            let line = doc
+                .lines()
+                .map(str::trim)
+                .find(|l| l.starts_with(&format!("{key}: ")) || *l == format!("{key}:"))
+                .unwrap_or_else(|| panic!("no {key} in a TopicPermission of {USERS_YAML}"));
+            let value = line[key.len() + 1..].trim();
+            value.trim_matches('\'').to_owned()
+        };
+        let user = doc
+            .split("userReference:")
+            .nth(1)
+            .and_then(|r| r.lines().map(str::trim).find(|l| l.starts_with("name: ")))
+            .expect("userReference.name")["name: herald-".len()..]
+            .to_owned();
+        let previous = out.insert(
+            user.clone(),
+            [field("exchange"), field("write"), field("read")],
+        );
+        assert!(previous.is_none(), "two TopicPermissions for herald-{user}");
+    }
+    out
+}
+
+/// Three broker users with the shipped permissions (and topic permissions) on the test's
+/// vhost; deleted on drop (which deletes their permissions too).
 struct RoleUsers {
     names: Vec<String>,
     vhost: String,
@@ -63,6 +103,13 @@ struct RoleUsers {
 impl RoleUsers {
     fn create(vhost: &TestVhost) -> RoleUsers {
         let perms = shipped_permissions();
+        let topic = shipped_topic_permissions();
+        for role in ["dispatcher", "gateway"] {
+            assert!(
+                topic.contains_key(role),
+                "no TopicPermission for herald-{role} in {USERS_YAML}: it could publish any event"
+            );
+        }
         let mut names = Vec::new();
         for role in ["api", "dispatcher", "gateway"] {
             let [configure, write, read] = perms
@@ -80,6 +127,17 @@ impl RoleUsers {
                 write,
                 read,
             ]);
+            if let Some([exchange, write, read]) = topic.get(role) {
+                rabbitmqctl(&[
+                    "set_topic_permissions",
+                    "-p",
+                    &vhost.name,
+                    &user,
+                    exchange,
+                    write,
+                    read,
+                ]);
+            }
         }
         RoleUsers {
             names,
@@ -188,6 +246,24 @@ async fn readyz(http: &reqwest::Client, node: &Node) -> (u16, serde_json::Value)
     (r.status().as_u16(), r.json().await.unwrap())
 }
 
+/// A device session on `ws_url`, after its hello.
+async fn open_session(
+    ws_url: &str,
+    device: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let mut req = ws_url.into_client_request().unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", gw::token(device)).parse().unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("connects");
+    let hello = ws.next().await.expect("a frame").expect("a frame");
+    assert!(hello.to_text().unwrap().contains("\"hello\""), "{hello}");
+    ws
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_role_runs_with_only_its_shipped_broker_permissions() {
     let vhost = TestVhost::new();
@@ -250,6 +326,23 @@ async fn each_role_runs_with_only_its_shipped_broker_permissions() {
     )
     .await
     .unwrap();
+    // And one for the gateway's own events, which its topic permission must let through.
+    ch.queue_declare(
+        "test.sessions".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "test.sessions".into(),
+        "herald.events".into(),
+        "*.session_replaced".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
 
     // Live, across processes: api -> work queue -> dispatcher (replica fed over
     // herald.presence) -> gateway's node queue -> device ack -> reply through
@@ -283,6 +376,35 @@ async fn each_role_runs_with_only_its_shipped_broker_permissions() {
     })
     .await;
     let _ = id;
+
+    // The gateway's own event, through its topic permission: a second session of a device
+    // closes the first (4001), and the gateway publishes <app>.session_replaced.
+    let mut first = open_session(&gateway.ws_url, "phone-twice").await;
+    let _second = open_session(&gateway.ws_url, "phone-twice").await;
+    let closed = loop {
+        match first.next().await {
+            Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            _ => break None,
+        }
+    };
+    assert_eq!(closed, Some(4001), "the first session is replaced");
+    let key = wait_for(
+        Duration::from_secs(10),
+        "the gateway's session_replaced event",
+        || {
+            let ch = ch.clone();
+            async move {
+                let m = ch
+                    .basic_get("test.sessions".into(), BasicGetOptions { no_ack: true })
+                    .await
+                    .unwrap()?;
+                Some(m.delivery.routing_key.to_string())
+            }
+        },
+    )
+    .await;
+    assert_eq!(key, "default.session_replaced");
 
     // Nothing was refused along the way: a refused operation closes its channel (the
     // queue's: the process reconnects; the directory's: it sets its channels up again) and
@@ -324,7 +446,7 @@ async fn each_role_runs_with_only_its_shipped_broker_permissions() {
         "api publishing through the default exchange",
     );
     refused(
-        try_publish(&api_url, "herald.events", "delivered.live").await,
+        try_publish(&api_url, "herald.events", "default.delivered.live").await,
         "api forging an outcome event",
     );
     refused(
@@ -367,12 +489,34 @@ async fn each_role_runs_with_only_its_shipped_broker_permissions() {
         try_publish(&disp_url, "herald.replies", "herald.reply.x").await,
         "dispatcher forging a gateway's reply",
     );
-    try_publish(&disp_url, "herald.events", "test.allowed")
-        .await
-        .expect("the dispatcher publishes events");
-    try_publish(&gw_url, "herald.events", "test.allowed")
-        .await
-        .expect("the gateway may publish events");
+    // Topic permissions: each role publishes the routing keys of its own events on
+    // herald.events, and no other (a forged token_dead makes a backend delete a token).
+    refused(
+        try_publish(&gw_url, "herald.events", "default.token_dead.apns").await,
+        "gateway forging a dead token",
+    );
+    refused(
+        try_publish(&gw_url, "herald.events", "default.delivered.live").await,
+        "gateway forging a delivery",
+    );
+    refused(
+        try_publish(&disp_url, "herald.events", "default.session_replaced").await,
+        "dispatcher forging a gateway's event",
+    );
+    for key in ["default.session_replaced", "default.replayed.live"] {
+        try_publish(&gw_url, "herald.events", key)
+            .await
+            .unwrap_or_else(|e| panic!("the gateway publishes {key}: {e}"));
+    }
+    for key in [
+        "default.delivered.live",
+        "shop.token_dead.apns",
+        "default.expired",
+    ] {
+        try_publish(&disp_url, "herald.events", key)
+            .await
+            .unwrap_or_else(|e| panic!("the dispatcher publishes {key}: {e}"));
+    }
     try_publish(&gw_url, "herald.replies", "herald.reply.x")
         .await
         .expect("the gateway answers through the replies exchange");
