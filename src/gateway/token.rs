@@ -16,7 +16,6 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use hmac::{KeyInit as _, Mac as _};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 
@@ -103,9 +102,9 @@ pub(crate) fn presented(
 #[derive(Clone)]
 pub struct DeviceTokens {
     encoding: EncodingKey,
-    /// HMAC-SHA256 keyed with the secret once (the inner and outer pads absorbed); each
-    /// check clones this state instead of deriving the key again.
-    verifier: hmac::Hmac<sha2::Sha256>,
+    /// HMAC-SHA256 keyed with the secret once (the inner and outer pads absorbed): the
+    /// same aws-lc HMAC `jsonwebtoken::decode` used, without deriving the key per check.
+    verifier: aws_lc_rs::hmac::Key,
     ttl: Duration,
 }
 
@@ -124,7 +123,7 @@ impl DeviceTokens {
         };
         DeviceTokens {
             encoding: EncodingKey::from_secret(&bytes),
-            verifier: hmac::Hmac::new_from_slice(&bytes).expect("HMAC takes a key of any length"),
+            verifier: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &bytes),
             ttl,
         }
     }
@@ -169,10 +168,8 @@ impl DeviceTokens {
             return Err(TokenError::Invalid);
         }
         let signature = b64.decode(signature).map_err(|_| TokenError::Invalid)?;
-        self.verifier
-            .clone()
-            .chain_update(message.as_bytes())
-            .verify_slice(&signature)
+        // Constant-time compare of the tag.
+        aws_lc_rs::hmac::verify(&self.verifier, message.as_bytes(), &signature)
             .map_err(|_| TokenError::Invalid)?;
         let (_, payload) = message.rsplit_once('.').ok_or(TokenError::Invalid)?;
         let payload = b64.decode(payload).map_err(|_| TokenError::Invalid)?;
@@ -312,12 +309,15 @@ mod tests {
         validation.set_required_spec_claims(&["exp", "sub", "aud"]);
         validation.leeway = LEEWAY_SECS;
         let reference = |token: &str| -> Result<DeviceKey, &'static str> {
-            let data =
-                jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(secret), &validation)
-                    .map_err(|e| match e.kind() {
-                        jsonwebtoken::errors::ErrorKind::ExpiredSignature => "expired",
-                        _ => "invalid",
-                    })?;
+            let data = jsonwebtoken::decode::<Claims>(
+                token,
+                &DecodingKey::from_secret(secret),
+                &validation,
+            )
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => "expired",
+                _ => "invalid",
+            })?;
             let device = DeviceId::parse(data.claims.sub).map_err(|_| "invalid")?;
             let app = match data.claims.app {
                 None => AppId::default_app(),
@@ -331,9 +331,7 @@ mod tests {
             jsonwebtoken::encode(&Header::new(alg), claims, &EncodingKey::from_secret(key)).unwrap()
         };
         let hs = |claims: serde_json::Value| sign(Algorithm::HS256, &claims, secret);
-        let base = |exp: u64| {
-            serde_json::json!({"sub": "phone-1", "aud": AUDIENCE, "exp": exp, "iat": now, "app": "shop"})
-        };
+        let base = |exp: u64| serde_json::json!({"sub": "phone-1", "aud": AUDIENCE, "exp": exp, "iat": now, "app": "shop"});
         let good = hs(base(now + 60));
         let (head, rest) = good.split_once('.').unwrap();
         let (payload, sig) = rest.split_once('.').unwrap();
@@ -352,15 +350,33 @@ mod tests {
             hs(serde_json::json!({"sub": "phone-1", "aud": AUDIENCE, "iat": 0})),
             hs(serde_json::json!({"sub": "phone-1", "aud": AUDIENCE, "exp": "soon", "iat": 0})),
             hs(serde_json::json!({"sub": "phone-1", "aud": AUDIENCE, "exp": 1.5e12, "iat": 0})),
-            hs(serde_json::json!({"sub": "phone-1", "aud": AUDIENCE, "exp": now + 60, "iat": 0, "nbf": now + 3600, "extra": [1]})),
-            hs(serde_json::json!({"sub": "not a device id!", "aud": AUDIENCE, "exp": now + 60, "iat": 0})),
-            hs(serde_json::json!({"sub": "phone-1", "aud": AUDIENCE, "exp": now + 60, "iat": 0, "app": "Not An App"})),
-            hs(serde_json::json!({"sub": "phone-1", "aud": AUDIENCE, "exp": now + 60, "iat": 0, "app": null})),
+            hs(
+                serde_json::json!({"sub": "phone-1", "aud": AUDIENCE, "exp": now + 60, "iat": 0, "nbf": now + 3600, "extra": [1]}),
+            ),
+            hs(
+                serde_json::json!({"sub": "not a device id!", "aud": AUDIENCE, "exp": now + 60, "iat": 0}),
+            ),
+            hs(
+                serde_json::json!({"sub": "phone-1", "aud": AUDIENCE, "exp": now + 60, "iat": 0, "app": "Not An App"}),
+            ),
+            hs(
+                serde_json::json!({"sub": "phone-1", "aud": AUDIENCE, "exp": now + 60, "iat": 0, "app": null}),
+            ),
             sign(Algorithm::HS384, &base(now + 60), secret),
             sign(Algorithm::HS512, &base(now + 60), secret),
-            sign(Algorithm::HS256, &base(now + 60), b"another-secret-another-secret-xx"),
-            format!("{}.{payload}.", b64.encode(br#"{"alg":"none","typ":"JWT"}"#)),
-            format!("{}.{payload}.{sig}", b64.encode(br#"{"alg":"none","typ":"JWT"}"#)),
+            sign(
+                Algorithm::HS256,
+                &base(now + 60),
+                b"another-secret-another-secret-xx",
+            ),
+            format!(
+                "{}.{payload}.",
+                b64.encode(br#"{"alg":"none","typ":"JWT"}"#)
+            ),
+            format!(
+                "{}.{payload}.{sig}",
+                b64.encode(br#"{"alg":"none","typ":"JWT"}"#)
+            ),
             format!("{}.{payload}.{sig}", b64.encode(br#"{"alg":"HS256"}"#)),
             format!("{}.{payload}.{sig}", b64.encode(br#"{"typ":"JWT"}"#)),
             format!("{}.{payload}.{sig}", b64.encode(b"not json")),
