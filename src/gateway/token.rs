@@ -6,10 +6,17 @@
 //! `HS512`, `RS256` or anything else is refused before its signature is looked at, which
 //! closes the classic "alg confusion" holes. `aud` must be [`AUDIENCE`] so a JWT minted
 //! for some other service with the same secret cannot open a session; `exp` is required.
+//!
+//! Minting goes through `jsonwebtoken`; checking is done here with the HMAC keyed once
+//! (issue 10: `jsonwebtoken::decode` derived the HMAC key, parsed the header twice and
+//! the claims twice on every connect). The checks and their order are the library's:
+//! header (`alg` must be HS256), signature (constant-time compare), claims (every field
+//! of [`Claims`] but `app` required), `exp` with [`LEEWAY_SECS`], `aud`.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Secret;
@@ -95,8 +102,9 @@ pub(crate) fn presented(
 #[derive(Clone)]
 pub struct DeviceTokens {
     encoding: EncodingKey,
-    decoding: DecodingKey,
-    validation: Validation,
+    /// HMAC-SHA256 keyed with the secret once (the inner and outer pads absorbed): the
+    /// same aws-lc HMAC `jsonwebtoken::decode` used, without deriving the key per check.
+    verifier: aws_lc_rs::hmac::Key,
     ttl: Duration,
 }
 
@@ -113,15 +121,9 @@ impl DeviceTokens {
                 rand::random::<[u8; 32]>().to_vec()
             }
         };
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.algorithms = vec![Algorithm::HS256];
-        validation.set_audience(&[AUDIENCE]);
-        validation.set_required_spec_claims(&["exp", "sub", "aud"]);
-        validation.leeway = LEEWAY_SECS;
         DeviceTokens {
             encoding: EncodingKey::from_secret(&bytes),
-            decoding: DecodingKey::from_secret(&bytes),
-            validation,
+            verifier: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &bytes),
             ttl,
         }
     }
@@ -148,15 +150,38 @@ impl DeviceTokens {
     }
 
     /// The device (and its app) a token was minted for, if the token is valid now.
+    ///
+    /// In the order `jsonwebtoken::decode` checks: three base64url parts; a header whose
+    /// `alg` is HS256 (anything else, `none` included, is refused before the signature is
+    /// looked at); the signature over `header.payload`, compared in constant time; claims
+    /// that parse as [`Claims`] (`sub`, `aud`, `exp`, `iat` required); `exp` not past by
+    /// more than [`LEEWAY_SECS`] (else [`TokenError::Expired`]); `aud` = [`AUDIENCE`].
     pub fn verify(&self, token: &str) -> Result<DeviceKey, TokenError> {
-        use jsonwebtoken::errors::ErrorKind;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => TokenError::Expired,
-                _ => TokenError::Invalid,
-            })?;
-        let device = DeviceId::parse(data.claims.sub).map_err(|_| TokenError::Invalid)?;
-        let app = match data.claims.app {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let (message, signature) = token.rsplit_once('.').ok_or(TokenError::Invalid)?;
+        if !message.contains('.') {
+            return Err(TokenError::Invalid);
+        }
+        // The library's own header parser (the `alg` names it knows), splitting as decode did.
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
+        if header.alg != Algorithm::HS256 {
+            return Err(TokenError::Invalid);
+        }
+        let signature = b64.decode(signature).map_err(|_| TokenError::Invalid)?;
+        // Constant-time compare of the tag.
+        aws_lc_rs::hmac::verify(&self.verifier, message.as_bytes(), &signature)
+            .map_err(|_| TokenError::Invalid)?;
+        let (_, payload) = message.rsplit_once('.').ok_or(TokenError::Invalid)?;
+        let payload = b64.decode(payload).map_err(|_| TokenError::Invalid)?;
+        let claims: Claims = serde_json::from_slice(&payload).map_err(|_| TokenError::Invalid)?;
+        if claims.exp < secs(SystemTime::now()).saturating_sub(LEEWAY_SECS) {
+            return Err(TokenError::Expired);
+        }
+        if claims.aud != AUDIENCE {
+            return Err(TokenError::Invalid);
+        }
+        let device = DeviceId::parse(claims.sub).map_err(|_| TokenError::Invalid)?;
+        let app = match claims.app {
             None => AppId::default_app(),
             Some(app) => AppId::parse(&app).map_err(|_| TokenError::Invalid)?,
         };
@@ -267,5 +292,120 @@ mod tests {
         );
         assert!(t.verify(&none).is_err());
         assert!(t.verify("garbage").is_err());
+    }
+
+    /// The checks done here agree with `jsonwebtoken::decode` (what `verify` used before
+    /// issue 10) configured as it was, token by token, on valid ones and on each way a
+    /// token can be wrong.
+    #[test]
+    fn agrees_with_jsonwebtoken_decode() {
+        use base64::Engine;
+        use jsonwebtoken::{DecodingKey, Validation};
+        let secret = b"0123456789abcdef0123456789abcdef";
+        let t = tokens();
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.algorithms = vec![Algorithm::HS256];
+        validation.set_audience(&[AUDIENCE]);
+        validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+        validation.leeway = LEEWAY_SECS;
+        let reference = |token: &str| -> Result<DeviceKey, &'static str> {
+            let data = jsonwebtoken::decode::<Claims>(
+                token,
+                &DecodingKey::from_secret(secret),
+                &validation,
+            )
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => "expired",
+                _ => "invalid",
+            })?;
+            let device = DeviceId::parse(data.claims.sub).map_err(|_| "invalid")?;
+            let app = match data.claims.app {
+                None => AppId::default_app(),
+                Some(app) => AppId::parse(&app).map_err(|_| "invalid")?,
+            };
+            Ok(DeviceKey::new(app, device))
+        };
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let now = secs(SystemTime::now());
+        let sign = |alg: Algorithm, claims: &serde_json::Value, key: &[u8]| {
+            jsonwebtoken::encode(&Header::new(alg), claims, &EncodingKey::from_secret(key)).unwrap()
+        };
+        let hs = |claims: serde_json::Value| sign(Algorithm::HS256, &claims, secret);
+        let base = |exp: u64| serde_json::json!({"sub": "phone-1", "aud": AUDIENCE, "exp": exp, "iat": now, "app": "shop"});
+        let good = hs(base(now + 60));
+        let (head, rest) = good.split_once('.').unwrap();
+        let (payload, sig) = rest.split_once('.').unwrap();
+        let mut cases = vec![
+            good.clone(),
+            hs(base(now - 1)),
+            hs(base(now - LEEWAY_SECS + 1)),
+            hs(base(now - LEEWAY_SECS - 2)),
+            hs(base(now - 3600)),
+            hs(serde_json::json!({"sub": "phone-1", "aud": AUDIENCE, "exp": now + 60, "iat": 0})),
+            hs(serde_json::json!({"sub": "phone-1", "aud": AUDIENCE, "exp": now + 60})),
+            hs(serde_json::json!({"sub": "phone-1", "aud": [AUDIENCE], "exp": now + 60, "iat": 0})),
+            hs(serde_json::json!({"sub": "phone-1", "aud": "other", "exp": now + 60, "iat": 0})),
+            hs(serde_json::json!({"sub": "phone-1", "exp": now + 60, "iat": 0})),
+            hs(serde_json::json!({"aud": AUDIENCE, "exp": now + 60, "iat": 0})),
+            hs(serde_json::json!({"sub": "phone-1", "aud": AUDIENCE, "iat": 0})),
+            hs(serde_json::json!({"sub": "phone-1", "aud": AUDIENCE, "exp": "soon", "iat": 0})),
+            hs(serde_json::json!({"sub": "phone-1", "aud": AUDIENCE, "exp": 1.5e12, "iat": 0})),
+            hs(
+                serde_json::json!({"sub": "phone-1", "aud": AUDIENCE, "exp": now + 60, "iat": 0, "nbf": now + 3600, "extra": [1]}),
+            ),
+            hs(
+                serde_json::json!({"sub": "not a device id!", "aud": AUDIENCE, "exp": now + 60, "iat": 0}),
+            ),
+            hs(
+                serde_json::json!({"sub": "phone-1", "aud": AUDIENCE, "exp": now + 60, "iat": 0, "app": "Not An App"}),
+            ),
+            hs(
+                serde_json::json!({"sub": "phone-1", "aud": AUDIENCE, "exp": now + 60, "iat": 0, "app": null}),
+            ),
+            sign(Algorithm::HS384, &base(now + 60), secret),
+            sign(Algorithm::HS512, &base(now + 60), secret),
+            sign(
+                Algorithm::HS256,
+                &base(now + 60),
+                b"another-secret-another-secret-xx",
+            ),
+            format!(
+                "{}.{payload}.",
+                b64.encode(br#"{"alg":"none","typ":"JWT"}"#)
+            ),
+            format!(
+                "{}.{payload}.{sig}",
+                b64.encode(br#"{"alg":"none","typ":"JWT"}"#)
+            ),
+            format!("{}.{payload}.{sig}", b64.encode(br#"{"alg":"HS256"}"#)),
+            format!("{}.{payload}.{sig}", b64.encode(br#"{"typ":"JWT"}"#)),
+            format!("{}.{payload}.{sig}", b64.encode(b"not json")),
+            format!("{head}.{payload}.{sig}="),
+            format!("{head}.{payload}.{sig}A"),
+            format!("{head}.{payload}"),
+            format!("{head}.{payload}.{sig}.{sig}"),
+            format!("{head}.{head}.{payload}.{sig}"),
+            format!("{head}..{sig}"),
+            format!(".{payload}.{sig}"),
+            format!("{head}.{payload}x.{sig}"),
+            format!("{head}.{}.{sig}", b64.encode(b"{}")),
+            String::new(),
+            "..".into(),
+            "garbage".into(),
+        ];
+        // Every single-character change of the valid token.
+        for i in 0..good.len() {
+            let mut bytes = good.clone().into_bytes();
+            bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
+            cases.push(String::from_utf8(bytes).unwrap());
+        }
+        for token in &cases {
+            let ours = t.verify(token).map_err(|e| match e {
+                TokenError::Expired => "expired",
+                _ => "invalid",
+            });
+            assert_eq!(ours, reference(token), "token {token}");
+        }
+        assert!(t.verify(&good).is_ok());
     }
 }
