@@ -150,7 +150,7 @@ async fn device(
                 // Refused (503 admission or not ready) or the node is gone: back off a
                 // little and try the next node.
                 drop(permit);
-                gw = (gw + 1) % gateways.len();
+                gw = other_gateway(gw, gateways.len());
                 tokio::time::sleep(Duration::from_millis(50 + rand::random_range(0..200))).await;
                 continue;
             }
@@ -198,12 +198,23 @@ async fn device(
         first = false;
         // Session gone (node killed, or closed): reconnect elsewhere after a random delay
         // in [0, spread), as herald's close frame tells a device to.
-        gw = (gw + 1) % gateways.len();
+        gw = other_gateway(gw, gateways.len());
         tokio::time::sleep(Duration::from_millis(rand::random_range(
             0..spread.as_millis().max(1) as u64,
         )))
         .await;
     }
+}
+
+/// Another gateway than `gw`, at random, as a load balancer in front of the gateways would
+/// pick: a dead node's devices spread over every survivor instead of all landing on its
+/// neighbour (which would also take that one past the 20,000 open files a process may hold
+/// here).
+fn other_gateway(gw: usize, gateways: usize) -> usize {
+    if gateways < 2 {
+        return gw;
+    }
+    (gw + 1 + rand::random_range(0..gateways - 1)) % gateways
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;

@@ -8,8 +8,8 @@
 //! `gateway.ack_timeout` is 5 s, `queue.prefetch` 64: the silent devices keep ~200 messages
 //! waiting on acks at once, more than the 64 active slots. Rows: parking off
 //! (`dispatcher.max_awaiting_ack = 0`, the dispatcher before `dispatch/slot.rs`) and on
-//! (the default, 256), on the embedded queue and on RabbitMQ (`BENCH_BACKENDS`, default
-//! `embedded,rabbitmq`). Reported: healthy devices' p50 / p99 / max from the POST's
+//! (the default, 256; `BENCH_MAX_AWAITING`, default `0,256`), on the embedded queue and on
+//! RabbitMQ (`BENCH_BACKENDS`, default `embedded,rabbitmq`). Reported: healthy devices' p50 / p99 / max from the POST's
 //! scheduled time to the frame, and how many arrived.
 //!
 //! `cargo bench --bench slow_devices` (RabbitMQ on 127.0.0.1:5672 and rabbitmqctl for the
@@ -138,13 +138,18 @@ async fn main() {
     let rate: u64 = env_or("BENCH_RATE", 200);
     let seconds: u64 = env_or("BENCH_SECONDS", 10);
     let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "embedded,rabbitmq".into());
+    let parked_budgets: Vec<usize> = std::env::var("BENCH_MAX_AWAITING")
+        .unwrap_or_else(|_| "0,256".into())
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
     println!(
         "| {silent} silent devices at {silent_rate}/s (ack_timeout 5 s), {devices} healthy at {rate}/s, {seconds} s, queue.prefetch 64 | max_awaiting_ack | healthy p50 | p99 | max | delivered |"
     );
     println!("|---|---:|---:|---:|---:|---:|");
     for backend in backends.split(',') {
         let vhost = (backend == "rabbitmq").then(|| server::BenchVhost::new("slow"));
-        for parked in [0usize, 256] {
+        for parked in parked_budgets.iter().copied() {
             let mut env = vec![
                 ("HERALD__AUTH__DEVICE_TOKEN_SECRET", SECRET.to_owned()),
                 ("HERALD__GATEWAY__ACK_TIMEOUT", "5s".to_owned()),
