@@ -149,7 +149,7 @@ async fn main() {
     println!("|---|---:|---:|---:|---:|---:|");
     for backend in backends.split(',') {
         let vhost = (backend == "rabbitmq").then(|| server::BenchVhost::new("slow"));
-        for parked in parked_budgets.iter().copied() {
+        for &parked in &parked_budgets {
             let mut env = vec![
                 ("HERALD__AUTH__DEVICE_TOKEN_SECRET", SECRET.to_owned()),
                 ("HERALD__GATEWAY__ACK_TIMEOUT", "5s".to_owned()),
