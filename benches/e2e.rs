@@ -12,6 +12,8 @@
 
 #[path = "../tests/support/apns_double.rs"]
 mod apns_double;
+#[path = "common/devices.rs"]
+mod devices;
 #[path = "common/raw_apns.rs"]
 mod raw_apns;
 #[path = "common/server.rs"]
@@ -21,23 +23,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{SinkExt, StreamExt};
-use herald::config::Secret;
-use herald::domain::DeviceId;
-use herald::gateway::DeviceTokens;
+use devices::{Received, SECRET, ms, percentile};
 use server::{KEY, Server, cpu_time};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-const SECRET: &str = "bench-device-secret-0123456789abcdef";
 /// POSTs in flight at most: past it the generator, not herald, would hold the
 /// file-descriptor budget (20,000 per process here); a step that hits it reports a lower
 /// achieved rate instead of opening sockets without bound.
 const MAX_IN_FLIGHT: usize = 2_000;
 const FALLBACK_NOTIFICATIONS: usize = 200;
 const TARGETS_EACH: usize = 100;
-
-type Received = Arc<Mutex<HashMap<u64, Instant>>>;
 
 /// Live-delivery curve knobs: `BENCH_RATES` (comma-separated notifications/s, default
 /// 1000,5000,10000,20000), `BENCH_DEVICES` (default 1000), `BENCH_LIVE_SECONDS` per step
@@ -68,50 +62,6 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// Connects `devices` devices that ack every notification and note when each `seq` arrived.
-async fn connect_devices(server: &Server, devices: usize, received: Received) {
-    let tokens = DeviceTokens::new(Some(&Secret::new(SECRET)), Duration::from_secs(600));
-    for i in 0..devices {
-        let device = DeviceId::parse(format!("dev-{i}")).unwrap();
-        let (token, _) = tokens.mint(&device).unwrap();
-        let mut req = format!("ws://{}/v1/connect", server.addr)
-            .into_client_request()
-            .unwrap();
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-        let received = received.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(msg)) = ws.next().await {
-                let Message::Text(t) = msg else { continue };
-                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-                if v["type"] != "notification" {
-                    continue;
-                }
-                let at = Instant::now();
-                if let Some(seq) = v["data"]["seq"].as_str().and_then(|s| s.parse().ok()) {
-                    received.lock().unwrap().insert(seq, at);
-                }
-                let ack = serde_json::json!({"type": "ack", "id": v["id"]});
-                if ws
-                    .send(Message::Text(ack.to_string().into()))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        });
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 /// One step of the curve.
@@ -220,10 +170,6 @@ fn broker_pid() -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
 fn apns_env(double: &apns_double::ApnsDouble) -> Vec<(&'static str, String)> {
     vec![
         (
@@ -300,7 +246,7 @@ async fn main() {
         }
         let server = Server::start(&env).await;
         let received: Received = Arc::default();
-        connect_devices(&server, curve.devices, received.clone()).await;
+        devices::connect(&server.addr, "dev", curve.devices, Some(received.clone())).await;
         let client = reqwest::Client::new();
         let mut first_seq = 0;
         for &rate in &curve.rates {

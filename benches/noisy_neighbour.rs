@@ -18,28 +18,22 @@
 
 #[path = "../tests/support/apns_double.rs"]
 mod apns_double;
+#[path = "common/devices.rs"]
+mod devices;
 #[path = "common/env.rs"]
 mod env;
 #[path = "common/server.rs"]
 mod server;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use devices::{Received, SECRET, ms, percentile};
 use env::env_or;
-use futures::{SinkExt, StreamExt};
-use herald::config::Secret;
-use herald::domain::DeviceId;
-use herald::gateway::DeviceTokens;
 use server::{KEY, Server};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-const SECRET: &str = "bench-device-secret-0123456789abcdef";
 const NOISY_KEY: &str = "bench-noisy-key-0123456789";
-
-type Received = Arc<Mutex<HashMap<u64, Instant>>>;
 
 struct Knobs {
     live_rate: u64,
@@ -62,44 +56,6 @@ impl Knobs {
             seconds: env_or("BENCH_SECONDS", 10),
             prefetch: env_or("BENCH_PREFETCH", 64),
         }
-    }
-}
-
-/// Connects `devices` devices of the `default` app that ack every notification and note
-/// when each `seq` arrived.
-async fn connect_devices(server: &Server, devices: usize, received: Received) {
-    let tokens = DeviceTokens::new(Some(&Secret::new(SECRET)), Duration::from_secs(3600));
-    for i in 0..devices {
-        let device = DeviceId::parse(format!("live-{i}")).unwrap();
-        let (token, _) = tokens.mint(&device).unwrap();
-        let mut req = format!("ws://{}/v1/connect", server.addr)
-            .into_client_request()
-            .unwrap();
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-        let received = received.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(msg)) = ws.next().await {
-                let Message::Text(t) = msg else { continue };
-                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-                if v["type"] != "notification" {
-                    continue;
-                }
-                let at = Instant::now();
-                if let Some(seq) = v["data"]["seq"].as_str().and_then(|s| s.parse().ok()) {
-                    received.lock().unwrap().entry(seq).or_insert(at);
-                }
-                let ack = serde_json::json!({"type": "ack", "id": v["id"]});
-                if ws
-                    .send(Message::Text(ack.to_string().into()))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        });
     }
 }
 
@@ -144,17 +100,6 @@ async fn offer(
     }
     accepted.sort();
     (scheduled, accepted)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 struct Phase {
@@ -276,7 +221,7 @@ async fn main() {
     ];
     let server = Server::start(&env).await;
     let received: Received = Arc::default();
-    connect_devices(&server, k.devices, received.clone()).await;
+    devices::connect(&server.addr, "live", k.devices, Some(received.clone())).await;
 
     println!(
         "| app `default` live, {}/s to {} devices, {} s | noisy app flood | POST → 202 p50 / p99 | POST → device p50 | p99 | max | live delivered | flood accepted | flood sent to APNs by the end of the phase |",

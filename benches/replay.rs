@@ -21,6 +21,8 @@
 //! postgres, trust; `HERALD_TEST_PG` overrides), for the PostgreSQL backend; runs in a
 //! throwaway vhost and database, both deleted at the end.
 
+#[path = "common/devices.rs"]
+mod devices;
 #[path = "common/env.rs"]
 mod env;
 #[path = "common/server.rs"]
@@ -29,6 +31,7 @@ mod server;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use devices::{ms, percentile};
 use futures::{SinkExt, StreamExt};
 use herald::config::Secret;
 use herald::domain::DeviceId;
@@ -84,14 +87,6 @@ async fn wait_metric(http: &reqwest::Client, server: &Server, name: &str, want: 
         assert!(Instant::now() < deadline, "{name} never reached {want}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// What one device measured.

@@ -15,64 +15,20 @@
 //! `cargo bench --bench slow_devices` (RabbitMQ on 127.0.0.1:5672 and rabbitmqctl for the
 //! RabbitMQ rows).
 
+#[path = "common/devices.rs"]
+mod devices;
 #[path = "common/env.rs"]
 mod env;
 #[path = "common/server.rs"]
 mod server;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use devices::{Received, SECRET, ms, percentile};
 use env::env_or;
-use futures::{SinkExt, StreamExt};
-use herald::config::Secret;
-use herald::domain::DeviceId;
-use herald::gateway::DeviceTokens;
 use server::{KEY, Server};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-const SECRET: &str = "bench-device-secret-0123456789abcdef";
-
-type Received = Arc<Mutex<HashMap<u64, Instant>>>;
-
-/// Connects `n` devices named `{prefix}-{i}`; ackers ack and note when each `seq` arrived,
-/// the others only read.
-async fn connect(server: &Server, prefix: &str, n: usize, ack: bool, received: Received) {
-    let tokens = DeviceTokens::new(Some(&Secret::new(SECRET)), Duration::from_secs(600));
-    for i in 0..n {
-        let device = DeviceId::parse(format!("{prefix}-{i}")).unwrap();
-        let (token, _) = tokens.mint(&device).unwrap();
-        let mut req = format!("ws://{}/v1/connect", server.addr)
-            .into_client_request()
-            .unwrap();
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-        let received = received.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(msg)) = ws.next().await {
-                let Message::Text(t) = msg else { continue };
-                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-                if v["type"] != "notification" || !ack {
-                    continue;
-                }
-                if let Some(seq) = v["data"]["seq"].as_str().and_then(|s| s.parse().ok()) {
-                    received.lock().unwrap().insert(seq, Instant::now());
-                }
-                let ack = serde_json::json!({"type": "ack", "id": v["id"]});
-                if ws
-                    .send(Message::Text(ack.to_string().into()))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        });
-    }
-}
 
 /// Sends `rate`/s notifications for `seconds` round robin over `{prefix}-0..n`, open loop;
 /// returns each seq's scheduled time.
@@ -114,17 +70,6 @@ async fn offer(
         assert!(p.await.unwrap(), "every notification accepted");
     }
     scheduled
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 #[tokio::main]
@@ -169,8 +114,8 @@ async fn main() {
             }
             let server = Server::start(&env).await;
             let received: Received = Arc::default();
-            connect(&server, "silent", silent, false, Arc::default()).await;
-            connect(&server, "ok", devices, true, received.clone()).await;
+            devices::connect(&server.addr, "silent", silent, None).await;
+            devices::connect(&server.addr, "ok", devices, Some(received.clone())).await;
             let (silent_sched, healthy) = tokio::join!(
                 offer(&server, "silent", silent, silent_rate, seconds),
                 offer(&server, "ok", devices, rate, seconds),
