@@ -182,15 +182,6 @@ fn apns_env(double: &apns_double::ApnsDouble) -> Vec<(&'static str, String)> {
         ("HERALD__APNS__ENDPOINT", double.url.clone()),
         ("HERALD__AUTH__DEVICE_TOKEN_SECRET", SECRET.to_owned()),
         ("HERALD__QUEUE__MEMORY_CAPACITY", "1000000".to_owned()),
-        // Every bench device connects from 127.0.0.1: the per-address and node admission
-        // limits (meant for the internet) would refuse most of the 1,000 connects.
-        (
-            "HERALD__GATEWAY__IP_CONNECTS_PER_SECOND",
-            "100000".to_owned(),
-        ),
-        ("HERALD__GATEWAY__IP_CONNECT_BURST", "100000".to_owned()),
-        ("HERALD__GATEWAY__MAX_SESSION_RATE", "100000".to_owned()),
-        ("HERALD__GATEWAY__SESSION_BURST", "100000".to_owned()),
     ]
 }
 

@@ -100,14 +100,6 @@ async fn main() {
                 ("HERALD__GATEWAY__ACK_TIMEOUT", "5s".to_owned()),
                 ("HERALD__QUEUE__PREFETCH", "64".to_owned()),
                 ("HERALD__DISPATCHER__MAX_AWAITING_ACK", parked.to_string()),
-                // Admission sized for the bench's own connects.
-                ("HERALD__GATEWAY__MAX_SESSION_RATE", "5000".to_owned()),
-                ("HERALD__GATEWAY__SESSION_BURST", "5000".to_owned()),
-                (
-                    "HERALD__GATEWAY__IP_CONNECTS_PER_SECOND",
-                    "100000".to_owned(),
-                ),
-                ("HERALD__GATEWAY__IP_CONNECT_BURST", "100000".to_owned()),
             ];
             if let Some(v) = &vhost {
                 env.push(("HERALD__QUEUE__URL", v.url.clone()));

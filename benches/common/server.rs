@@ -33,6 +33,13 @@ impl Server {
             .env("HERALD__HTTP__ADDR", &addr)
             .env("HERALD__AUTH__API_KEYS", KEY)
             .env("HERALD__LOG__LEVEL", "error")
+            // Every bench device connects from loopback, far faster than the admission
+            // limits meant for the internet allow (per source address, per node); a bench
+            // that measures admission sets its own in `env`, applied after these.
+            .env("HERALD__GATEWAY__MAX_SESSION_RATE", "1000000")
+            .env("HERALD__GATEWAY__SESSION_BURST", "1000000")
+            .env("HERALD__GATEWAY__IP_CONNECTS_PER_SECOND", "1000000")
+            .env("HERALD__GATEWAY__IP_CONNECT_BURST", "1000000")
             .stdout(std::process::Stdio::null());
         for (k, v) in env {
             cmd.env(k, v);

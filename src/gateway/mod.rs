@@ -264,7 +264,7 @@ impl Gateway {
     }
 
     /// [`Gateway::deliver_frame`] with the [`AwaitingAck`] signal.
-    pub async fn deliver_frame_awaiting(
+    async fn deliver_frame_awaiting(
         &self,
         device: &DeviceKey,
         id: NotificationId,
