@@ -324,8 +324,8 @@ def role_resources(prefix, retry_queues):
       snapshot requests to node queues through the default exchange.
     - api: declares nothing (a passive declare of the work exchange needs no permission);
       publishes to the work exchange.
-    - gateway: declares nothing but its own queues: the exclusive {prefix}.node.<node id>
-      queue (never bound) and its presence queue (bound to presence); publishes presence
+    - gateway: declares nothing but its own queue: the exclusive {prefix}.node.<node id>
+      queue (never bound; no presence queue: only dispatchers follow presence); publishes presence
       deltas and heartbeats to the presence exchange, replies and snapshots to the replies
       exchange, outcome events to the events exchange. Nothing on the work topology, no
       default exchange.
@@ -357,9 +357,9 @@ def role_resources(prefix, retry_queues):
             "read": work["read"] + [f"{p}.presence", f"{p}.replies", *presence_q, *reply_q],
         },
         "gateway": {
-            "configure": [*presence_q, *node],
-            "write": [f"{p}.presence", f"{p}.replies", f"{p}.events", *presence_q],
-            "read": [f"{p}.presence", *presence_q, *node],
+            "configure": [*node],
+            "write": [f"{p}.presence", f"{p}.replies", f"{p}.events"],
+            "read": [*node],
         },
     }
     everything = sorted({n for role in needed.values() for names in role.values() for n in names})

@@ -294,7 +294,7 @@ impl Metrics {
             cluster_messages: counter_vec(
                 &r,
                 "herald_cluster_messages_published_total",
-                "Messages the cluster directory published to the broker, by kind (deliver, reply, presence, heartbeat, snapshot, snapshot_request).",
+                "Messages the cluster directory published to the broker, by kind (deliver, reply, presence, heartbeat, snapshot, snapshot_request, supersede).",
                 &["kind"],
             ),
             cluster_nodes: gauge(

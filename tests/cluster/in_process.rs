@@ -145,7 +145,9 @@ async fn the_newer_session_on_another_node_replaces_the_older() {
 
 /// Issue 14 across nodes: a device's newer session on gateway node B closes its older one
 /// on gateway node A; A (a gateway-only node) publishes one `session_replaced` event to
-/// `herald.events`, naming both sessions and both peers (B's from its presence delta).
+/// `herald.events`, naming both sessions and both peers (B's from its presence delta). The
+/// gateways follow no presence: the dispatcher's replica sees the two claims and tells A,
+/// once, to close the older session.
 #[tokio::test]
 async fn a_replacement_across_nodes_is_one_session_replaced_event_from_the_closing_node() {
     use lapin::options::{BasicGetOptions, QueueBindOptions};
@@ -153,6 +155,7 @@ async fn a_replacement_across_nodes_is_one_session_replaced_event_from_the_closi
     let apns = ApnsDouble::start().await;
     let a = gateway_node(&vhost, &apns).await;
     let b = gateway_node(&vhost, &apns).await;
+    let d = dispatch_node(&vhost, &apns).await;
     // The nodes declared herald.events; a subscriber binds its own queue to it.
     let conn = lapin::Connection::connect(&vhost.url, lapin::ConnectionProperties::default())
         .await
@@ -221,6 +224,11 @@ async fn a_replacement_across_nodes_is_one_session_replaced_event_from_the_closi
     )
     .await;
     assert_eq!(published(&b), 0.0);
+    assert_eq!(
+        d.published("supersede"),
+        1,
+        "one supersede, to the node with the older session"
+    );
     drop(new);
 }
 

@@ -367,8 +367,10 @@ impl ClusterDirectory {
         let inner = &self.0;
         let mut channels = Vec::new();
 
-        // Presence: every cluster process listens (a replica, or a gateway's "newer
-        // session elsewhere" check).
+        // Presence: only a process with a replica listens. A gateway-only node does not
+        // (its deltas go to the dispatchers alone, so a session open costs O(1) work in
+        // the cluster, not a parse in every gateway); a replica that sees a device claimed
+        // by two nodes tells the older one to close its session (a supersede message).
         let pch = inner.queue.create_channel().await?;
         if inner.replica.is_some() {
             // A dispatcher declares the exchanges.
@@ -394,31 +396,31 @@ impl ClusterDirectory {
                 })?;
             }
         }
-        // Named (not server-named) so the per-role broker permissions can name it; a fresh
-        // name per generation, so a re-declare never races the broker deleting the last
-        // generation's queue.
-        let own = wire::presence_queue(&inner.prefix);
-        let q = pch
-            .queue_declare(
-                own.as_str().into(),
-                // exclusive: dies with this connection, so a dead process leaves nothing.
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
+        if let Some(r) = &inner.replica {
+            // Named (not server-named) so the per-role broker permissions can name it; a
+            // fresh name per generation, so a re-declare never races the broker deleting
+            // the last generation's queue.
+            let own = wire::presence_queue(&inner.prefix);
+            let q = pch
+                .queue_declare(
+                    own.as_str().into(),
+                    // exclusive: dies with this connection, so a dead process leaves nothing.
+                    QueueDeclareOptions {
+                        exclusive: true,
+                        auto_delete: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            pch.queue_bind(
+                q.name().clone(),
+                inner.exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
                 FieldTable::default(),
             )
             .await?;
-        pch.queue_bind(
-            q.name().clone(),
-            inner.exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-        if inner.replica.is_some() {
             // Snapshots answer the replica's requests through the replies exchange, keyed
             // by this queue's name: into the queue the node's deltas come through.
             pch.queue_bind(
@@ -429,27 +431,25 @@ impl ClusterDirectory {
                 FieldTable::default(),
             )
             .await?;
-        }
-        let consumer = pch
-            .basic_consume(
-                q.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        if let Some(r) = &inner.replica {
+            let consumer = pch
+                .basic_consume(
+                    q.name().clone(),
+                    "".into(),
+                    BasicConsumeOptions {
+                        no_ack: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
             self.replica_write(r).listening(Instant::now());
+            tokio::spawn(self.clone().pump_presence(
+                pch.clone(),
+                q.name().clone(),
+                consumer,
+                generation.clone(),
+            ));
         }
-        tokio::spawn(self.clone().pump_presence(
-            pch.clone(),
-            q.name().clone(),
-            consumer,
-            generation.clone(),
-        ));
         channels.push(pch);
 
         if let Some(gateway) = &inner.gateway {
@@ -569,8 +569,9 @@ impl ClusterDirectory {
         }
     }
 
-    /// Feeds this generation's presence messages to the replica (and a gateway's
-    /// newer-session check), and asks nodes for snapshots where the replica needs them.
+    /// Feeds this generation's presence messages to the replica, asks nodes for snapshots
+    /// where the replica needs them, and tells nodes holding a device's older session to
+    /// close it.
     async fn pump_presence(
         self,
         ch: Channel,
@@ -592,19 +593,15 @@ impl ClusterDirectory {
                 tracing::warn!("unparseable presence message");
                 continue;
             };
-            if let Some(g) = &inner.gateway {
-                for (device, session, peer) in
-                    presence::opened_elsewhere(&msg, inner.node_id.as_deref())
-                {
-                    g.close_older(&device, session, peer);
-                }
-            }
             let Some(replica) = &inner.replica else {
                 continue;
             };
             let fx = self.replica_write(replica).apply(msg, Instant::now());
             for node in fx.node_gone {
                 inner.rpc.fail_node(&node);
+            }
+            for s in fx.supersede {
+                self.supersede(&ch, s).await;
             }
             for node in fx.request_snapshot {
                 inner
@@ -628,5 +625,41 @@ impl ClusterDirectory {
                     .await;
             }
         }
+    }
+}
+
+impl ClusterDirectory {
+    /// Tells `s.node` to close its sessions of `s.device` older than `s.session`: directly
+    /// when that node is this process, else through its node queue. Not confirmed, like
+    /// presence itself: if it is lost, the older session lingers until it closes (deliveries
+    /// already go to the newer one, the replica's pick), and every replica of the cluster
+    /// sends its own copy (closing is idempotent).
+    async fn supersede(&self, ch: &Channel, s: presence::Supersede) {
+        let inner = &self.0;
+        if inner.node_id.as_ref() == Some(&s.node) {
+            if let Some(g) = &inner.gateway {
+                g.close_older(&s.device, s.session, s.peer);
+            }
+            return;
+        }
+        inner
+            .metrics
+            .cluster_messages
+            .with_label_values(&["supersede"])
+            .inc();
+        let _ = ch
+            .basic_publish(
+                "".into(),
+                wire::node_queue(&inner.prefix, &s.node).as_str().into(),
+                BasicPublishOptions::default(),
+                b"",
+                wire::supersede_properties(
+                    &s.device.routing_key(),
+                    s.session,
+                    s.peer.as_deref(),
+                    inner.hop_timeout.as_millis(),
+                ),
+            )
+            .await;
     }
 }

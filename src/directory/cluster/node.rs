@@ -271,6 +271,21 @@ pub async fn serve_queue(
                     let _ = snapshots.send(reply_to);
                 }
             }
+            // A dispatcher's replica saw a newer session of the device on another node.
+            Some(wire::KIND_SUPERSEDE) => {
+                let device = wire::header(&d.properties, wire::HEADER_DEVICE)
+                    .and_then(|s| DeviceKey::parse_routing_key(&s));
+                let session = wire::header(&d.properties, wire::HEADER_SESSION)
+                    .and_then(|s| Uuid::parse_str(&s).ok());
+                match (device, session) {
+                    (Some(device), Some(session)) => gateway.close_older(
+                        &device,
+                        session,
+                        wire::header(&d.properties, wire::HEADER_PEER),
+                    ),
+                    _ => tracing::warn!("malformed supersede message on the node queue"),
+                }
+            }
             Some(wire::KIND_DELIVER) => {
                 let (Some(reply_to), Some(correlation)) = (
                     d.properties.reply_to().clone(),

@@ -47,6 +47,26 @@ pub struct Effects {
     pub request_snapshot: Vec<NodeId>,
     /// These nodes' pending deliveries can no longer be answered (the node restarted).
     pub node_gone: Vec<NodeId>,
+    /// Live nodes that hold an older session of a device another node now holds a newer
+    /// one of ("newer session wins", across nodes): tell each to close it.
+    pub supersede: Vec<Supersede>,
+}
+
+/// "Close your sessions of `device` older than `session`": what a replica tells `node` when
+/// it sees two live nodes claim one device. `peer` is where the newer session connects
+/// from, when the delta that opened it said (the closing node names it in its
+/// `session_replaced` event).
+///
+/// The replica, not every gateway, spots the conflict: a gateway then needs no presence
+/// subscription at all, so a session open costs the cluster one delta to the dispatchers'
+/// queues instead of one parse in every gateway (O(gateways) work per registration), and a
+/// conflict is seen whichever order the two nodes' deltas arrive in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Supersede {
+    pub node: NodeId,
+    pub device: DeviceKey,
+    pub session: Uuid,
+    pub peer: Option<String>,
 }
 
 struct NodeState {
@@ -61,32 +81,6 @@ struct NodeState {
     alive: bool,
     /// When a snapshot was last asked for (asked again after a lease if none came).
     requested: Option<Instant>,
-}
-
-/// Sessions a node other than `me` opened, in a presence message, with their peer
-/// addresses when the node sent them: a gateway closes its own older session of each
-/// device ("newer session wins", across nodes) and names both in a `session_replaced`
-/// event. Independent of any replica state, so gateway-only nodes need no replica.
-pub fn opened_elsewhere(
-    msg: &Presence,
-    me: Option<&str>,
-) -> Vec<(DeviceKey, Uuid, Option<String>)> {
-    match msg {
-        Presence::Delta {
-            node, ops, peers, ..
-        } if me != Some(node.as_str()) => ops
-            .iter()
-            .filter_map(|(d, s)| {
-                let s = (*s)?;
-                Some((
-                    DeviceKey::parse_routing_key(d.as_str())?,
-                    s,
-                    peers.get(&s).cloned(),
-                ))
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
 }
 
 /// The replica. Not thread-safe by itself; the directory holds it behind a lock.
@@ -224,11 +218,13 @@ impl Replica {
                     st.synced = false;
                 }
             }
-            Presence::Delta { seq, ops, .. } => {
+            Presence::Delta {
+                seq, ops, peers, ..
+            } => {
                 let st = self.nodes.get_mut(&node).expect("present");
                 if st.synced && seq == st.seq + 1 {
                     st.seq = seq;
-                    self.apply_ops(&node, ops);
+                    self.apply_ops(&node, ops, &peers, &mut fx.supersede);
                 } else if st.synced && seq <= st.seq {
                     // Already covered (a snapshot came first).
                 } else {
@@ -246,7 +242,7 @@ impl Replica {
                 }
                 for (d, s) in devices {
                     if let Some(d) = DeviceKey::parse_routing_key(&d) {
-                        self.set_claim(&node, d, s);
+                        self.set_claim(&node, d, s, None, &mut fx.supersede);
                     }
                 }
                 let st = self.nodes.get_mut(&node).expect("present");
@@ -262,7 +258,9 @@ impl Replica {
                         continue;
                     }
                     st.seq = s;
-                    self.apply_ops(&node, ops);
+                    // A buffered delta's peers were not kept: a replacement it reveals is
+                    // still made, its event names no new peer.
+                    self.apply_ops(&node, ops, &BTreeMap::new(), &mut fx.supersede);
                 }
                 self.nodes.get_mut(&node).expect("present").synced = contiguous;
             }
@@ -300,26 +298,57 @@ impl Replica {
         died
     }
 
-    fn apply_ops(&mut self, node: &NodeId, ops: Vec<(String, Option<Uuid>)>) {
+    fn apply_ops(
+        &mut self,
+        node: &NodeId,
+        ops: Vec<(String, Option<Uuid>)>,
+        peers: &BTreeMap<Uuid, String>,
+        supersede: &mut Vec<Supersede>,
+    ) {
         for (d, s) in ops {
             let Some(d) = DeviceKey::parse_routing_key(&d) else {
                 continue;
             };
             match s {
-                Some(s) => self.set_claim(node, d, s),
+                Some(s) => self.set_claim(node, d, s, peers.get(&s), supersede),
                 None => self.remove_claim(node, &d),
             }
         }
     }
 
-    fn set_claim(&mut self, node: &NodeId, device: DeviceKey, session: Uuid) {
+    /// Records `node`'s claim on `device`; where another live node claims it too, the
+    /// node holding the older session is told to close it (`supersede`).
+    fn set_claim(
+        &mut self,
+        node: &NodeId,
+        device: DeviceKey,
+        session: Uuid,
+        peer: Option<&String>,
+        supersede: &mut Vec<Supersede>,
+    ) {
         if let Some(st) = self.nodes.get_mut(node) {
             st.devices.insert(device.clone(), session);
         }
-        let claims = self.index.entry(device).or_default();
+        let claims = self.index.entry(device.clone()).or_default();
         match claims.iter_mut().find(|(n, _)| n == node) {
             Some(c) => c.1 = session,
             None => claims.push((node.clone(), session)),
+        }
+        for (other, theirs) in claims.iter() {
+            if other == node || !self.nodes.get(other).is_some_and(|st| st.alive) {
+                continue;
+            }
+            let (older, newer, peer) = if *theirs < session {
+                (other, session, peer.cloned())
+            } else {
+                (node, *theirs, None)
+            };
+            supersede.push(Supersede {
+                node: older.clone(),
+                device: device.clone(),
+                session: newer,
+                peer,
+            });
         }
     }
 
@@ -479,17 +508,22 @@ mod tests {
         let mut r = listening(t);
         let (ea, eb) = (Uuid::now_v7(), Uuid::now_v7());
         let (old, new) = (Uuid::now_v7(), Uuid::now_v7());
-        r.apply(delta("a", ea, 1, &[("d", Some(old))]), t);
-        let moved = delta("b", eb, 1, &[("d", Some(new))]);
-        assert_eq!(
-            opened_elsewhere(&moved, Some("a")),
-            vec![(dev("d"), new, None)]
-        );
         assert!(
-            opened_elsewhere(&moved, Some("b")).is_empty(),
-            "not our own"
+            r.apply(delta("a", ea, 1, &[("d", Some(old))]), t)
+                .supersede
+                .is_empty()
         );
-        r.apply(moved, t);
+        let fx = r.apply(delta("b", eb, 1, &[("d", Some(new))]), t);
+        assert_eq!(
+            fx.supersede,
+            vec![Supersede {
+                node: "a".into(),
+                device: dev("d"),
+                session: new,
+                peer: None
+            }],
+            "a is told to close its older session"
+        );
         assert_eq!(r.lookup(&dev("d")).unwrap().0.as_ref(), "b");
         // Node b restarts (newer epoch): its old sessions are gone.
         let fx = r.apply(hb("b", Uuid::now_v7(), 0), t);
@@ -498,5 +532,46 @@ mod tests {
         // The old incarnation's late messages are ignored.
         r.apply(delta("b", eb, 2, &[("e", Some(Uuid::now_v7()))]), t);
         assert_eq!(r.lookup(&dev("e")), None);
+    }
+
+    /// Whichever node's delta arrives first, the node with the older session is the one
+    /// told to close it; the newer session's peer travels when its delta carried it; a dead
+    /// node is told nothing.
+    #[test]
+    fn a_conflict_is_resolved_toward_the_newer_session_in_either_arrival_order() {
+        let t = Instant::now();
+        let (ea, eb) = (Uuid::now_v7(), Uuid::now_v7());
+        let (old, new) = (Uuid::now_v7(), Uuid::now_v7());
+        let with_peer = |node: &str, e, s| Presence::Delta {
+            node: node.into(),
+            epoch: e,
+            seq: 1,
+            ops: vec![("default/d".into(), Some(s))],
+            peers: BTreeMap::from([(s, format!("192.0.2.1:{}", if s == new { 2 } else { 1 }))]),
+        };
+        // The newer session's delta first, the older's late: a is still told.
+        let mut r = listening(t);
+        r.apply(with_peer("b", eb, new), t);
+        let fx = r.apply(with_peer("a", ea, old), t);
+        assert_eq!(
+            fx.supersede,
+            vec![Supersede {
+                node: "a".into(),
+                device: dev("d"),
+                session: new,
+                peer: None
+            }]
+        );
+        // In order: the peer of the newer session comes with it.
+        let mut r = listening(t);
+        r.apply(with_peer("a", ea, old), t);
+        let fx = r.apply(with_peer("b", eb, new), t);
+        assert_eq!(fx.supersede[0].peer.as_deref(), Some("192.0.2.1:2"));
+        // A dead node holds the older claim: nobody to tell.
+        let mut r = listening(t);
+        r.apply(with_peer("a", ea, old), t);
+        let later = t + LEASE + Duration::from_millis(1);
+        assert_eq!(r.expire(later).len(), 1);
+        assert!(r.apply(with_peer("b", eb, new), later).supersede.is_empty());
     }
 }

@@ -14,9 +14,16 @@ pub const KIND_DELIVER: &str = "deliver";
 /// asker's presence queue).
 pub const KIND_SNAPSHOT_REQUEST: &str = "snapshot_request";
 
+/// AMQP `type` of "close your sessions of this device older than this one", sent by a
+/// dispatcher's replica to a node's queue (headers: device, session, and peer when known).
+pub const KIND_SUPERSEDE: &str = "supersede";
+
 /// Headers of a deliver message: which device, which notification (for the ack match).
 pub const HEADER_DEVICE: &str = "device";
 pub const HEADER_ID: &str = "id";
+/// Headers of a supersede message: the newer session, and where it connects from.
+pub const HEADER_SESSION: &str = "session";
+pub const HEADER_PEER: &str = "peer";
 
 /// The fanout exchange every presence message goes through.
 pub fn presence_exchange(prefix: &str) -> String {
@@ -162,6 +169,30 @@ pub fn deliver_properties(
         .with_headers(headers)
         // Past the hop deadline the dispatcher has fallen back; the broker drops the copy
         // rather than have the owner deliver it late (a duplicate for nothing).
+        .with_expiration(expiration_ms.to_string().into())
+}
+
+/// The properties of a supersede message ([`KIND_SUPERSEDE`]).
+pub fn supersede_properties(
+    device: &str,
+    session: Uuid,
+    peer: Option<&str>,
+    expiration_ms: u128,
+) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(HEADER_DEVICE.into(), AMQPValue::LongString(device.into()));
+    headers.insert(
+        HEADER_SESSION.into(),
+        AMQPValue::LongString(session.to_string().into()),
+    );
+    if let Some(peer) = peer {
+        headers.insert(HEADER_PEER.into(), AMQPValue::LongString(peer.into()));
+    }
+    BasicProperties::default()
+        .with_type(KIND_SUPERSEDE.into())
+        .with_headers(headers)
+        // A node that is not consuming (restarting) needs no stale order when it is back:
+        // its sessions then are all newer.
         .with_expiration(expiration_ms.to_string().into())
 }
 
