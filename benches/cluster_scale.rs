@@ -48,6 +48,7 @@ use herald::domain::DeviceId;
 use herald::gateway::DeviceTokens;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 const SECRET: &str = "bench-secret-0123456789abcdef0123456789";
 /// Connects in flight per client process: enough to keep every gateway's accept loop busy
@@ -244,9 +245,13 @@ async fn connect(src: IpAddr, gw: SocketAddr, token: &str) -> anyhow::Result<Ws>
     let mut req = format!("ws://{gw}/v1/connect").into_client_request()?;
     req.headers_mut()
         .insert("authorization", format!("Bearer {token}").parse()?);
+    // A device's frames are small: tungstenite's default 128 KiB read buffer, zeroed per
+    // connection, made memset and its page faults a fifth of this load generator's CPU
+    // (perf), i.e. the bench measured itself. 4 KiB, as a real client would size it.
+    let config = WebSocketConfig::default().read_buffer_size(4096);
     let (ws, _) = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_tungstenite::client_async(req, stream),
+        tokio_tungstenite::client_async_with_config(req, stream, Some(config)),
     )
     .await??;
     Ok(ws)
@@ -388,6 +393,7 @@ async fn run() {
         .iter()
         .map(|g| cpu_time(&g.child.id().to_string()))
         .sum();
+    let dispatcher_cpu0 = cpu_time(&dispatcher_pid);
     let started = Instant::now();
     for c in 0..clients {
         let (lo, hi) = (c * per, ((c + 1) * per).min(sessions));
@@ -442,6 +448,9 @@ async fn run() {
         .map(|g| cpu_time(&g.child.id().to_string()))
         .sum::<Duration>()
         - herald_cpu0;
+    let dispatcher_cpu = cpu_time(&dispatcher_pid) - dispatcher_cpu0;
+    // The client processes started with the phase, so their whole CPU time is its.
+    let client_cpu: Duration = children.iter().map(|c| cpu_time(&c.id().to_string())).sum();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after: Vec<u64> = gws
         .iter()
@@ -466,6 +475,20 @@ async fn run() {
     println!(
         "| herald (gateways) CPU per registration | {:.0} µs |",
         herald_cpu.as_secs_f64() * 1e6 / sessions as f64
+    );
+    println!(
+        "| dispatcher (its replica) CPU per registration | {:.0} µs |",
+        dispatcher_cpu.as_secs_f64() * 1e6 / sessions as f64
+    );
+    println!(
+        "| load generator (client processes) CPU per registration | {:.0} µs |",
+        client_cpu.as_secs_f64() * 1e6 / sessions as f64
+    );
+    println!(
+        "| cores busy during the phase (all of the above) | {:.2} of {} |",
+        (broker_cpu + herald_cpu + dispatcher_cpu + client_cpu).as_secs_f64()
+            / registered_in.as_secs_f64(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
         "| broker RSS growth per session | {:.2} KB |",
