@@ -132,6 +132,47 @@ pub async fn declare_exchanges(ch: &Channel, prefix: &str) -> lapin::Result<()> 
     .await
 }
 
+/// Declares one of this process's own queues (exclusive and auto-delete: it dies with the
+/// connection, so a dead process leaves nothing behind), binds it to each `(exchange,
+/// key)` and consumes it without acks (what crosses the directory's queues is only useful
+/// right now). The presence, node and reply queues are all such queues.
+async fn own_queue(
+    ch: &Channel,
+    name: &str,
+    bindings: &[(&str, &str)],
+) -> lapin::Result<lapin::Consumer> {
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    for (exchange, key) in bindings {
+        ch.queue_bind(
+            name.into(),
+            (*exchange).into(),
+            (*key).into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    ch.basic_consume(
+        name.into(),
+        "".into(),
+        BasicConsumeOptions {
+            no_ack: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+}
+
 impl ClusterDirectory {
     /// Starts the directory's supervisor on `queue`'s connection. With a gateway, that
     /// gateway's sessions are announced from now on; with `lookups` (the dispatcher role),
@@ -401,51 +442,22 @@ impl ClusterDirectory {
             // fresh name per generation, so a re-declare never races the broker deleting
             // the last generation's queue.
             let own = wire::presence_queue(&inner.prefix);
-            let q = pch
-                .queue_declare(
-                    own.as_str().into(),
-                    // exclusive: dies with this connection, so a dead process leaves nothing.
-                    QueueDeclareOptions {
-                        exclusive: true,
-                        auto_delete: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            pch.queue_bind(
-                q.name().clone(),
-                inner.exchange.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
+            // Bound to the presence fanout, and to the replies exchange under its own name:
+            // snapshots answer the replica's requests into the queue the node's deltas come
+            // through.
+            let consumer = own_queue(
+                &pch,
+                &own,
+                &[
+                    (inner.exchange.as_str(), ""),
+                    (inner.replies.as_str(), &own),
+                ],
             )
             .await?;
-            // Snapshots answer the replica's requests through the replies exchange, keyed
-            // by this queue's name: into the queue the node's deltas come through.
-            pch.queue_bind(
-                q.name().clone(),
-                inner.replies.as_str().into(),
-                q.name().as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-            let consumer = pch
-                .basic_consume(
-                    q.name().clone(),
-                    "".into(),
-                    BasicConsumeOptions {
-                        no_ack: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
             self.replica_write(r).listening(Instant::now());
             tokio::spawn(self.clone().pump_presence(
                 pch.clone(),
-                q.name().clone(),
+                own.as_str().into(),
                 consumer,
                 generation.clone(),
             ));
@@ -460,34 +472,13 @@ impl ClusterDirectory {
                 .await?;
             let nch = inner.queue.create_channel().await?;
             let name = wire::node_queue(&inner.prefix, node_id);
-            nch.queue_declare(
-                name.as_str().into(),
-                // exclusive: the queue dies with this connection, so deliveries to a dead
-                // node are returned (offline) instead of piling up. One queue per node, never
-                // bound (dispatchers reach it through the default exchange, by name): the
-                // broker's metadata is O(nodes), and no gateway can bind another node's
-                // deliveries to its own queue.
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-            let deliveries = nch
-                .basic_consume(
-                    name.as_str().into(),
-                    "".into(),
-                    // no_ack: a frame here is only useful to this node right now; if the
-                    // node dies with it, the asker's lease or hop deadline falls back.
-                    BasicConsumeOptions {
-                        no_ack: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
+            // The queue dies with this connection, so deliveries to a dead node are
+            // returned (offline) instead of piling up. One queue per node, never bound
+            // (dispatchers reach it through the default exchange, by name): the broker's
+            // metadata is O(nodes), and no gateway can bind another node's deliveries to
+            // its own queue. no_ack: a frame here is only useful to this node right now; if
+            // the node dies with it, the asker's lease or hop deadline falls back.
+            let deliveries = own_queue(&nch, &name, &[]).await?;
             tokio::spawn(node::serve_queue(
                 nch.clone(),
                 deliveries,
@@ -513,36 +504,13 @@ impl ClusterDirectory {
             // per generation, bound to the replies exchange with its own name as key, and
             // consumed on this channel, which carries nothing but deliveries and replies.
             let reply_queue = wire::reply_queue(&inner.prefix);
-            rch.queue_declare(
-                reply_queue.as_str().into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
+            // no_ack: a reply nobody waits for any more is worthless.
+            let replies = own_queue(
+                &rch,
+                &reply_queue,
+                &[(inner.replies.as_str(), &reply_queue)],
             )
             .await?;
-            rch.queue_bind(
-                reply_queue.as_str().into(),
-                inner.replies.as_str().into(),
-                reply_queue.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-            let replies = rch
-                .basic_consume(
-                    reply_queue.as_str().into(),
-                    "".into(),
-                    // no_ack: a reply nobody waits for any more is worthless.
-                    BasicConsumeOptions {
-                        no_ack: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
             let (me, g) = (self.clone(), generation.clone());
             tokio::spawn(async move { me.0.rpc.pump_replies(replies, g).await });
             inner
@@ -626,9 +594,7 @@ impl ClusterDirectory {
             }
         }
     }
-}
 
-impl ClusterDirectory {
     /// Tells `s.node` to close its sessions of `s.device` older than `s.session`: directly
     /// when that node is this process, else through its node queue. Not confirmed, like
     /// presence itself: if it is lost, the older session lingers until it closes (deliveries

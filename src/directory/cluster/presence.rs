@@ -310,7 +310,7 @@ impl Replica {
                 continue;
             };
             match s {
-                Some(s) => self.set_claim(node, d, s, peers.get(&s), supersede),
+                Some(s) => self.set_claim(node, d, s, peers.get(&s).map(String::as_str), supersede),
                 None => self.remove_claim(node, &d),
             }
         }
@@ -323,13 +323,17 @@ impl Replica {
         node: &NodeId,
         device: DeviceKey,
         session: Uuid,
-        peer: Option<&String>,
+        peer: Option<&str>,
         supersede: &mut Vec<Supersede>,
     ) {
         if let Some(st) = self.nodes.get_mut(node) {
             st.devices.insert(device.clone(), session);
         }
-        let claims = self.index.entry(device.clone()).or_default();
+        // The usual case, no claim yet: the key moves in, no clone on the registration path.
+        let Some(claims) = self.index.get_mut(&device) else {
+            self.index.insert(device, vec![(node.clone(), session)]);
+            return;
+        };
         match claims.iter_mut().find(|(n, _)| n == node) {
             Some(c) => c.1 = session,
             None => claims.push((node.clone(), session)),
@@ -339,7 +343,7 @@ impl Replica {
                 continue;
             }
             let (older, newer, peer) = if *theirs < session {
-                (other, session, peer.cloned())
+                (other, session, peer.map(str::to_owned))
             } else {
                 (node, *theirs, None)
             };
