@@ -30,7 +30,10 @@ use server::{KEY, Server, cpu_time};
 /// file-descriptor budget (20,000 per process here); a step that hits it reports a lower
 /// achieved rate instead of opening sockets without bound.
 const MAX_IN_FLIGHT: usize = 2_000;
-const FALLBACK_NOTIFICATIONS: usize = 200;
+/// POSTs of the fallback phase: `BENCH_FALLBACK_POSTS` (default 200; more for a profile).
+fn fallback_notifications() -> usize {
+    env_or("BENCH_FALLBACK_POSTS", 200)
+}
 const TARGETS_EACH: usize = 100;
 /// Concurrent POSTs of the fallback phase (see `fallback_rate`).
 const FALLBACK_POSTERS: usize = 8;
@@ -201,7 +204,7 @@ async fn fallback_rate(server: &Server, double: &apns_double::ApnsDouble) -> Fal
     let pids = (server.child.id().to_string(), broker_pid());
     let cpu0 = (cpu_time(&pids.0), cpu_time(&pids.1));
     let client = reqwest::Client::new();
-    let bodies: Vec<serde_json::Value> = (0..FALLBACK_NOTIFICATIONS)
+    let bodies: Vec<serde_json::Value> = (0..fallback_notifications())
         .map(|n| {
             let targets: Vec<_> = (0..TARGETS_EACH)
                 .map(|t| serde_json::json!({"device_id": format!("off-{n}-{t}"), "apns": {"token": "ab".repeat(32)}}))
@@ -229,7 +232,7 @@ async fn fallback_rate(server: &Server, double: &apns_double::ApnsDouble) -> Fal
         .collect::<Vec<()>>()
         .await;
     let accepted_in = started.elapsed();
-    let want = before + FALLBACK_NOTIFICATIONS * TARGETS_EACH;
+    let want = before + fallback_notifications() * TARGETS_EACH;
     let deadline = Instant::now() + Duration::from_secs(120);
     while double.request_count() < want && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -238,7 +241,7 @@ async fn fallback_rate(server: &Server, double: &apns_double::ApnsDouble) -> Fal
         double.request_count() >= want,
         "every target reached the double"
     );
-    let sends = (FALLBACK_NOTIFICATIONS * TARGETS_EACH) as f64;
+    let sends = (fallback_notifications() * TARGETS_EACH) as f64;
     Fallback {
         rate: sends / started.elapsed().as_secs_f64(),
         accepted_in,
@@ -313,7 +316,8 @@ async fn main() {
 
     println!();
     println!(
-        "| fallback to the APNs double ({FALLBACK_NOTIFICATIONS} POSTs x {TARGETS_EACH} targets, {FALLBACK_POSTERS} posting at once) | sends/s | ratio to raw | all POSTs accepted after | CPU µs per send: herald + broker |"
+        "| fallback to the APNs double ({} POSTs x {TARGETS_EACH} targets, {FALLBACK_POSTERS} posting at once) | sends/s | ratio to raw | all POSTs accepted after | CPU µs per send: herald + broker |",
+        fallback_notifications()
     );
     println!("|---|---:|---:|---:|---|");
     let raw_client = reqwest::Client::builder()
@@ -338,7 +342,7 @@ async fn main() {
     };
     let body = serde_json::to_vec(&herald::providers::apns::payload(&n)).unwrap();
     let target = format!("{}/3/device/{}", double.url, "ab".repeat(32));
-    let sends = FALLBACK_NOTIFICATIONS * TARGETS_EACH;
+    let sends = fallback_notifications() * TARGETS_EACH;
     let raw = raw_apns::raw(&raw_client, &target, &jwt, &body, &n, sends, 500).await;
     println!("| raw reqwest HTTP/2, 500 in flight | {raw:.0} | 100% | | |");
     for (name, queue) in [

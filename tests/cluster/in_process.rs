@@ -194,9 +194,13 @@ async fn a_replacement_across_nodes_is_one_session_replaced_event_from_the_closi
                     .basic_get("sessions".into(), BasicGetOptions { no_ack: true })
                     .await
                     .unwrap()?;
+                // A message is a JSON array of events with its routing key.
+                let batch: Vec<serde_json::Value> =
+                    serde_json::from_slice(&m.delivery.data).unwrap();
+                assert_eq!(batch.len(), 1, "one replacement, one event: {batch:?}");
                 Some((
                     m.delivery.routing_key.to_string(),
-                    serde_json::from_slice::<serde_json::Value>(&m.delivery.data).unwrap(),
+                    batch.into_iter().next().unwrap(),
                 ))
             }
         },

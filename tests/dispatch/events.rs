@@ -55,3 +55,102 @@ async fn a_dead_webhook_drops_counted_batches_and_never_blocks_delivery() {
     assert!(w.hook.events().is_empty());
     w.stop().await;
 }
+
+/// On RabbitMQ each message is a JSON array of events with the message's routing key: a
+/// burst that arrives while the sink is busy leaves in a few messages, `events.rs`'s
+/// `RABBIT_BATCH` events at most each, split by key, none lost and each key's events in
+/// the order they were emitted. The test runs on one thread and emits without yielding,
+/// so the whole burst waits in the buffer when the sink first runs: the split is exact.
+#[tokio::test]
+async fn on_rabbitmq_a_burst_of_events_leaves_in_few_messages_one_routing_key_each() {
+    use herald::events::{Event, EventKind, Events};
+    use lapin::options::{BasicGetOptions, QueueBindOptions};
+
+    let vhost = crate::support::TestVhost::new();
+    let settings = vhost.settings();
+    let metrics = herald::metrics::Metrics::new();
+    let queue = herald::queue::Queue::from_settings(&settings, &metrics).unwrap();
+    assert!(queue.wait_connected(Duration::from_secs(10)).await);
+    let conn = lapin::Connection::connect(&vhost.url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare("all".into(), Default::default(), Default::default())
+        .await
+        .unwrap();
+    ch.queue_bind(
+        "all".into(),
+        "herald.events".into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let events = Events::start(&settings.events, &[], &queue, &metrics, &stop).unwrap();
+    let id = herald::domain::NotificationId::generate();
+    // 250 events: every fifth live, the rest apns.
+    for i in 0..250 {
+        let channel = if i % 5 == 0 { "live" } else { "apns" };
+        let e = Event::about(EventKind::Delivered, "default", id, &format!("d{i}"), 1);
+        events.emit(e.channel(channel));
+    }
+    stop.cancel();
+    events.flushed().await;
+
+    let mut messages = Vec::new();
+    while let Some(m) = ch
+        .basic_get("all".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        let batch: Vec<serde_json::Value> = serde_json::from_slice(&m.delivery.data).unwrap();
+        messages.push((m.delivery.routing_key.to_string(), batch));
+    }
+    // Taken 100, 100 and 50 at a time, each take split into its two keys.
+    assert_eq!(
+        messages.len(),
+        6,
+        "{:?}",
+        messages
+            .iter()
+            .map(|(k, b)| (k, b.len()))
+            .collect::<Vec<_>>()
+    );
+    let mut devices = std::collections::BTreeMap::<&str, Vec<String>>::new();
+    for (key, batch) in &messages {
+        assert!(batch.len() <= 100);
+        for e in batch {
+            assert_eq!(
+                format!(
+                    "{}.{}.{}",
+                    e["app"].as_str().unwrap(),
+                    e["type"].as_str().unwrap(),
+                    e["channel"].as_str().unwrap()
+                ),
+                *key
+            );
+            devices
+                .entry(key)
+                .or_default()
+                .push(e["device_id"].as_str().unwrap().to_owned());
+        }
+    }
+    let want = |live: bool| -> Vec<String> {
+        (0..250)
+            .filter(|i| (i % 5 == 0) == live)
+            .map(|i| format!("d{i}"))
+            .collect()
+    };
+    assert_eq!(devices["default.delivered.live"], want(true));
+    assert_eq!(devices["default.delivered.apns"], want(false));
+    let text = metrics.render();
+    assert_eq!(
+        crate::support::metric_value(&text, "herald_events_published_total{sink=\"rabbitmq\"}"),
+        Some(250.0)
+    );
+    let _ = conn.close(200, "done".into()).await;
+    queue.close().await;
+}
