@@ -9,6 +9,13 @@ use herald::metrics::Metrics;
 use herald::providers::Providers;
 use herald::startup::Application;
 
+/// mimalloc instead of glibc's malloc: on the fallback path (a reqwest/h2 request per
+/// target, each a few dozen short-lived allocations across two worker threads) glibc's
+/// malloc, free and realloc were a quarter of herald's CPU, with arena consolidation
+/// among the top symbols (docs/benchmarks.md, "Allocator", for the before/after).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "herald",
