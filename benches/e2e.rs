@@ -29,7 +29,7 @@ use devices::{Received, SECRET, ms, percentile};
 /// against is not handicapped by glibc's malloc (and the APNs double, which serves both,
 /// costs the same in every row).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use server::{KEY, Server, cpu_time};
 
 /// POSTs in flight at most: past it the generator, not herald, would hold the

@@ -239,9 +239,19 @@ async fn metric(port: u16, name: &str) -> f64 {
         Some(f) => f.await.unwrap_or_default(),
         None => String::new(),
     };
+    // `name` exactly, or the sum of its series when it has labels (the sessions gauge is
+    // per app since apps came: an exact-name match alone read 0 and divided RSS by 1).
     body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = match rest.strip_prefix(' ') {
+                Some(v) => v,
+                None if name.contains('{') => return None,
+                None => rest.strip_prefix('{')?.split_once("} ")?.1,
+            };
+            value.parse::<f64>().ok()
+        })
+        .sum()
 }
 
 fn free_port() -> u16 {
@@ -261,7 +271,10 @@ async fn driver() {
 
     // --- herald ---
     let port = free_port();
-    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+    // HERALD_BENCH_BIN: another build of herald under the same clients (before/after).
+    let bin = std::env::var("HERALD_BENCH_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_herald").to_owned());
+    let mut server = tokio::process::Command::new(bin)
         .arg("serve")
         .env("HERALD__HTTP__ADDR", format!("127.0.0.1:{port}"))
         .env("HERALD__ROLES", "gateway")
@@ -386,6 +399,11 @@ async fn round_trips() {
     s.roles = vec![herald::config::Role::Gateway];
     s.auth.device_token_secret = Secret::new(SECRET);
     s.log.level = "warn".into();
+    // 1,000 sessions from one address at once: past the reconnect-storm limits.
+    s.gateway.ip_connects_per_second = 1_000_000;
+    s.gateway.max_session_rate = 1_000_000;
+    s.gateway.session_burst = 1_000_000;
+    s.gateway.ip_connect_burst = 1_000_000;
     let app = herald::startup::Application::build(s).await.expect("app");
     let port = app.port();
     let directory = app.directory().expect("gateway");

@@ -9,12 +9,14 @@ use herald::metrics::Metrics;
 use herald::providers::Providers;
 use herald::startup::Application;
 
-/// mimalloc instead of glibc's malloc: on the fallback path (a reqwest/h2 request per
-/// target, each a few dozen short-lived allocations across two worker threads) glibc's
-/// malloc, free and realloc were a quarter of herald's CPU, with arena consolidation
-/// among the top symbols (docs/benchmarks.md, "Allocator", for the before/after).
+/// jemalloc instead of glibc's malloc: on the fallback path (a reqwest/h2 request per
+/// target, each a few dozen short-lived allocations across the worker threads) glibc's
+/// malloc, free and realloc were a quarter of herald's CPU, with arena consolidation among
+/// the top symbols. mimalloc saved a little more CPU but held 13% more memory per idle
+/// session, which is what a gateway of many devices spends (docs/benchmarks.md,
+/// "Allocator", for the three side by side).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
 #[command(
