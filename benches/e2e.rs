@@ -84,6 +84,9 @@ struct Step {
     p99: Duration,
     p999: Duration,
     delivered: usize,
+    /// POSTs answered 202: a POST refused or failed (its error is not herald's to deliver)
+    /// is why `delivered` can be below `sent` without a loss.
+    accepted: usize,
     sent: usize,
     /// CPU per second of the step, in cores: herald, the bench process (load generator and
     /// devices), the broker.
@@ -167,6 +170,7 @@ async fn live_step(
         p99: percentile(&lat, 0.99),
         p999: percentile(&lat, 0.999),
         delivered: lat.len(),
+        accepted,
         sent: total as usize,
         cpu,
     }
@@ -282,7 +286,7 @@ async fn main() {
 
     let curve = Curve::from_env();
     println!(
-        "| live delivery, {} devices, {} s per step | offered /s | achieved /s | p50 | p99 | p99.9 | delivered | CPU cores: herald + bench + broker |",
+        "| live delivery, {} devices, {} s per step | offered /s | achieved /s | p50 | p99 | p99.9 | delivered / accepted / sent | CPU cores: herald + bench + broker |",
         curve.devices, curve.seconds
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---|");
@@ -309,13 +313,14 @@ async fn main() {
             .await;
             first_seq += rate * curve.seconds;
             println!(
-                "| {name} | {} | {:.0} | {:.2} ms | {:.2} ms | {:.2} ms | {}/{} | {:.2} + {:.2} + {:.2} |",
+                "| {name} | {} | {:.0} | {:.2} ms | {:.2} ms | {:.2} ms | {} / {} / {} | {:.2} + {:.2} + {:.2} |",
                 s.offered,
                 s.achieved,
                 ms(s.p50),
                 ms(s.p99),
                 ms(s.p999),
                 s.delivered,
+                s.accepted,
                 s.sent,
                 s.cpu.0,
                 s.cpu.1,
