@@ -473,22 +473,17 @@ async fn run() {
         "| sessions/s across the cluster (first connect to last hello) | {:.0} |",
         sessions as f64 / registered_in.as_secs_f64()
     );
-    println!(
-        "| broker CPU per registration | {:.0} µs |",
-        broker_cpu.as_secs_f64() * 1e6 / sessions as f64
-    );
-    println!(
-        "| herald (gateways) CPU per registration | {:.0} µs |",
-        herald_cpu.as_secs_f64() * 1e6 / sessions as f64
-    );
-    println!(
-        "| dispatcher (its replica) CPU per registration | {:.0} µs |",
-        dispatcher_cpu.as_secs_f64() * 1e6 / sessions as f64
-    );
-    println!(
-        "| load generator (client processes) CPU per registration | {:.0} µs |",
-        client_cpu.as_secs_f64() * 1e6 / sessions as f64
-    );
+    for (who, cpu) in [
+        ("broker", broker_cpu),
+        ("herald (gateways)", herald_cpu),
+        ("dispatcher (its replica)", dispatcher_cpu),
+        ("load generator (client processes)", client_cpu),
+    ] {
+        println!(
+            "| {who} CPU per registration | {:.0} µs |",
+            cpu.as_secs_f64() * 1e6 / sessions as f64
+        );
+    }
     println!(
         "| cores busy during the phase (all of the above) | {:.2} of {} |",
         (broker_cpu + herald_cpu + dispatcher_cpu + client_cpu).as_secs_f64()

@@ -36,10 +36,6 @@ use server::{KEY, Server, cpu_time};
 /// file-descriptor budget (20,000 per process here); a step that hits it reports a lower
 /// achieved rate instead of opening sockets without bound.
 const MAX_IN_FLIGHT: usize = 2_000;
-/// POSTs of the fallback phase: `BENCH_FALLBACK_POSTS` (default 200; more for a profile).
-fn fallback_notifications() -> usize {
-    env_or("BENCH_FALLBACK_POSTS", 200)
-}
 const TARGETS_EACH: usize = 100;
 /// Concurrent POSTs of the fallback phase (see `fallback_rate`).
 const FALLBACK_POSTERS: usize = 8;
@@ -208,14 +204,18 @@ fn apns_env(double: &apns_double::ApnsDouble) -> Vec<(&'static str, String)> {
 /// (a durable, confirmed publish of a 100-target message, ~4.5 ms on RabbitMQ while the
 /// dispatcher's fallback keeps both cores busy) rather than the fallback's throughput,
 /// since it had 17,600 of the 20,000 sends done by the time its last POST was answered.
-async fn fallback_rate(server: &Server, double: &apns_double::ApnsDouble) -> Fallback {
+async fn fallback_rate(
+    server: &Server,
+    double: &apns_double::ApnsDouble,
+    posts: usize,
+) -> Fallback {
     use futures::StreamExt;
     let before = double.request_count();
     let pids = (server.child.id().to_string(), broker_pid());
     let own = std::process::id().to_string();
     let cpu0 = (cpu_time(&pids.0), cpu_time(&pids.1), cpu_time(&own));
     let client = reqwest::Client::new();
-    let bodies: Vec<serde_json::Value> = (0..fallback_notifications())
+    let bodies: Vec<serde_json::Value> = (0..posts)
         .map(|n| {
             let targets: Vec<_> = (0..TARGETS_EACH)
                 .map(|t| serde_json::json!({"device_id": format!("off-{n}-{t}"), "apns": {"token": "ab".repeat(32)}}))
@@ -243,7 +243,7 @@ async fn fallback_rate(server: &Server, double: &apns_double::ApnsDouble) -> Fal
         .collect::<Vec<()>>()
         .await;
     let accepted_in = started.elapsed();
-    let want = before + fallback_notifications() * TARGETS_EACH;
+    let want = before + posts * TARGETS_EACH;
     let deadline = Instant::now() + Duration::from_secs(120);
     while double.request_count() < want && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -252,7 +252,7 @@ async fn fallback_rate(server: &Server, double: &apns_double::ApnsDouble) -> Fal
         double.request_count() >= want,
         "every target reached the double"
     );
-    let sends = (fallback_notifications() * TARGETS_EACH) as f64;
+    let sends = (posts * TARGETS_EACH) as f64;
     Fallback {
         rate: sends / started.elapsed().as_secs_f64(),
         accepted_in,
@@ -329,10 +329,12 @@ async fn main() {
         }
     }
 
+    // POSTs of the fallback phase: `BENCH_FALLBACK_POSTS` (default 200; more for a profile).
+    let posts: usize = env_or("BENCH_FALLBACK_POSTS", 200);
     println!();
     println!(
         "| fallback to the APNs double ({} POSTs x {TARGETS_EACH} targets, {FALLBACK_POSTERS} posting at once) | sends/s | ratio to raw | all POSTs accepted after | CPU µs per send: herald + broker | bench process (APNs double + client) |",
-        fallback_notifications()
+        posts
     );
     println!("|---|---:|---:|---:|---|---:|");
     let raw_client = reqwest::Client::builder()
@@ -357,7 +359,7 @@ async fn main() {
     };
     let body = serde_json::to_vec(&herald::providers::apns::payload(&n)).unwrap();
     let target = format!("{}/3/device/{}", double.url, "ab".repeat(32));
-    let sends = fallback_notifications() * TARGETS_EACH;
+    let sends = posts * TARGETS_EACH;
     let own = std::process::id().to_string();
     let cpu0 = cpu_time(&own);
     let raw = raw_apns::raw(&raw_client, &target, &jwt, &body, &n, sends, 500).await;
@@ -372,7 +374,7 @@ async fn main() {
             env.push(("HERALD__QUEUE__URL", u.clone()));
         }
         let server = Server::start(&env).await;
-        let f = fallback_rate(&server, &double).await;
+        let f = fallback_rate(&server, &double, posts).await;
         println!(
             "| {name} | {:.0} | {:.0}% | {:.0} ms | {:.1} + {:.1} | {:.1} |",
             f.rate,

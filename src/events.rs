@@ -4,7 +4,8 @@
 //! offline inbox's stored, replayed, dropped) and each replaced session becomes one JSON
 //! [`Event`] (documented in docs/events.md), published to the `{prefix}.events`
 //! topic exchange on RabbitMQ (routing key `<app>.<type>.<channel>`, e.g.
-//! `shop.token_dead.apns`) and, when the app's `events.webhook_url` is set, POSTed to it in
+//! `shop.token_dead.apns`; a message is a JSON array of up to `RABBIT_BATCH` events with
+//! its key) and, when the app's `events.webhook_url` is set, POSTed to it in
 //! batches on either backend: each app's events to its own webhook only, each POST signed
 //! the Standard Webhooks way with that app's key ([`Webhook`], docs/events.md "Verifying").
 //!
@@ -361,9 +362,9 @@ impl Events {
 /// their confirms at once. It waits for a free slot before taking events, then takes every
 /// event already waiting and what arrives within `RABBIT_LINGER` while the message has
 /// room: an event waits 10 ms at most, and the broker sees one message per hundred events
-/// under load instead of one per event. Once `stop` is cancelled it
-/// publishes what the buffer still holds and returns; its publishes are on `tasks`, so
-/// [`Events::flushed`] waits for their confirms too.
+/// under load instead of one per event. Once `stop` is cancelled it publishes what the
+/// buffer still holds and returns; its publishes are on `tasks`, so [`Events::flushed`]
+/// waits for their confirms too.
 async fn rabbit_sink(
     mut rx: mpsc::Receiver<Event>,
     queue: Queue,

@@ -64,29 +64,14 @@ async fn a_dead_webhook_drops_counted_batches_and_never_blocks_delivery() {
 #[tokio::test]
 async fn on_rabbitmq_a_burst_of_events_leaves_in_few_messages_one_routing_key_each() {
     use herald::events::{Event, EventKind, Events};
-    use lapin::options::{BasicGetOptions, QueueBindOptions};
+    use lapin::options::BasicGetOptions;
 
     let vhost = crate::support::TestVhost::new();
     let settings = vhost.settings();
     let metrics = herald::metrics::Metrics::new();
     let queue = herald::queue::Queue::from_settings(&settings, &metrics).unwrap();
     assert!(queue.wait_connected(Duration::from_secs(10)).await);
-    let conn = lapin::Connection::connect(&vhost.url, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare("all".into(), Default::default(), Default::default())
-        .await
-        .unwrap();
-    ch.queue_bind(
-        "all".into(),
-        "herald.events".into(),
-        "#".into(),
-        QueueBindOptions::default(),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    let (conn, ch) = crate::harness::bind_events_queue(&vhost.url, "all", "#").await;
 
     let stop = tokio_util::sync::CancellationToken::new();
     let events = Events::start(&settings.events, &[], &queue, &metrics, &stop).unwrap();

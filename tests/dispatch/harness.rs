@@ -191,6 +191,38 @@ pub struct World {
 
 /// Settings for dispatch tests: short heartbeat and ack timeouts (from the gateway
 /// helpers), retries every 100-400 ms, 3 attempts.
+/// A subscriber's own queue `queue` on the `herald.events` exchange, bound with `key`, as
+/// guest on the vhost at `url` (herald declared the exchange). Keep the connection: the
+/// queue lives on.
+pub async fn bind_events_queue(
+    url: &str,
+    queue: &str,
+    key: &str,
+) -> (lapin::Connection, lapin::Channel) {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        queue.into(),
+        "herald.events".into(),
+        key.into(),
+        QueueBindOptions::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    (conn, ch)
+}
+
 pub fn base_settings() -> Settings {
     let mut s = gw::settings();
     s.retry.base_delay = Duration::from_millis(100);

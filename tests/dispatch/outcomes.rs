@@ -9,7 +9,7 @@ use herald::queue::QueueKind;
 use serde_json::json;
 
 use crate::delivery::on_both_backends;
-use crate::harness::{APNS_TOKEN, Backend, World};
+use crate::harness::{APNS_TOKEN, Backend, World, bind_events_queue};
 use crate::support::apns_double::Reply;
 use crate::support::fcm_double::FcmReply;
 use crate::support::wait_for;
@@ -37,7 +37,7 @@ async fn dead_token_is_reported_and_never_retried(backend: Backend) {
     let w = World::start(backend).await;
     // On RabbitMQ the same event also goes to the herald.events topic exchange.
     let events_rx = match &w.vhost {
-        Some(v) => Some(bind_events_queue(&v.url).await),
+        Some(v) => Some(bind_events_queue(&v.url, "events", "*.token_dead.*").await),
         None => None,
     };
     w.apns
@@ -97,31 +97,6 @@ async fn dead_token_is_reported_and_never_retried(backend: Backend) {
         );
     }
     w.stop().await;
-}
-
-async fn bind_events_queue(url: &str) -> (lapin::Connection, lapin::Channel) {
-    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
-    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        "events".into(),
-        QueueDeclareOptions::default(),
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_bind(
-        "events".into(),
-        "herald.events".into(),
-        "*.token_dead.*".into(),
-        QueueBindOptions::default(),
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    (conn, ch)
 }
 
 async fn transient_failure_retries_only_that_target_and_recovers(backend: Backend) {
