@@ -57,7 +57,7 @@ use crate::events::Events;
 use crate::gateway::{Gateway, protocol};
 use crate::inbox::{Inbox, InboxEntry, InboxWrite};
 use crate::metrics::Metrics;
-use crate::providers::Providers;
+use crate::providers::{Providers, Rendered};
 use crate::queue::{Delivery, Queue, SettleError, backoff_with_jitter};
 
 pub use channel::Channel;
@@ -228,14 +228,17 @@ impl Dispatcher {
     ) -> Vec<TargetReport> {
         // Owned per-target futures (an Arc of the message, a clone of the target): a
         // stream of futures borrowing from this frame cannot be spawned.
-        let shared = Arc::new(n.clone());
+        // What the targets send a provider alike (the APNs body) is rendered once, by the
+        // first that needs it.
+        let shared = Arc::new((n.clone(), Rendered::default()));
         futures::stream::iter(n.targets.clone())
             .map(|t| {
-                let (me, n, slot) = (self.clone(), shared.clone(), slot.clone());
+                let (me, shared, slot) = (self.clone(), shared.clone(), slot.clone());
                 async move {
+                    let (n, rendered) = &*shared;
                     slot.start_target();
-                    let report = target::deliver(&me, &n, t, &slot).await;
-                    me.record(Outcome::Target(&n, &report));
+                    let report = target::deliver(&me, n, t, &slot, rendered).await;
+                    me.record(Outcome::Target(n, &report));
                     slot.end_target();
                     report
                 }

@@ -8,7 +8,7 @@ use super::channel::Channel;
 use super::slot::Slot;
 use crate::directory::LiveOutcome;
 use crate::domain::{DeviceKey, Qos, QueuedNotification, Target};
-use crate::providers::ProviderOutcome;
+use crate::providers::{ProviderOutcome, Rendered};
 
 /// What one target's attempt did, channel by channel: the input of the settlement (through
 /// [`TargetReport::result`]) and of the metrics and events ([`super::record`]).
@@ -134,6 +134,7 @@ pub async fn deliver(
     n: &QueuedNotification,
     target: Target,
     slot: &Slot,
+    rendered: &Rendered,
 ) -> TargetReport {
     let live = match &d.directory {
         // The device of this notification's app: a session of another app's device with
@@ -160,7 +161,7 @@ pub async fn deliver(
     if falls_back(n.qos, live) {
         for route in target.routes() {
             let channel = Channel::of(&route);
-            let outcome = d.providers.send(route, n).await;
+            let outcome = d.providers.send_with(route, n, rendered).await;
             routes.push(RouteAttempt { channel, outcome });
         }
     }

@@ -20,6 +20,7 @@ pub mod fcm;
 mod transport;
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
 
 pub use transport::check_url;
 
@@ -127,6 +128,17 @@ impl Providers {
     /// drops expired notifications first; the provider is told the remaining ttl
     /// (apns-expiration, android.ttl).
     pub async fn send(&self, route: TargetRoute<'_>, n: &QueuedNotification) -> ProviderOutcome {
+        self.send_with(route, n, &Rendered::default()).await
+    }
+
+    /// As [`Providers::send`], for one of several targets of `n`: `rendered` is shared by
+    /// all of them, so what they send alike is rendered once.
+    pub async fn send_with(
+        &self,
+        route: TargetRoute<'_>,
+        n: &QueuedNotification,
+        rendered: &Rendered,
+    ) -> ProviderOutcome {
         let Some(app) = self.apps.get(&n.app) else {
             // Queued under an app this node's config no longer (or does not yet) have.
             return ProviderOutcome::ConfigError {
@@ -136,7 +148,7 @@ impl Providers {
         let p = &app.prefix;
         match route {
             TargetRoute::Apns(apns) => match &app.apns {
-                Some(c) => c.send(apns, n).await,
+                Some(c) => c.send(apns, n, &rendered.apns).await,
                 None => ProviderOutcome::ConfigError {
                     reason: format!(
                         "APNs is not configured for app `{}` ({p}apns.key_file is empty)",
@@ -155,6 +167,16 @@ impl Providers {
             },
         }
     }
+}
+
+/// What every target of one message sends a provider alike, rendered by the first target
+/// that needs it and reused by the others: one per message, shared by its targets.
+///
+/// Only APNs has such a part (the body and `apns-id` do not depend on the device). An FCM
+/// request carries its registration token inside the JSON body, so it is built per target.
+#[derive(Default)]
+pub struct Rendered {
+    apns: OnceLock<Result<apns::Rendered, String>>,
 }
 
 /// Counts and logs the outcomes that need a person's attention, the same way for both

@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use reqwest::header::HeaderValue;
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -24,8 +25,31 @@ struct Claims<'a> {
 
 #[derive(Clone)]
 struct Minted {
-    token: Arc<str>,
+    token: Bearer,
     at: Instant,
+}
+
+/// A minted provider token as it is sent: the `authorization` header value, built once per
+/// token rather than once per request. Clones are cheap (the value is shared bytes).
+#[derive(Clone)]
+pub(crate) struct Bearer {
+    /// Identity of this mint, for [`ProviderToken::invalidate`].
+    token: Arc<str>,
+    pub(crate) header: HeaderValue,
+}
+
+impl Bearer {
+    /// The JWT itself.
+    #[cfg(test)]
+    fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The same mint (not merely equal text).
+    #[cfg(test)]
+    fn same(&self, other: &Bearer) -> bool {
+        Arc::ptr_eq(&self.token, &other.token)
+    }
 }
 
 pub(crate) struct ProviderToken {
@@ -58,7 +82,7 @@ impl ProviderToken {
         self
     }
 
-    fn mint(&self) -> anyhow::Result<Arc<str>> {
+    fn mint(&self) -> anyhow::Result<Bearer> {
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(self.key_id.clone());
         let iat = SystemTime::now()
@@ -71,11 +95,17 @@ impl ProviderToken {
         };
         let token = jsonwebtoken::encode(&header, &claims, &self.key)
             .map_err(|e| anyhow::anyhow!("signing the APNs provider token: {e}"))?;
-        Ok(token.into())
+        // A JWT is base64url and dots: always a valid header value.
+        let header = HeaderValue::try_from(format!("bearer {token}"))
+            .map_err(|e| anyhow::anyhow!("the APNs provider token is not a header value: {e}"))?;
+        Ok(Bearer {
+            token: token.into(),
+            header,
+        })
     }
 
     /// The token to send now: the cached one while it is young enough, else a fresh one.
-    pub(crate) fn get(&self) -> anyhow::Result<Arc<str>> {
+    pub(crate) fn get(&self) -> anyhow::Result<Bearer> {
         let now = Instant::now();
         if let Some(m) = self.read().as_ref()
             && now.duration_since(m.at) < self.refresh_after
@@ -99,11 +129,11 @@ impl ProviderToken {
 
     /// Apple called `stale` expired: drop it, unless a concurrent caller already replaced it
     /// (a burst of 403s for one token must cause one refresh, or Apple throttles us).
-    pub(crate) fn invalidate(&self, stale: &Arc<str>) {
+    pub(crate) fn invalidate(&self, stale: &Bearer) {
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
         if current
             .as_ref()
-            .is_some_and(|m| Arc::ptr_eq(&m.token, stale))
+            .is_some_and(|m| Arc::ptr_eq(&m.token.token, &stale.token))
         {
             *current = None;
         }
@@ -139,16 +169,20 @@ iolvDX43KipRif2Doa4E7LX9su2qDZNyuLE3UG2lPvd2gUW6b9NJzaeF
     async fn reused_until_fifty_minutes_then_refreshed() {
         let t = ProviderToken::new(TEST_KEY.as_bytes(), "KEY123", "TEAM456").unwrap();
         let first = t.get().unwrap();
-        let c = claims(&first);
+        assert_eq!(
+            first.header.to_str().unwrap(),
+            format!("bearer {}", first.token())
+        );
+        let c = claims(first.token());
         assert_eq!(c["kid"], "KEY123");
         assert_eq!(c["iss"], "TEAM456");
         assert_eq!(c["alg"], "ES256");
         tokio::time::advance(Duration::from_secs(49 * 60)).await;
-        assert!(Arc::ptr_eq(&first, &t.get().unwrap()), "reused at 49 min");
+        assert!(first.same(&t.get().unwrap()), "reused at 49 min");
         tokio::time::advance(Duration::from_secs(60)).await;
         let second = t.get().unwrap();
-        assert_ne!(first, second, "refreshed at 50 min");
-        assert!(Arc::ptr_eq(&second, &t.get().unwrap()));
+        assert_ne!(first.token(), second.token(), "refreshed at 50 min");
+        assert!(second.same(&t.get().unwrap()));
     }
 
     #[tokio::test(start_paused = true)]
@@ -157,10 +191,10 @@ iolvDX43KipRif2Doa4E7LX9su2qDZNyuLE3UG2lPvd2gUW6b9NJzaeF
         let stale = t.get().unwrap();
         t.invalidate(&stale);
         let fresh = t.get().unwrap();
-        assert_ne!(stale, fresh);
+        assert!(!stale.same(&fresh));
         // A second 403 carrying the old token must not throw the new one away.
         t.invalidate(&stale);
-        assert!(Arc::ptr_eq(&fresh, &t.get().unwrap()));
+        assert!(fresh.same(&t.get().unwrap()));
     }
 
     #[test]
