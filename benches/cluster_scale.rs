@@ -661,6 +661,33 @@ async fn run() {
         "| sessions closed 4002 (registration timeout) | {} |",
         s.closes.get(&4002).copied().unwrap_or(0)
     );
+    // When the slow ones arrived: each second after the kill (by receipt), how many
+    // deliveries to the other nodes' devices and their p99, beside how many moved devices
+    // were registered again in that second.
+    println!();
+    println!("| second after the kill | delivered to other nodes | p99 | moved devices registered again |");
+    println!("|---:|---:|---:|---:|");
+    let secs = recovery.as_secs() as usize;
+    for sec in 0..secs {
+        let from = killed_at + Duration::from_secs(sec as u64);
+        let to = from + Duration::from_secs(1);
+        let mut bucket: Vec<Duration> = s
+            .latencies
+            .iter()
+            .filter(|(t, i, _)| *t >= from && *t < to && i % gateways != 0)
+            .map(|(_, _, l)| *l)
+            .collect();
+        let back = moved_back.iter().filter(|t| **t >= from && **t < to).count();
+        if bucket.is_empty() && back == 0 {
+            continue;
+        }
+        println!(
+            "| {sec}–{} s | {} | {} ms | {back} |",
+            sec + 1,
+            bucket.len(),
+            ms(percentile(&mut bucket, 0.99))
+        );
+    }
     drop(s);
     for mut c in children {
         let _ = c.kill();
