@@ -665,7 +665,9 @@ async fn run() {
     // deliveries to the other nodes' devices and their p99, beside how many moved devices
     // were registered again in that second.
     println!();
-    println!("| second after the kill | delivered to other nodes | p99 | moved devices registered again |");
+    println!(
+        "| second after the kill | delivered to other nodes | p99 | moved devices registered again |"
+    );
     println!("|---:|---:|---:|---:|");
     let secs = recovery.as_secs() as usize;
     for sec in 0..secs {
@@ -677,7 +679,10 @@ async fn run() {
             .filter(|(t, i, _)| *t >= from && *t < to && i % gateways != 0)
             .map(|(_, _, l)| *l)
             .collect();
-        let back = moved_back.iter().filter(|t| **t >= from && **t < to).count();
+        let back = moved_back
+            .iter()
+            .filter(|t| **t >= from && **t < to)
+            .count();
         if bucket.is_empty() && back == 0 {
             continue;
         }

@@ -33,37 +33,70 @@ type Sink = SplitSink<WebSocketStream<TcpStream>, Message>;
 type Replaying = std::pin::Pin<Box<dyn Future<Output = Replayer> + Send>>;
 type Stream = SplitStream<WebSocketStream<TcpStream>>;
 
-pub(super) async fn run(
+/// A session's task, from the moment it is admitted until its socket is closed.
+///
+/// Not an `async fn`: an async fn keeps its arguments in its future for the whole session
+/// (rustc stores them apart from the state it overlaps), and the `WebSocketStream`
+/// argument alone would sit there unused after the split. Everything before the first
+/// await runs here, at spawn time, and the future holds only what the session uses; its
+/// rarely taken paths (handling a frame, writing, the timer, the close handshake) are
+/// boxed while they run. An idle session's task is what a gateway holding many devices
+/// spends (docs/benchmarks.md, "Idle session memory").
+pub(super) fn run(
     gateway: Gateway,
     device: DeviceKey,
     peer: Peer,
     ws: WebSocketStream<TcpStream>,
-) {
-    let (ws, mut stream) = ws.split();
-    let settings = gateway.settings();
-    let (tx, mut rx) = mpsc::channel(settings.send_buffer);
+) -> impl Future<Output = ()> + use<> {
+    let (ws, stream) = ws.split();
+    let (tx, rx) = mpsc::channel(gateway.settings().send_buffer);
     let control = Arc::new(gateway.new_control());
     let id = uuid::Uuid::now_v7();
-    let metrics = gateway.metrics();
-    metrics.sessions_opened.inc();
-    let active = metrics
+    gateway.metrics().sessions_opened.inc();
+    let active = gateway
+        .metrics()
         .sessions_active
         .with_label_values(&[device.app.as_str()]);
     active.inc();
-    // The replay feeds the same send buffer as live deliveries.
-    let replayer = gateway.inbox().map(|inbox| {
-        Replayer::new(
-            gateway.clone(),
-            inbox.clone(),
-            device.app.as_str().to_owned(),
-            device.device.clone(),
-            tx.clone(),
-        )
+    // The replay feeds the same send buffer as live deliveries. Futures are lazy: it
+    // starts once `serve` has sent hello.
+    let replay = gateway.inbox().map(|inbox| {
+        Box::pin(
+            Replayer::new(
+                gateway.clone(),
+                inbox.clone(),
+                device.app.as_str().to_owned(),
+                device.device.clone(),
+                tx.clone(),
+            )
+            .run(),
+        ) as Replaying
     });
     let registered = gateway.register(
         device.clone(),
         SessionHandle::new(id, peer, tx, control.clone()),
     );
+    live(
+        gateway, device, id, ws, stream, rx, control, active, replay, registered,
+    )
+}
+
+/// [`run`] after its synchronous start.
+#[allow(clippy::too_many_arguments)]
+async fn live(
+    gateway: Gateway,
+    device: DeviceKey,
+    id: uuid::Uuid,
+    ws: Sink,
+    mut stream: Stream,
+    mut rx: mpsc::Receiver<Box<Outbound>>,
+    control: Arc<Control>,
+    active: prometheus::IntGauge,
+    replay: Option<Replaying>,
+    registered: Admitted,
+) {
+    let settings = gateway.settings();
+    let metrics = gateway.metrics();
     let started = Instant::now();
     let mut session = Session {
         gateway: &gateway,
@@ -81,7 +114,7 @@ pub(super) async fn run(
         Admitted::No => CloseKind::Shutdown,
         Admitted::Yes { bound: None } => {
             session
-                .serve(&id, &device, &mut stream, &mut rx, replayer)
+                .serve(&id, &device, &mut stream, &mut rx, replay)
                 .await
         }
         // Cluster mode: `hello` only once other nodes can route to this session. A bind
@@ -90,7 +123,7 @@ pub(super) async fn run(
             match tokio::time::timeout(gateway.register_timeout(), bound).await {
                 Ok(Ok(true)) => {
                     session
-                        .serve(&id, &device, &mut stream, &mut rx, replayer)
+                        .serve(&id, &device, &mut stream, &mut rx, replay)
                         .await
                 }
                 _ => {
@@ -133,7 +166,7 @@ pub(super) async fn run(
         // The close handshake (RFC 6455 §7.1): send our close, then read until the
         // device's close comes back, so the device reads our reason before the TCP
         // connection goes. Bounded: a dead or hostile device gets CLOSE_WRITE_TIMEOUT.
-        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
+        let _ = Box::pin(tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
             session.ws.send(Message::Close(Some(frame))).await?;
             while let Some(Ok(msg)) = stream.next().await {
                 if msg.is_close() {
@@ -141,7 +174,7 @@ pub(super) async fn run(
                 }
             }
             session.ws.close().await
-        })
+        }))
         .await;
     } else {
         // Echo the device's close, as RFC 6455 asks (tungstenite queued the reply when it
@@ -173,25 +206,28 @@ impl Session<'_> {
         device: &DeviceKey,
         stream: &mut Stream,
         rx: &mut mpsc::Receiver<Box<Outbound>>,
-        replayer: Option<Replayer>,
+        mut replay: Option<Replaying>,
     ) -> CloseKind {
-        let cfg = self.gateway.settings();
-        let session_id = id.to_string();
-        let hello = ServerFrame::Hello {
-            session_id: &session_id,
-            device_id: device.device.as_str(),
-            ping_interval_ms: cfg.ping_interval.as_millis() as u64,
-            pong_timeout_ms: cfg.pong_timeout.as_millis() as u64,
-            ack_timeout_ms: cfg.ack_timeout.as_millis() as u64,
-            max_frame_bytes: cfg.max_frame_bytes,
+        let hello = {
+            let cfg = self.gateway.settings();
+            ServerFrame::Hello {
+                session_id: &id.to_string(),
+                device_id: device.device.as_str(),
+                ping_interval_ms: cfg.ping_interval.as_millis() as u64,
+                pong_timeout_ms: cfg.pong_timeout.as_millis() as u64,
+                ack_timeout_ms: cfg.ack_timeout.as_millis() as u64,
+                max_frame_bytes: cfg.max_frame_bytes,
+            }
+            .to_json()
         };
-        if let Err(kind) = self.send(Message::text(hello.to_json())).await {
+        if let Err(kind) = Box::pin(self.send(Message::text(hello))).await {
             return kind;
         }
-        // Right after hello: the device's offline inbox (replay.rs). One replay at a time;
-        // a request during one (`again`) runs another when it ends.
-        let mut replay: Option<Replaying> = replayer.map(|r| Box::pin(r.run()) as Replaying);
-        let mut idle: Option<Replayer> = None;
+        // Right after hello: the device's offline inbox (replay.rs), `replay` as it was
+        // handed in. One replay at a time; a request during one (`again`) runs another when
+        // it ends. Between replays the replayer waits boxed (it is 128 bytes, and most
+        // sessions replay once).
+        let mut idle: Option<Box<Replayer>> = None;
         let mut again = false;
         loop {
             let wake = match self.pong_deadline {
@@ -204,7 +240,7 @@ impl Session<'_> {
                     None => Err(CloseKind::ClientClosed),
                     Some(Ok(msg)) => {
                         self.gateway.frame_in();
-                        self.on_message(msg).await
+                        Box::pin(self.on_message(msg)).await
                     }
                     Some(Err(e)) => Err(protocol_error(e)),
                 },
@@ -212,7 +248,7 @@ impl Session<'_> {
                     Some(out) => {
                         let Outbound { id, frame, acked } = *out;
                         self.pending.insert(id, acked);
-                        match self.write(Message::text(frame)).await {
+                        match Box::pin(self.write(Message::text(frame))).await {
                             // This node could not write the frame (bigger than its outgoing
                             // buffer: accepted under a larger notify.max_frame_bytes, say).
                             // Not the device's doing, so its session stays: the frame is
@@ -231,10 +267,10 @@ impl Session<'_> {
                     // (replaced, shutdown) whose reason is already set.
                     None => Err(self.killed()),
                 },
-                _ = tokio::time::sleep_until(wake) => self.on_timer().await,
+                _ = tokio::time::sleep_until(wake) => Box::pin(self.on_timer()).await,
                 _ = self.control.replay_requested() => {
                     match idle.take() {
-                        Some(r) => replay = Some(Box::pin(r.run())),
+                        Some(r) => replay = Some(Box::pin((*r).run())),
                         None => again = replay.is_some(),
                     }
                     Ok(())
@@ -249,7 +285,7 @@ impl Session<'_> {
                         replay = Some(Box::pin(r.run()));
                     } else {
                         replay = None;
-                        idle = Some(r);
+                        idle = Some(Box::new(r));
                     }
                     Ok(())
                 }

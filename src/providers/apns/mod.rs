@@ -83,7 +83,9 @@ impl ApnsClient {
             Endpoint::parse(&key, &url)
         };
         let topic = HeaderValue::try_from(s.topic.trim()).map_err(|_| {
-            anyhow::anyhow!("{prefix}apns.topic is not a valid header value (it is the apns-topic header)")
+            anyhow::anyhow!(
+                "{prefix}apns.topic is not a valid header value (it is the apns-topic header)"
+            )
         })?;
         let limits = s.limits();
         Ok(Some(ApnsClient {
