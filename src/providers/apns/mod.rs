@@ -204,49 +204,23 @@ impl ApnsClient {
                 },
             ),
         };
-        let topic = match &n.apns.topic {
-            None => self.topic.clone(),
-            // Checked at the API (no control characters or spaces), so this cannot fail for
-            // a notification herald accepted; one queued by hand gets a clear error.
-            Some(t) => match HeaderValue::try_from(t.as_str()) {
-                Ok(v) => v,
-                Err(_) => {
-                    return Answer::Final(ProviderOutcome::ConfigError {
-                        reason: "apns: the notification's apns.topic is not a valid header value"
-                            .into(),
-                    });
-                }
-            },
-        };
         let now = SystemTime::now();
         // apns-expiration: until when Apple stores and retries an undeliverable notification;
         // the notification's own ttl end, as a UNIX time in seconds.
         let expiration = now.duration_since(UNIX_EPOCH).unwrap_or_default() + n.remaining_ttl(now);
-        let mut url = base.url.clone();
-        url.set_path(&format!("{}/3/device/{}", base.path, token.as_str()));
-        let mut req = reqwest::Request::new(reqwest::Method::POST, url);
+        let mut req = reqwest::Request::new(reqwest::Method::POST, base.url_for(token));
         let headers = req.headers_mut();
         headers.insert(AUTHORIZATION, jwt.header.clone());
-        headers.insert(APNS_TOPIC, topic);
+        let topic = rendered.topic.as_ref().unwrap_or(&self.topic);
+        headers.insert(APNS_TOPIC, topic.clone());
         headers.insert(APNS_PUSH_TYPE, HeaderValue::from_static(push_type));
         headers.insert(APNS_PRIORITY, HeaderValue::from_static(priority));
         headers.insert(APNS_EXPIRATION, HeaderValue::from(expiration.as_secs()));
         // Apple echoes it back and shows it in its delivery logs: the same id as ours.
         headers.insert(APNS_ID, rendered.id.clone());
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if let Some(k) = &n.collapse_key {
-            // Checked at the API like the topic.
-            match HeaderValue::try_from(k.as_str()) {
-                Ok(v) => {
-                    headers.insert(APNS_COLLAPSE_ID, v);
-                }
-                Err(_) => {
-                    return Answer::Final(ProviderOutcome::ConfigError {
-                        reason: "apns: the notification's collapse_key is not a valid header value"
-                            .into(),
-                    });
-                }
-            }
+        if let Some(k) = &rendered.collapse_id {
+            headers.insert(APNS_COLLAPSE_ID, k.clone());
         }
         *req.body_mut() = Some(rendered.body.clone().into());
         let req = reqwest::RequestBuilder::from_parts(self.http.clone(), req);
@@ -263,12 +237,16 @@ impl ApnsClient {
     }
 }
 
-/// What every target of one notification sends APNs alike: the JSON body and the
-/// `apns-id`. Rendered once per message by its first APNs target (a 1,000-target
-/// notification is serialized once, not 1,000 times) and shared by the rest.
+/// What every target of one notification sends APNs alike: the JSON body, `apns-id`, and
+/// the notification's own `apns-topic` and `apns-collapse-id` if it sets them. Rendered
+/// once per message by its first APNs target (a 1,000-target notification is serialized
+/// once, not 1,000 times) and shared by the rest.
 pub struct Rendered {
     body: bytes::Bytes,
     id: HeaderValue,
+    /// `apns.topic` of the notification; `None`: the client's.
+    topic: Option<HeaderValue>,
+    collapse_id: Option<HeaderValue>,
 }
 
 impl Rendered {
@@ -277,9 +255,20 @@ impl Rendered {
             .map_err(|e| format!("apns: payload does not serialize: {e}"))?;
         let id = HeaderValue::try_from(n.id.to_string())
             .map_err(|e| format!("apns: the notification id is not a header value: {e}"))?;
+        // Both are checked at the API (no control characters or spaces), so this cannot
+        // fail for a notification herald accepted; one queued by hand gets a clear error.
+        let header = |name: &str, value: &Option<String>| {
+            value
+                .as_deref()
+                .map(HeaderValue::try_from)
+                .transpose()
+                .map_err(|_| format!("apns: the notification's {name} is not a valid header value"))
+        };
         Ok(Rendered {
             body: body.into(),
             id,
+            topic: header("apns.topic", &n.apns.topic)?,
+            collapse_id: header("collapse_key", &n.collapse_key)?,
         })
     }
 }
@@ -299,6 +288,14 @@ impl Endpoint {
             path: url.path().trim_end_matches('/').to_owned(),
             url,
         })
+    }
+
+    /// `<endpoint>/3/device/<token>`: the endpoint's URL with its path set, no new parse
+    /// of the whole URL per request.
+    fn url_for(&self, token: &ApnsToken) -> reqwest::Url {
+        let mut url = self.url.clone();
+        url.set_path(&format!("{}/3/device/{}", self.path, token.as_str()));
+        url
     }
 }
 
@@ -422,6 +419,20 @@ mod tests {
         for (status, reason, want) in cases {
             assert_eq!(class(status, reason), want, "{status} {reason}");
         }
+    }
+
+    #[test]
+    fn a_request_url_is_the_endpoint_with_the_device_path() {
+        let token = ApnsToken::parse("ab".repeat(32)).unwrap();
+        let want = |base: &str| format!("{base}/3/device/{}", "ab".repeat(32));
+        let bare = Endpoint::parse("k", PRODUCTION).unwrap();
+        assert_eq!(bare.url_for(&token).as_str(), want(PRODUCTION));
+        // An endpoint behind a path (a relay): the device path follows it.
+        let relay = Endpoint::parse("k", "http://127.0.0.1:9/apns/").unwrap();
+        assert_eq!(
+            relay.url_for(&token).as_str(),
+            want("http://127.0.0.1:9/apns")
+        );
     }
 
     #[test]
