@@ -342,17 +342,24 @@ async fn metric(http: &reqwest::Client, base: &str, series: &str) -> Option<f64>
 /// for its listener, broker connection and the rest.
 const SESSIONS_PER_GATEWAY_MAX: usize = 18_000;
 
-/// At least 6 gateways, and enough that when one is killed the survivors can take its
-/// devices without passing the open-file cap (6 at 100,000 sessions left 20,000 on each
-/// survivor, and their accepts failed with EMFILE).
+/// Whether, once one gateway is killed, the others can take its devices without passing
+/// the open-file cap.
+fn survivors_fit(sessions: usize, gateways: usize) -> bool {
+    gateways > 1 && sessions.div_ceil(gateways - 1) <= SESSIONS_PER_GATEWAY_MAX
+}
+
+/// At least 6 gateways, and enough that the survivors fit (6 at 100,000 sessions left
+/// 20,000 on each survivor, and their accepts failed with EMFILE).
 fn default_gateways(sessions: usize) -> usize {
-    (sessions.div_ceil(SESSIONS_PER_GATEWAY_MAX) + 1).max(6)
+    (6..)
+        .find(|&g| survivors_fit(sessions, g))
+        .expect("some count fits")
 }
 
 async fn run() {
     let sessions: usize = env_or("BENCH_SESSIONS", 20_000);
     let gateways: usize = env_or("BENCH_GATEWAYS", default_gateways(sessions));
-    if sessions.div_ceil(gateways.saturating_sub(1).max(1)) > SESSIONS_PER_GATEWAY_MAX {
+    if !survivors_fit(sessions, gateways) {
         eprintln!(
             "cluster_scale: {gateways} gateways: after the crash each survivor would hold more than {SESSIONS_PER_GATEWAY_MAX} sessions, past the 20,000 open-file cap; its accepts will fail (omit BENCH_GATEWAYS for a count that fits)"
         );
@@ -615,12 +622,14 @@ async fn run() {
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
     let s = seen.lock().unwrap();
-    let mut during: Vec<Duration> = s
+    // Deliveries to the other nodes' devices received after the kill: (when, latency).
+    let after_kill: Vec<(Instant, Duration)> = s
         .latencies
         .iter()
         .filter(|(t, i, _)| *t >= killed_at && i % gateways != 0)
-        .map(|(_, _, l)| *l)
+        .map(|(t, _, l)| (*t, *l))
         .collect();
+    let mut during: Vec<Duration> = after_kill.iter().map(|(_, l)| *l).collect();
     let last_back = moved_back.iter().max().map(|t| t.duration_since(killed_at));
     println!();
     println!(
@@ -673,11 +682,10 @@ async fn run() {
     for sec in 0..secs {
         let from = killed_at + Duration::from_secs(sec as u64);
         let to = from + Duration::from_secs(1);
-        let mut bucket: Vec<Duration> = s
-            .latencies
+        let mut bucket: Vec<Duration> = after_kill
             .iter()
-            .filter(|(t, i, _)| *t >= from && *t < to && i % gateways != 0)
-            .map(|(_, _, l)| *l)
+            .filter(|(t, _)| *t >= from && *t < to)
+            .map(|(_, l)| *l)
             .collect();
         let back = moved_back
             .iter()
